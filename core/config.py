@@ -1,0 +1,171 @@
+"""Typed settings: config.yaml < environment (``CHATVLM_``, nested with ``__``) < CLI flags.
+
+Unknown keys and bad values stop start-up with a message that names the key.
+"""
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+_config_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_path", default=None)
+
+
+class ConfigError(Exception):
+    """Raised at start-up when the configuration cannot be used."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = []
+
+
+class LimitsSettings(_Strict):
+    max_file_mb: float = Field(10, gt=0, le=1024)
+    max_batch_files: int = Field(10, ge=1, le=1000)
+    request_timeout_s: float = Field(30, gt=0, le=3600)
+    # Decompression-bomb guard: images above this many pixels are refused before decoding.
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    # Multi-frame TIFF: every frame is read as a page, up to this many (more gets 413).
+    max_image_frames: int = Field(20, ge=1, le=1000)
+    allowed_formats: list[Literal["JPEG", "PNG", "BMP", "TIFF"]] = ["JPEG", "PNG", "BMP", "TIFF"]
+    # Concurrent image decodes (CPU bound, done off the event loop).
+    decode_concurrency: int = Field(2, ge=1, le=64)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+
+class GenerationDefaults(_Strict):
+    max_new_tokens: int = Field(512, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
+
+
+class ModelConfig(_Strict):
+    name: str
+    params: str = ""
+    kind: str
+    # Weights folder; default <models_dir>/<id>. Not used by engines that ship their weights.
+    path: Path | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    # Pixel budget for the model's input image (VLMs); the image is scaled down to fit.
+    max_pixels: int = Field(1_003_520, ge=3136)
+    min_pixels: int = Field(3136, ge=1)
+    generation: GenerationDefaults = GenerationDefaults()
+    # Engine-specific knobs, passed to the adapter as they are.
+    options: dict[str, Any] = {}
+    # How many requests this model may run at once (its worker threads).
+    concurrency: int = Field(1, ge=1, le=64)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+
+class DefaultsSettings(_Strict):
+    """Preference lists: the first installed model of the list serves a request that names none."""
+
+    ocr: list[str] = ["qwen3_vl_2b", "rapidocr", "tesseract"]
+    chat: list[str] = ["qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen_vl_2b", "qwen_vl_7b"]
+
+
+class ManagerSettings(_Strict):
+    preload: list[str] = []
+    idle_unload_s: float = Field(0, ge=0)  # 0 = never unload for idleness
+    memory_budget_mb: float = Field(0, ge=0)  # 0 = no budget
+    idle_check_s: float = Field(30, gt=0)
+
+
+class RoutingSettings(_Strict):
+    # When the model an OCR request names is known but not installed, serve it with the
+    # first installed OCR model instead of answering 503. Off: the seed's behaviour.
+    ocr_fallback: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATVLM_", env_nested_delimiter="__",
+                                      extra="forbid", frozen=True)
+
+    server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    models_dir: Path = Path("weights")
+    data_dir: Path = Path("data")
+    defaults: DefaultsSettings = DefaultsSettings()
+    manager: ManagerSettings = ManagerSettings()
+    routing: RoutingSettings = RoutingSettings()
+    models: dict[str, ModelConfig] = {}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _references(self) -> "Settings":
+        for task, ids in (("defaults.ocr", self.defaults.ocr), ("defaults.chat", self.defaults.chat),
+                          ("manager.preload", self.manager.preload)):
+            for model_id in ids:
+                if model_id not in self.models:
+                    raise ValueError(f"{task} names '{model_id}', which is not under models:")
+        return self
+
+    def model_path(self, model_id: str) -> Path:
+        cfg = self.models[model_id]
+        return cfg.path if cfg.path is not None else self.models_dir / model_id
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does it all
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_path.get()
+        if path is None:
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        return data
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from the YAML file (default ./config.yaml), the environment and overrides."""
+    path = Path(config) if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    token = _config_path.set(path)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    finally:
+        _config_path.reset(token)

@@ -1,0 +1,125 @@
+"""One exception hierarchy for the whole server.
+
+Services and adapters raise these; the HTTP layer maps the class to a status code
+through ``status_code`` and renders the body in the calling surface's shape.
+Messages are written for the client: they never carry exception text from
+libraries, file-system paths, memory addresses or tracebacks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChatVLMError(Exception):
+    """Base class. ``code`` is stable and machine-readable."""
+
+    status_code: int = 500
+    code: str = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 details: Any = None, headers: dict[str, str] | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+        self.headers = headers or {}
+        if code:
+            self.code = code
+
+
+class ClientError(ChatVLMError):
+    """The request was wrong; retrying it unchanged will fail again (4xx)."""
+
+    status_code = 400
+    code = "BAD_REQUEST"
+
+
+class BadRequest(ClientError):
+    status_code = 400
+    code = "BAD_REQUEST"
+
+
+class Unauthorized(ClientError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+
+
+class Forbidden(ClientError):
+    status_code = 403
+    code = "FORBIDDEN"
+
+
+class NotFound(ClientError):
+    status_code = 404
+    code = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"
+
+
+class PayloadTooLarge(ClientError):
+    status_code = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(ClientError):
+    status_code = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class InvalidParameter(ClientError):
+    status_code = 422
+    code = "INVALID_PARAMETER"
+
+
+class RateLimited(ClientError):
+    status_code = 429
+    code = "RATE_LIMITED"
+
+
+class ServerError(ChatVLMError):
+    """The server could not do the work (5xx)."""
+
+    status_code = 500
+    code = "INTERNAL_ERROR"
+
+
+class ModelUnavailable(ServerError):
+    """The model exists in the registry but cannot serve: not installed or failed to load."""
+
+    status_code = 503
+    code = "MODEL_NOT_AVAILABLE"
+
+
+class ModelNotInstalled(ModelUnavailable):
+    code = "MODEL_NOT_INSTALLED"
+
+
+class ModelLoadFailed(ModelUnavailable):
+    code = "MODEL_LOAD_FAILED"
+
+
+class CapabilityMissing(ClientError):
+    """The named model exists but cannot do what was asked (e.g. chat with an OCR engine)."""
+
+    status_code = 400
+    code = "MODEL_CAPABILITY_MISSING"
+
+
+class Overloaded(ServerError):
+    status_code = 503
+    code = "OVERLOADED"
+
+
+class DeadlineExceeded(ServerError):
+    status_code = 504
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ChatVLMError):
+    """The client went away; nothing is sent back."""
+
+    status_code = 499
+    code = "CANCELLED"

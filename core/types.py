@@ -1,0 +1,74 @@
+"""Domain types shared by services and adapters (no HTTP types here)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Capability(str, Enum):
+    OCR = "ocr"
+    CHAT = "chat"          # image + prompt -> text
+    GENERATE = "generate"  # text prompt -> text
+
+
+@dataclass(frozen=True)
+class OcrBlock:
+    text: str
+    box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in original image pixels
+    confidence: float | None = None
+    category: str | None = None
+
+
+@dataclass
+class OcrResult:
+    text: str
+    blocks: list[OcrBlock] = field(default_factory=list)
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters for one request. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
+    model: str = ""
+
+
+class CancelToken:
+    """Set by the caller when the client leaves or the deadline passes; polled by model code."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline  # time.monotonic() value or None
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if self._event.is_set():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._event.set()
+            return True
+        return False

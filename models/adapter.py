@@ -1,0 +1,104 @@
+"""The one small protocol every model implements, and the registry of adapter kinds.
+
+The HTTP layer and the services depend on this protocol only. Adapter classes are
+named by import string so that listing models never imports torch or onnxruntime.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from PIL import Image
+
+from core.types import CancelToken, Capability, GenerationParams, GenerationResult, OcrResult
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an adapter needs to know about one registry entry."""
+
+    id: str
+    name: str
+    kind: str
+    params: str = ""
+    path: Path | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_pixels: int = 1_003_520
+    min_pixels: int = 3136
+    generation: GenerationParams = GenerationParams()
+    options: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 1
+    data_dir: Path = Path("data")
+
+
+@dataclass(frozen=True)
+class OcrOptions:
+    language: str | None = None  # a hint as the client gave it ("Russian", "ru", "rus", ...)
+    max_new_tokens: int | None = None
+
+
+class Installation(Protocol):
+    installed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstallState:
+    installed: bool
+    reason: str = ""  # why not, for /models
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """Load, unload, memory in use, and the capabilities it has."""
+
+    capabilities: ClassVar[frozenset[Capability]]
+
+    def __init__(self, spec: ModelSpec) -> None: ...
+
+    @classmethod
+    def check_installed(cls, spec: ModelSpec) -> InstallState:
+        """Cheap check (no heavy imports) whether the model can be loaded here."""
+        ...
+
+    def load(self) -> None: ...
+
+    def unload(self) -> None: ...
+
+    def memory_bytes(self) -> int: ...
+
+    def supports_language(self, language: str | None) -> bool:
+        """Whether an OCR language hint can be honoured (None: always True)."""
+        ...
+
+
+class OcrAdapter(ModelAdapter, Protocol):
+    def ocr(self, image: Image.Image, options: OcrOptions, cancel: CancelToken) -> OcrResult: ...
+
+
+class ChatAdapter(ModelAdapter, Protocol):
+    def chat(self, image: Image.Image | None, prompt: str, params: GenerationParams,
+             cancel: CancelToken) -> GenerationResult: ...
+
+
+# kind -> "module:Class". A new model family is one line here plus its adapter module.
+ADAPTER_KINDS: dict[str, str] = {
+    "rapidocr": "ocr.rapid:RapidOcrAdapter",
+    "tesseract": "ocr.tesseract:TesseractAdapter",
+    "qwen_vl": "vlm.qwen:QwenVLAdapter",
+}
+
+# Kinds the registry knows whose adapters have not been written yet; /models says so.
+PENDING_KINDS: dict[str, str] = {
+    "got_ocr": "the GOT-OCR 2.0 adapter is not implemented yet",
+    "dots_ocr": "the dots.ocr adapter is not implemented yet",
+}
+
+
+def adapter_class(kind: str) -> type[ModelAdapter]:
+    """Import and return the adapter class for a kind (raises KeyError for unknown kinds)."""
+    module_name, _, cls_name = ADAPTER_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module_name), cls_name)

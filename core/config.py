@@ -60,6 +60,8 @@ class ModelConfig(_Strict):
     name: str
     params: str = ""
     kind: str
+    # Hugging Face repository of the published weights, for the install hint.
+    hf_repo: str | None = None
     # Weights folder; default <models_dir>/<id>. Not used by engines that ship their weights.
     path: Path | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

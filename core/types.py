@@ -19,6 +19,7 @@ class OcrBlock:
     box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in original image pixels
     confidence: float | None = None
     category: str | None = None
+    page: int = 0  # 0-based page (TIFF frame) the block was read from
 
 
 @dataclass

@@ -23,6 +23,7 @@ class ModelSpec:
     name: str
     kind: str
     params: str = ""
+    hf_repo: str | None = None
     path: Path | None = None
     dtype: str = "auto"
     device: str = "auto"

@@ -22,3 +22,27 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_models")
     build_tiny_models(out)
     return out
+
+
+@pytest.fixture
+def fake_kind(monkeypatch):
+    """Register the deterministic fake adapter as kind 'fake' for one test."""
+    from core.types import Capability
+    from models import adapter, registry
+    from tests import fakes
+
+    monkeypatch.setitem(adapter.ADAPTER_KINDS, "fake", "tests.fakes:FakeAdapter")
+    monkeypatch.setitem(registry.KIND_CAPABILITIES, "fake", frozenset({Capability.OCR, Capability.CHAT}))
+    fakes.EVENTS.clear()
+    return fakes
+
+
+def fake_settings(tmp_path, models: dict, **overrides):
+    """Settings with only the given fake models (id -> options) and no config file."""
+    from core.config import load_settings
+
+    cfg = {mid: {"name": mid, "kind": "fake", "options": opts} for mid, opts in models.items()}
+    ids = list(models)
+    overrides.setdefault("defaults", {"ocr": ids, "chat": ids})
+    return load_settings(ROOT / "tests" / "empty.yaml", models=cfg, models_dir=tmp_path / "weights",
+                         data_dir=tmp_path / "data", **overrides)

@@ -1,0 +1,33 @@
+# The two commands: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONFIG ?= config.yaml
+MODELS_DIR ?=
+
+.PHONY: run test venv tiny-models samples bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) api.py --host $(HOST) --port $(PORT) --config $(CONFIG) $(if $(MODELS_DIR),--models-dir $(MODELS_DIR))
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+tiny-models: $(VENV)/.installed
+	$(PY) scripts/make_tiny_models.py $(or $(MODELS_DIR),tiny_models)
+
+samples: $(VENV)/.installed
+	$(PY) scripts/make_samples.py
+
+clean:
+	rm -rf .pytest_cache tiny_models

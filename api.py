@@ -1,0 +1,76 @@
+"""Entry point: ``python api.py [--host H] [--port P] [--config FILE] [--models-dir DIR]``,
+``uvicorn api:app`` or ``uvicorn --factory api:create_app``.
+
+Settings come from config.yaml < CHATVLM_* environment < these flags.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from core.config import ConfigError, Settings, load_settings
+
+
+def _prepare_environment(settings: Settings) -> None:
+    """Keep library caches in the data directory so a read-only HOME does not break start-up."""
+    cache = (settings.data_dir / "cache").resolve()
+    os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # Tesseract: ~4x faster single-threaded
+
+
+def create_app(settings: Settings | None = None):
+    """Build the app from settings (default: config.yaml and the environment)."""
+    from server.app import create_app as _create
+
+    settings = settings or load_settings(os.environ.get("CHATVLM_CONFIG"))
+    _prepare_environment(settings)
+    return _create(settings)
+
+
+def __getattr__(name: str):
+    # ``uvicorn api:app`` asks for ``app``; building it here keeps import side-effect free.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ChatVLMLLM server")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--config", type=Path, default=os.environ.get("CHATVLM_CONFIG"))
+    parser.add_argument("--models-dir", type=Path)
+    args = parser.parse_args(argv)
+    server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = load_settings(args.config, models_dir=args.models_dir, server=server or None)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
+                log_level=settings.server.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

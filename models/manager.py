@@ -1,0 +1,189 @@
+"""The model manager: lazy loading, one lock per model, unload on request, on idleness
+or under a memory budget (least recently used first), and a real release of memory.
+
+It is the only owner of loaded models: there is no second cache to drift apart.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ModelLoadFailed, ModelNotFound, ModelNotInstalled
+from core.types import CancelToken
+from models.adapter import ModelAdapter, adapter_class
+from models.registry import ModelRegistry, RegistryEntry, not_installed_message
+from models.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+LOAD_RETRY_S = 10.0  # a failed load is not retried for this long; requests get 503 meanwhile
+
+
+@dataclass
+class ModelState:
+    entry: RegistryEntry
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    adapter: ModelAdapter | None = None
+    runner: ModelRunner | None = None
+    status: str = "unloaded"  # unloaded | loading | loaded | failed
+    error: str | None = None
+    failed_at: float = 0.0
+    last_used: float = 0.0
+    inflight: int = 0
+    memory_bytes: int = 0
+    load_seconds: float = 0.0
+
+
+class ModelManager:
+    def __init__(self, registry: ModelRegistry, *, memory_budget_mb: float = 0,
+                 idle_unload_s: float = 0, idle_check_s: float = 30, max_queue: int = 64) -> None:
+        self.registry = registry
+        self.memory_budget = int(memory_budget_mb * 1024 * 1024)
+        self.idle_unload_s = idle_unload_s
+        self.idle_check_s = idle_check_s
+        self.max_queue = max_queue
+        self._states = {e.id: ModelState(e) for e in registry.entries()}
+        self._idle_task: asyncio.Task | None = None
+
+    # ---- queries -------------------------------------------------------------
+    def state(self, model_id: str) -> ModelState:
+        try:
+            return self._states[model_id]
+        except KeyError:
+            raise ModelNotFound(f"Model '{model_id}' not found", param="model") from None
+
+    def loaded_ids(self) -> list[str]:
+        return [m for m, s in self._states.items() if s.status == "loaded"]
+
+    def failed_ids(self) -> list[str]:
+        return [m for m, s in self._states.items() if s.status == "failed"]
+
+    def total_memory(self) -> int:
+        return sum(s.memory_bytes for s in self._states.values() if s.status == "loaded")
+
+    # ---- loading ---------------------------------------------------------------
+    async def ensure_loaded(self, model_id: str) -> ModelState:
+        """Return the model's state once it is loaded, loading it first if needed."""
+        st = self.state(model_id)
+        if st.status == "loaded":
+            return st
+        async with st.lock:
+            if st.status == "loaded":
+                return st
+            if st.status == "failed" and time.monotonic() - st.failed_at < LOAD_RETRY_S:
+                raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}",
+                                      param="model", headers={"Retry-After": str(int(LOAD_RETRY_S))})
+            install = await asyncio.to_thread(st.entry.install_state)
+            if not install.installed:
+                raise ModelNotInstalled(not_installed_message(st.entry, install.reason), param="model")
+            await self._make_room(st)
+            st.status = "loading"
+            started = time.monotonic()
+            adapter = adapter_class(st.entry.spec.kind)(st.entry.spec)
+            try:
+                await asyncio.to_thread(adapter.load)
+            except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only
+                st.status, st.failed_at = "failed", time.monotonic()
+                st.error = exc.message if isinstance(exc, ModelLoadFailed) else "the model could not be loaded"
+                log.exception("loading model %s failed", model_id)
+                raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
+                                      headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
+            st.adapter = adapter
+            st.runner = ModelRunner(model_id, st.entry.spec.concurrency, self.max_queue)
+            st.memory_bytes = adapter.memory_bytes()
+            st.load_seconds = time.monotonic() - started
+            st.status, st.error, st.last_used = "loaded", None, time.monotonic()
+            log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
+            return st
+
+    async def _make_room(self, incoming: ModelState) -> None:
+        """Evict least recently used idle models until the incoming one fits the budget."""
+        if not self.memory_budget:
+            return
+        need = _estimate_bytes(incoming.entry)
+        for victim in sorted((s for s in self._states.values() if s.status == "loaded" and s is not incoming),
+                             key=lambda s: s.last_used):
+            if self.total_memory() + need <= self.memory_budget:
+                return
+            if victim.inflight == 0:
+                log.info("evicting %s to make room for %s", victim.entry.id, incoming.entry.id)
+                await self.unload(victim.entry.id)
+
+    async def unload(self, model_id: str) -> bool:
+        """Unload and free the model. Returns False when it was not loaded."""
+        st = self.state(model_id)
+        async with st.lock:
+            if st.status != "loaded":
+                if st.status == "failed":
+                    st.status, st.error = "unloaded", None
+                return False
+            st.status = "unloaded"
+            handles = [st.runner, st.adapter]
+            st.runner = st.adapter = None
+            st.memory_bytes = 0
+            await asyncio.to_thread(_release, handles)
+            log.info("unloaded model %s", model_id)
+            return True
+
+    # ---- running ---------------------------------------------------------------
+    async def run(self, model_id: str, method: str, *args: Any, cancel: CancelToken) -> Any:
+        """Call ``adapter.<method>(*args, cancel)`` on the model's worker thread."""
+        st = await self.ensure_loaded(model_id)
+        st.inflight += 1
+        try:
+            fn = getattr(st.adapter, method)
+            return await st.runner.run(fn, *args, cancel, cancel=cancel)
+        finally:
+            st.inflight -= 1
+            st.last_used = time.monotonic()
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self, preload: list[str]) -> None:
+        for model_id in preload:
+            try:
+                await self.ensure_loaded(model_id)
+            except (ModelNotInstalled, ModelLoadFailed) as exc:
+                log.warning("preload of %s skipped: %s", model_id, exc.message)
+        if self.idle_unload_s:
+            self._idle_task = asyncio.create_task(self._idle_loop())
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.idle_check_s)
+            now = time.monotonic()
+            for model_id, st in list(self._states.items()):
+                if st.status == "loaded" and st.inflight == 0 and now - st.last_used >= self.idle_unload_s:
+                    log.info("unloading %s after %.0fs idle", model_id, now - st.last_used)
+                    await self.unload(model_id)
+
+    async def shutdown(self) -> None:
+        if self._idle_task:
+            self._idle_task.cancel()
+        for model_id in self.loaded_ids():
+            await self.unload(model_id)
+
+
+def _estimate_bytes(entry: RegistryEntry) -> int:
+    """Weights on disk are a fair estimate of the memory a model takes once loaded."""
+    return entry.disk_bytes() or 0
+
+
+def _release(handles: list) -> None:
+    """Let queued work finish, unload, and drop the last references before collecting."""
+    runner, adapter = handles
+    handles.clear()
+    if runner is not None:
+        runner.shutdown()
+    if adapter is not None:
+        adapter.unload()
+    del runner, adapter
+    gc.collect()
+    try:  # hand freed heap pages back to the OS so RSS really drops
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass

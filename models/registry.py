@@ -1,0 +1,82 @@
+"""The model registry: every model the configuration names, with what it can do and
+whether it can be served on this machine. Building it imports no model code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.config import ConfigError, Settings
+from core.types import Capability, GenerationParams
+from models.adapter import ADAPTER_KINDS, PENDING_KINDS, InstallState, ModelSpec, adapter_class
+
+# Capabilities by kind, known without importing the adapter (listing must stay cheap).
+KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
+    "rapidocr": frozenset({Capability.OCR}),
+    "tesseract": frozenset({Capability.OCR}),
+    "qwen_vl": frozenset({Capability.OCR, Capability.CHAT, Capability.GENERATE}),
+    "got_ocr": frozenset({Capability.OCR}),
+    "dots_ocr": frozenset({Capability.OCR}),
+}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    spec: ModelSpec
+    capabilities: frozenset[Capability]
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def install_state(self) -> InstallState:
+        """Checked on every call: weights may be added while the server runs."""
+        reason = PENDING_KINDS.get(self.spec.kind)
+        if reason:
+            return InstallState(False, reason)
+        return adapter_class(self.spec.kind).check_installed(self.spec)
+
+    def disk_bytes(self) -> int | None:
+        """Size of the weights folder, or None for engines whose weights ship in a package."""
+        path = self.spec.path
+        if path is None or not path.is_dir():
+            return None
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self._entries: dict[str, RegistryEntry] = {}
+        for model_id, cfg in settings.models.items():
+            if cfg.kind not in ADAPTER_KINDS and cfg.kind not in PENDING_KINDS:
+                known = ", ".join(sorted({*ADAPTER_KINDS, *PENDING_KINDS}))
+                raise ConfigError(f"models.{model_id}.kind: unknown kind '{cfg.kind}' (known: {known})")
+            gen = cfg.generation
+            spec = ModelSpec(
+                id=model_id, name=cfg.name, kind=cfg.kind, params=cfg.params, hf_repo=cfg.hf_repo,
+                path=settings.model_path(model_id), dtype=cfg.dtype, device=cfg.device,
+                max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                generation=GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                            top_p=gen.top_p, top_k=gen.top_k,
+                                            repetition_penalty=gen.repetition_penalty),
+                options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
+            )
+            self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
+        self.defaults = {Capability.OCR: list(settings.defaults.ocr),
+                         Capability.CHAT: list(settings.defaults.chat)}
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._entries
+
+    def get(self, model_id: str) -> RegistryEntry | None:
+        return self._entries.get(model_id)
+
+    def entries(self) -> list[RegistryEntry]:
+        return list(self._entries.values())
+
+
+def not_installed_message(entry: RegistryEntry, reason: str) -> str:
+    """Say why a model cannot serve and how to install it (README: 'Adding model weights')."""
+    msg = f"Model '{entry.id}' is not installed: {reason}."
+    if entry.spec.hf_repo and entry.spec.path is not None:
+        msg += (f" On a machine with internet: huggingface-cli download {entry.spec.hf_repo}"
+                f" --local-dir {entry.spec.path}.")
+    return msg + " See the README section 'Adding model weights'."

@@ -1,0 +1,60 @@
+"""Which model serves a request: the one it names, or the first installed model of the
+task's preference list that can honour the language hint."""
+from __future__ import annotations
+
+from core.errors import BadRequest, CapabilityMissing, ModelNotFound, ModelNotInstalled
+from core.types import Capability
+from models.adapter import ModelAdapter, adapter_class
+from models.registry import ModelRegistry, RegistryEntry, not_installed_message
+
+
+class ModelSelector:
+    def __init__(self, registry: ModelRegistry, *, ocr_fallback: bool = False) -> None:
+        self.registry = registry
+        self.ocr_fallback = ocr_fallback
+        self._probes: dict[str, ModelAdapter] = {}
+
+    def entry(self, model_id: str) -> RegistryEntry:
+        entry = self.registry.get(model_id)
+        if entry is None:
+            raise ModelNotFound(f"Model '{model_id}' not found", param="model")
+        return entry
+
+    def _supports_language(self, entry: RegistryEntry, language: str | None) -> bool:
+        if language is None:
+            return True
+        probe = self._probes.get(entry.id)
+        if probe is None:  # constructing an adapter is cheap: nothing is loaded
+            probe = self._probes[entry.id] = adapter_class(entry.spec.kind)(entry.spec)
+        return probe.supports_language(language)
+
+    def select(self, capability: Capability, requested: str | None, language: str | None = None) -> str:
+        """Return the id of the model that will serve, or raise the error the client should see."""
+        if requested:
+            entry = self.entry(requested)
+            if capability not in entry.capabilities:
+                raise CapabilityMissing(f"Model '{requested}' cannot do {capability.value}", param="model")
+            state = entry.install_state()
+            if state.installed:
+                if not self._supports_language(entry, language):
+                    raise BadRequest(f"Model '{requested}' cannot read language '{language}'",
+                                     param="language", code="LANGUAGE_NOT_SUPPORTED")
+                return requested
+            if not (capability is Capability.OCR and self.ocr_fallback):
+                raise ModelNotInstalled(not_installed_message(entry, state.reason), param="model")
+        return self._first_installed(capability, language)
+
+    def _first_installed(self, capability: Capability, language: str | None) -> str:
+        candidates = [self.registry.get(m) for m in self.registry.defaults.get(capability, [])]
+        installed = [e for e in candidates if e is not None and e.install_state().installed]
+        for entry in installed:
+            if self._supports_language(entry, language):
+                return entry.id
+        if installed:
+            raise BadRequest(f"No installed model can read language '{language}'",
+                             param="language", code="LANGUAGE_NOT_SUPPORTED")
+        first = next((e for e in candidates if e is not None), None)
+        if first is None:
+            raise ModelNotInstalled(f"No model is configured for {capability.value}", param="model")
+        raise ModelNotInstalled(f"No {capability.value} model is installed. "
+                                + not_installed_message(first, first.install_state().reason), param="model")

@@ -1,0 +1,48 @@
+"""The app factory: builds the FastAPI app from typed settings. Nothing is loaded at import."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from core.config import Settings
+from server.deps import build_services
+from server.errors import install_error_handlers
+from server.middleware import BodyLimitMiddleware, ConnectionCounter
+from server.routers import system, vision
+
+log = logging.getLogger("chatvlm")
+
+MULTIPART_OVERHEAD = 1024 * 1024  # form fields and part headers beside the files
+
+
+def create_app(settings: Settings) -> FastAPI:
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await services.manager.start(settings.manager.preload)
+        try:
+            yield
+        finally:
+            await services.manager.shutdown()
+
+    app = FastAPI(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,
+                  description="OCR and visual question answering with vision-language models, "
+                              "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(vision.router)
+
+    limits = settings.limits
+
+    def body_limit(path: str) -> int:
+        if path == "/batch/ocr":
+            return limits.max_batch_files * limits.max_file_bytes + MULTIPART_OVERHEAD
+        return limits.max_file_bytes + MULTIPART_OVERHEAD
+
+    app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
+    app.add_middleware(ConnectionCounter, stats=services.connections)
+    return app

@@ -1,0 +1,49 @@
+"""What routes need, as Annotated dependency aliases over the app's service container."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from core.config import Settings
+from models.manager import ModelManager
+from models.registry import ModelRegistry
+from models.selection import ModelSelector
+from ocr.service import ImageDecoder, OcrService
+from server.middleware import ConnectionStats
+from vlm.service import ChatService
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: ModelRegistry
+    manager: ModelManager
+    selector: ModelSelector
+    decoder: ImageDecoder
+    ocr: OcrService
+    chat: ChatService
+    connections: ConnectionStats
+
+
+def build_services(settings: Settings) -> Services:
+    """Wire the layers together. Cheap: nothing is loaded here."""
+    registry = ModelRegistry(settings)
+    manager = ModelManager(registry, memory_budget_mb=settings.manager.memory_budget_mb,
+                           idle_unload_s=settings.manager.idle_unload_s,
+                           idle_check_s=settings.manager.idle_check_s)
+    selector = ModelSelector(registry, ocr_fallback=settings.routing.ocr_fallback)
+    decoder = ImageDecoder(settings.limits)
+    return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
+                    ocr=OcrService(selector, manager, decoder, settings.limits),
+                    chat=ChatService(selector, manager, decoder, settings.limits),
+                    connections=ConnectionStats())
+
+
+def _services(conn: HTTPConnection) -> Services:
+    return conn.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(_services)]

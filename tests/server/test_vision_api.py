@@ -1,0 +1,207 @@
+"""HTTP layer of the vision core (seed 003) against the fake adapter, in-process."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server.app import create_app
+from tests.conftest import fake_settings
+
+
+def png(w=40, h=30, color="white") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def client_for(tmp_path, models=None, **overrides) -> TestClient:
+    settings = fake_settings(tmp_path, models or {"fast": {}}, **overrides)
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(tmp_path, fake_kind):
+    with client_for(tmp_path, {"fast": {}, "other": {}, "absent": {"installed": False}},
+                    defaults={"ocr": ["absent", "fast", "other"], "chat": ["absent", "fast"]}) as c:
+        yield c
+
+
+def assert_clean_error(body: dict, code: str) -> None:
+    assert body["code"] == code and isinstance(body["detail"], str)
+    text = json.dumps(body)
+    assert "Traceback" not in text and "/secret" not in text and "0x7f" not in text
+
+
+def test_root_and_health(client):
+    assert client.get("/").json() == {"message": "ChatVLMLLM API", "version": "1.0.0",
+                                      "docs": "/docs", "health": "/health"}
+    h = client.get("/health").json()
+    assert h["status"] == "healthy" and h["model_loaded"] is False and h["loaded_models"] == []
+    assert {"gpu_available", "gpu_name", "device", "memory_usage", "active_connections", "models_loaded"} <= set(h)
+
+
+def test_models_lists_install_state(client):
+    body = client.get("/models").json()
+    by_id = {m["id"]: m for m in body["available"]}
+    assert by_id["fast"]["installed"] is True and by_id["fast"]["reason"] is None
+    assert by_id["absent"]["installed"] is False and "no weights" in by_id["absent"]["reason"]
+    assert body["loaded"] == []
+    assert {m["name"] for m in body["models"]} == {"fast", "other", "absent"}
+
+
+def test_ocr_default_model_and_form_or_query_params(client):
+    r = client.post("/ocr", files={"file": ("a.png", png(40, 30))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "fast" and body["text"] == "fast 40x30" and body["image_size"] == [40, 30]
+    assert body["blocks"][0]["box"] == [0, 0, 40, 30]
+    r = client.post("/ocr", files={"file": ("a.png", png())}, data={"model": "other", "language": "Russian"})
+    assert r.json()["model"] == "other" and r.json()["language"] == "Russian"
+    r = client.post("/ocr", files={"file": ("a.png", png())}, params={"model": "other", "language": "en"})
+    assert r.json()["model"] == "other" and r.json()["text"].endswith(" en")
+    assert client.get("/models").json()["loaded"] == ["fast", "other"]
+
+
+def test_ocr_errors(client):
+    r = client.post("/ocr", files={"file": ("a.png", png())}, data={"model": "nope"})
+    assert r.status_code == 404
+    assert_clean_error(r.json(), "MODEL_NOT_FOUND")
+    assert r.json()["detail"] == "Model 'nope' not found"
+    r = client.post("/ocr", files={"file": ("a.png", png())}, data={"model": "absent"})
+    assert r.status_code == 503
+    assert_clean_error(r.json(), "MODEL_NOT_INSTALLED")
+    assert "Adding model weights" in r.json()["detail"]
+    r = client.post("/ocr", files={"file": ("a.gif", b"GIF89a" + b"\0" * 50)})
+    assert r.status_code == 415
+    assert_clean_error(r.json(), "UNSUPPORTED_IMAGE_FORMAT")
+    r = client.post("/ocr", files={"file": ("a.png", b"")})
+    assert r.status_code == 400
+    r = client.post("/ocr", files={"file": ("a.png", png()[:40])})
+    assert r.status_code == 400
+    assert_clean_error(r.json(), "INVALID_IMAGE")
+    r = client.post("/ocr")
+    assert r.status_code == 422 and r.json()["code"] == "VALIDATION_ERROR" and r.json()["param"] == "file"
+
+
+def test_file_size_limits(tmp_path, fake_kind):
+    with client_for(tmp_path, limits={"max_file_mb": 0.05}) as c:
+        big = png() + b"\0" * 60_000
+        r = c.post("/ocr", files={"file": ("a.png", big)})
+        assert r.status_code == 413 and r.json()["code"] == "FILE_TOO_LARGE"
+        # A body far over the cap is refused from its Content-Length, before it is read.
+        r = c.post("/ocr", content=b"x" * 3_000_000,
+                   headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+        assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
+        # In a batch the oversized file fails alone.
+        r = c.post("/batch/ocr", files=[("files", ("ok.png", png())), ("files", ("big.png", big))])
+        assert r.status_code == 200
+        items = r.json()["results"]
+        assert [i["status"] for i in items] == ["success", "error"] and items[1]["code"] == "FILE_TOO_LARGE"
+
+
+def test_streamed_body_over_cap_without_content_length(tmp_path, fake_kind):
+    with client_for(tmp_path, limits={"max_file_mb": 0.05}) as c:
+        def chunks():
+            yield b"--zzz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * 65536
+        r = c.post("/ocr", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+        assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_batch_order_errors_and_file_count(client):
+    files = [("files", ("a.png", png(10, 10))), ("files", ("bad.png", b"not an image")),
+             ("files", ("c.png", png(30, 20)))]
+    r = client.post("/batch/ocr", files=files, params={"model": "fast"})
+    body = r.json()
+    assert r.status_code == 200 and body["total"] == 3 and body["successful"] == 2 and body["failed"] == 1
+    assert [i["filename"] for i in body["results"]] == ["a.png", "bad.png", "c.png"]
+    assert body["results"][0]["text"] == "fast 10x10" and body["results"][2]["text"] == "fast 30x20"
+    assert body["results"][1]["status"] == "error" and body["results"][1]["code"] == "UNSUPPORTED_IMAGE_FORMAT"
+    r = client.post("/batch/ocr", files=[("files", (f"{i}.png", png())) for i in range(11)])
+    assert r.status_code == 400 and r.json()["code"] == "TOO_MANY_FILES"
+
+
+def test_chat(client):
+    r = client.post("/chat", files={"file": ("a.png", png(20, 10))},
+                    data={"prompt": "What is it?", "temperature": "0", "max_tokens": "7"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["response"] == "What is it? | 20x10 | t=0.0 | n=7" and body["prompt"] == "What is it?"
+    assert body["model"] == "fast" and body["usage"]["total_tokens"] == 3 + 3
+    r = client.post("/chat", files={"file": ("a.png", png())})
+    assert r.json()["prompt"] == "Describe this image"
+    r = client.post("/chat", files={"file": ("a.png", png())}, data={"temperature": "5"})
+    assert r.status_code == 422 and r.json()["param"] == "temperature"
+    r = client.post("/chat", files={"file": ("a.png", png())}, data={"max_tokens": "0"})
+    assert r.status_code == 422
+
+
+def test_chat_without_any_installed_vlm(tmp_path, fake_kind):
+    with client_for(tmp_path, {"absent": {"installed": False}}) as c:
+        r = c.post("/chat", files={"file": ("a.png", png())})
+        assert r.status_code == 503 and "Adding model weights" in r.json()["detail"]
+
+
+def test_deadline_gives_504_and_stops_the_work(tmp_path, fake_kind):
+    with client_for(tmp_path, {"slow": {"delay": 10}}, limits={"request_timeout_s": 0.5}) as c:
+        r = c.post("/ocr", files={"file": ("a.png", png())})
+        assert r.status_code == 504 and r.json()["code"] == "DEADLINE_EXCEEDED"
+        r = c.post("/batch/ocr", files=[("files", ("a.png", png()))])
+        assert r.status_code == 200 and r.json()["results"][0]["code"] == "DEADLINE_EXCEEDED"
+    assert ("slow", "cancelled") in fake_kind.EVENTS
+
+
+def test_bug_is_500_without_internals(tmp_path, fake_kind):
+    with client_for(tmp_path, {"buggy": {"fail_ocr": True}, "broken": {"fail_load": True}}) as c:
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "buggy"})
+        assert r.status_code == 500
+        assert_clean_error(r.json(), "INTERNAL_ERROR")
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "broken"})
+        assert r.status_code == 503 and r.headers.get("Retry-After")
+        assert_clean_error(r.json(), "MODEL_LOAD_FAILED")
+        assert c.get("/models").json()["available"][1]["status"] == "failed"
+
+
+def test_load_and_unload(client):
+    r = client.post("/models/fast/load")
+    assert r.status_code == 200 and r.json()["status"] == "success"
+    assert client.get("/health").json()["loaded_models"] == ["fast"]
+    r = client.delete("/models/fast")
+    assert r.json() == {"status": "success", "message": "Model fast unloaded", "load_time": None, "memory_usage": None}
+    assert client.get("/health").json()["model_loaded"] is False
+    assert client.delete("/models/nope").status_code == 404
+    assert client.post("/models/absent/load").status_code == 503
+
+
+def test_language_routing(tmp_path, fake_kind):
+    models = {"latin": {"unsupported": ["russian"]}, "cyr": {}}
+    with client_for(tmp_path, models) as c:
+        assert c.post("/ocr", files={"file": ("a.png", png())}).json()["model"] == "latin"
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"language": "Russian"})
+        assert r.json()["model"] == "cyr"
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"language": "Russian", "model": "latin"})
+        assert r.status_code == 400 and r.json()["code"] == "LANGUAGE_NOT_SUPPORTED"
+
+
+def test_ocr_fallback_option(tmp_path, fake_kind):
+    models = {"absent": {"installed": False}, "fast": {}}
+    with client_for(tmp_path, models, routing={"ocr_fallback": True}) as c:
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "absent"})
+        assert r.status_code == 200 and r.json()["model"] == "fast"
+
+
+def test_openapi_documents_errors(client):
+    spec = client.get("/openapi.json").json()
+    ocr = spec["paths"]["/ocr"]["post"]
+    assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(ocr["responses"])
+    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200
+
+
+def test_unknown_route_is_shaped(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"

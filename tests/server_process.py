@@ -1,0 +1,73 @@
+"""Start the real server in a subprocess on a free port, for end-to-end tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RemoteServer:
+    """``python api.py`` with the given flags and CHATVLM_* environment, stopped on exit."""
+
+    def __init__(self, *, models_dir: Path | None = None, config: Path | None = None,
+                 env: dict[str, str] | None = None, startup_timeout: float = 60.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="chatvlm-server-", suffix=".log", delete=False)
+        args = [sys.executable, str(ROOT / "api.py"), "--host", "127.0.0.1", "--port", str(self.port)]
+        if config:
+            args += ["--config", str(config)]
+        if models_dir:
+            args += ["--models-dir", str(models_dir)]
+        full_env = {**os.environ, "CHATVLM_SERVER__LOG_LEVEL": "warning", **(env or {})}
+        full_env.setdefault("CHATVLM_DATA_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-data"))
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait(startup_timeout)
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start within {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "RemoteServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -21,7 +21,6 @@ def _prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # Tesseract: ~4x faster single-threaded
 
 
 def create_app(settings: Settings | None = None):

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints built once per session."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,8 +9,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 
 
 @pytest.fixture(scope="session")

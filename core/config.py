@@ -35,6 +35,8 @@ class LimitsSettings(_Strict):
     max_file_mb: float = Field(10, gt=0, le=1024)
     max_batch_files: int = Field(10, ge=1, le=1000)
     request_timeout_s: float = Field(30, gt=0, le=3600)
+    # LLM generation endpoints (streams included): replies can be long on a CPU.
+    generation_timeout_s: float = Field(300, gt=0, le=86400)
     # Decompression-bomb guard: images above this many pixels are refused before decoding.
     max_image_pixels: int = Field(50_000_000, ge=1)
     # Multi-frame TIFF: every frame is read as a page, up to this many (more gets 413).
@@ -88,6 +90,8 @@ class DefaultsSettings(_Strict):
 
     ocr: list[str] = ["qwen3_vl_2b", "rapidocr", "tesseract"]
     chat: list[str] = ["qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen_vl_2b", "qwen_vl_7b"]
+    # Text generation: text models first, then the VLMs (they serve text-only requests too).
+    text: list[str] = []
 
 
 class ManagerSettings(_Strict):
@@ -127,6 +131,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _references(self) -> "Settings":
         for task, ids in (("defaults.ocr", self.defaults.ocr), ("defaults.chat", self.defaults.chat),
+                          ("defaults.text", self.defaults.text),
                           ("manager.preload", self.manager.preload)):
             for model_id in ids:
                 if model_id not in self.models:

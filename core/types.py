@@ -40,6 +40,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -61,7 +61,8 @@ class ModelRegistry:
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
         self.defaults = {Capability.OCR: list(settings.defaults.ocr),
-                         Capability.CHAT: list(settings.defaults.chat)}
+                         Capability.CHAT: list(settings.defaults.chat),
+                         Capability.GENERATE: list(settings.defaults.text)}
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._entries

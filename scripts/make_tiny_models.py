@@ -237,8 +237,26 @@ def build_qwen3_vl(out: Path) -> None:
     )
 
 
+def build_qwen2_causal_lm(out: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                          kv_heads: int = 2, intermediate: int = 128) -> None:
+    """A Qwen2 causal LM (the architecture of Qwen2.5-0.5B-Instruct) with its tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    text = _qwen_text_config(tokenizer, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             intermediate_size=intermediate, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(Qwen2Config(**text)).eval()
+    _shape_output_head(model, tokenizer)
+    _save(out, model, tokenizer, tokenizer)
+
+
 # registry id -> builder writing that folder.
 BUILDERS: dict[str, Callable[[Path], None]] = {
+    "qwen2_5_0_5b": build_qwen2_causal_lm,
     "qwen_vl_2b": build_qwen2_vl,
     "qwen2_5_vl_3b": build_qwen2_5_vl,
     "qwen3_vl_2b": build_qwen3_vl,

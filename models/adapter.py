@@ -90,6 +90,7 @@ ADAPTER_KINDS: dict[str, str] = {
     "rapidocr": "ocr.rapid:RapidOcrAdapter",
     "tesseract": "ocr.tesseract:TesseractAdapter",
     "qwen_vl": "vlm.qwen:QwenVLAdapter",
+    "causal_lm": "llm.causal:CausalLMAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.

@@ -13,6 +13,7 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "rapidocr": frozenset({Capability.OCR}),
     "tesseract": frozenset({Capability.OCR}),
     "qwen_vl": frozenset({Capability.OCR, Capability.CHAT, Capability.GENERATE}),
+    "causal_lm": frozenset({Capability.GENERATE}),
     "got_ocr": frozenset({Capability.OCR}),
     "dots_ocr": frozenset({Capability.OCR}),
 }

@@ -11,7 +11,7 @@ from server.schemas.vision import (AvailableModel, HealthResponse, ModelActionRe
 router = APIRouter(tags=["system"])
 VERSION = "1.0.0"
 
-_FORMATS = {"qwen_vl": "safetensors", "got_ocr": "safetensors", "dots_ocr": "safetensors",
+_FORMATS = {"qwen_vl": "safetensors", "causal_lm": "safetensors", "got_ocr": "safetensors", "dots_ocr": "safetensors",
             "rapidocr": "onnx", "tesseract": "traineddata"}
 
 

@@ -84,6 +84,8 @@ class OcrService:
         blocks: list[OcrBlock] = []
         for page_no, page in enumerate(image.pages):
             result: OcrResult = await self.manager.run(model_id, "ocr", page, options, cancel=cancel)
+            if cancel.cancelled:  # the engine stopped early: its partial text is not an answer
+                raise DeadlineExceeded(f"not finished within {self.limits.request_timeout_s:g} s")
             texts.append(result.text)
             blocks.extend(_to_original(b, image.scale, page_no) for b in result.blocks)
         return OcrOutcome(text=PAGE_SEPARATOR.join(t for t in texts if t), model=model_id, blocks=blocks,

@@ -10,7 +10,7 @@ from core.config import Settings
 from server.deps import build_services
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
-from server.routers import system, vision
+from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 
 log = logging.getLogger("chatvlm")
 
@@ -33,8 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
                               "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
     app.state.services = services
     install_error_handlers(app)
-    app.include_router(system.router)
-    app.include_router(vision.router)
+    for surface in (system, vision, llama_local, spec_v1, openai_compat, easyviz):
+        app.include_router(surface.router)
 
     limits = settings.limits
 

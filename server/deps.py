@@ -8,6 +8,7 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from core.config import Settings
+from llm.service import GenerationService
 from models.manager import ModelManager
 from models.registry import ModelRegistry
 from models.selection import ModelSelector
@@ -25,6 +26,7 @@ class Services:
     decoder: ImageDecoder
     ocr: OcrService
     chat: ChatService
+    llm: GenerationService
     connections: ConnectionStats
 
 
@@ -39,6 +41,7 @@ def build_services(settings: Settings) -> Services:
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=OcrService(selector, manager, decoder, settings.limits),
                     chat=ChatService(selector, manager, decoder, settings.limits),
+                    llm=GenerationService(selector, manager, decoder, settings.limits),
                     connections=ConnectionStats())
 
 

@@ -76,6 +76,9 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = {}
     # How many requests this model may run at once (its worker threads).
     concurrency: int = Field(1, ge=1, le=64)
+    # Generation engine: requests batched into one forward pass, and requests allowed to wait.
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_queue: int = Field(64, ge=0, le=10000)
 
     @field_validator("device")
     @classmethod

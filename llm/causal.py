@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core.errors import ModelLoadFailed, ModelNotInstalled
+from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled
 from core.types import Capability
 from models.adapter import InstallState, ModelSpec
 
@@ -96,3 +96,36 @@ class CausalLMAdapter:
 
     def supports_language(self, language: str | None) -> bool:
         return True
+
+    def engine_backend(self):
+        """The loaded model as the engine drives it."""
+        from engine.backend import BatchBackend
+
+        return BatchBackend(self.model, self.tokenizer, self.encode)
+
+    def encode(self, messages, prompt: str | None):
+        from engine.backend import EncodedPrompt
+
+        if messages is None:
+            return EncodedPrompt(list(self.tokenizer(prompt)["input_ids"]))
+        if any(not isinstance(p, str) for m in messages if not isinstance(m.content, str) for p in m.content):
+            raise BadRequest(f"model '{self.spec.id}' is a text model and cannot take images",
+                             param="messages", code="IMAGES_NOT_SUPPORTED")
+        turns = [{"role": m.role, "content": text_of(m.content)} for m in messages]
+        return EncodedPrompt(chat_template_ids(self.tokenizer, turns, self.spec.id))
+
+
+def text_of(content) -> str:
+    """A message's text: the string, or its text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p for p in content if isinstance(p, str))
+
+
+def chat_template_ids(tokenizer, messages: list[dict], model_id: str) -> list[int]:
+    """Token ids of the conversation through the model's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRequest(f"model '{model_id}' has no chat template; send a raw prompt instead",
+                         code="CHAT_TEMPLATE_MISSING")
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])

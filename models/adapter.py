@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from PIL import Image
 
-from core.types import CancelToken, Capability, GenerationParams, GenerationResult, OcrResult
+from core.types import CancelToken, Capability, GenerationParams, OcrResult
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class ModelSpec:
     generation: GenerationParams = GenerationParams()
     options: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
+    max_batch_size: int = 16
+    max_queue: int = 64
     data_dir: Path = Path("data")
 
 
@@ -80,9 +82,10 @@ class OcrAdapter(ModelAdapter, Protocol):
     def ocr(self, image: Image.Image, options: OcrOptions, cancel: CancelToken) -> OcrResult: ...
 
 
-class ChatAdapter(ModelAdapter, Protocol):
-    def chat(self, image: Image.Image | None, prompt: str, params: GenerationParams,
-             cancel: CancelToken) -> GenerationResult: ...
+class GenerativeAdapter(ModelAdapter, Protocol):
+    """A model that generates text: the engine (engine/) drives what this returns once loaded."""
+
+    def engine_backend(self) -> Any: ...
 
 
 # kind -> "module:Class". A new model family is one line here plus its adapter module.

@@ -11,13 +11,16 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ModelLoadFailed, ModelNotFound, ModelNotInstalled
 from core.types import CancelToken
 from models.adapter import ModelAdapter, adapter_class
 from models.registry import ModelRegistry, RegistryEntry, not_installed_message
 from models.runner import ModelRunner
+
+if TYPE_CHECKING:  # the engine imports torch: only once a model that generates is loaded
+    from engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class ModelState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     adapter: ModelAdapter | None = None
     runner: ModelRunner | None = None
+    engine: Engine | None = None  # the generation engine, for models that generate text
     status: str = "unloaded"  # unloaded | loading | loaded | failed
     error: str | None = None
     failed_at: float = 0.0
@@ -38,15 +42,26 @@ class ModelState:
     memory_bytes: int = 0
     load_seconds: float = 0.0
 
+    @property
+    def busy(self) -> bool:
+        """Work in flight or queued, on the runner or in the engine."""
+        engine = self.engine
+        return self.inflight > 0 or (engine is not None and (engine.active_count + engine.waiting_count) > 0)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
 
 class ModelManager:
     def __init__(self, registry: ModelRegistry, *, memory_budget_mb: float = 0,
-                 idle_unload_s: float = 0, idle_check_s: float = 30, max_queue: int = 64) -> None:
+                 idle_unload_s: float = 0, idle_check_s: float = 30, max_queue: int = 64,
+                 metrics: Any = None) -> None:
         self.registry = registry
         self.memory_budget = int(memory_budget_mb * 1024 * 1024)
         self.idle_unload_s = idle_unload_s
         self.idle_check_s = idle_check_s
         self.max_queue = max_queue
+        self.metrics = metrics
         self._states = {e.id: ModelState(e) for e in registry.entries()}
         self._idle_task: asyncio.Task | None = None
 
@@ -95,6 +110,14 @@ class ModelManager:
                                       headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
             st.adapter = adapter
             st.runner = ModelRunner(model_id, st.entry.spec.concurrency, self.max_queue)
+            backend = getattr(adapter, "engine_backend", None)
+            if backend is not None:
+                from engine.engine import Engine
+
+                spec = st.entry.spec
+                st.engine = Engine(backend(), name=model_id, max_batch=spec.max_batch_size,
+                                   max_queue=spec.max_queue, metrics=self.metrics)
+                st.engine.start()
             st.memory_bytes = adapter.memory_bytes()
             st.load_seconds = time.monotonic() - started
             st.status, st.error, st.last_used = "loaded", None, time.monotonic()
@@ -110,7 +133,7 @@ class ModelManager:
                              key=lambda s: s.last_used):
             if self.total_memory() + need <= self.memory_budget:
                 return
-            if victim.inflight == 0:
+            if not victim.busy:
                 log.info("evicting %s to make room for %s", victim.entry.id, incoming.entry.id)
                 await self.unload(victim.entry.id)
 
@@ -123,8 +146,8 @@ class ModelManager:
                     st.status, st.error = "unloaded", None
                 return False
             st.status = "unloaded"
-            handles = [st.runner, st.adapter]
-            st.runner = st.adapter = None
+            handles = [st.runner, st.engine, st.adapter]
+            st.runner = st.engine = st.adapter = None
             st.memory_bytes = 0
             await asyncio.to_thread(_release, handles)
             log.info("unloaded model %s", model_id)
@@ -140,7 +163,7 @@ class ModelManager:
             return await st.runner.run(fn, *args, cancel, cancel=cancel)
         finally:
             st.inflight -= 1
-            st.last_used = time.monotonic()
+            st.touch()
 
     # ---- lifecycle -------------------------------------------------------------
     async def start(self, preload: list[str]) -> None:
@@ -157,7 +180,7 @@ class ModelManager:
             await asyncio.sleep(self.idle_check_s)
             now = time.monotonic()
             for model_id, st in list(self._states.items()):
-                if st.status == "loaded" and st.inflight == 0 and now - st.last_used >= self.idle_unload_s:
+                if st.status == "loaded" and not st.busy and now - st.last_used >= self.idle_unload_s:
                     log.info("unloading %s after %.0fs idle", model_id, now - st.last_used)
                     await self.unload(model_id)
 
@@ -175,13 +198,15 @@ def _estimate_bytes(entry: RegistryEntry) -> int:
 
 def _release(handles: list) -> None:
     """Let queued work finish, unload, and drop the last references before collecting."""
-    runner, adapter = handles
+    runner, engine, adapter = handles
     handles.clear()
+    if engine is not None:
+        engine.stop()
     if runner is not None:
         runner.shutdown()
     if adapter is not None:
         adapter.unload()
-    del runner, adapter
+    del runner, engine, adapter
     gc.collect()
     try:  # hand freed heap pages back to the OS so RSS really drops
         ctypes.CDLL("libc.so.6").malloc_trim(0)

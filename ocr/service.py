@@ -4,12 +4,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from core.config import LimitsSettings
 from core.deadline import deadline
 from core.errors import ChatVLMError, DeadlineExceeded, PayloadTooLarge
 from core.imaging import DecodedImage, decode_image
 from core.types import CancelToken, Capability, OcrBlock, OcrResult
+
+if TYPE_CHECKING:
+    from llm.service import GenerationService
+from llm.types import ChatMessage, GenerateInput, ImagePart
 from models.adapter import OcrOptions
 from models.manager import ModelManager
 from models.selection import ModelSelector
@@ -63,11 +68,12 @@ class ImageDecoder:
 
 class OcrService:
     def __init__(self, selector: ModelSelector, manager: ModelManager, decoder: ImageDecoder,
-                 limits: LimitsSettings) -> None:
+                 limits: LimitsSettings, llm: "GenerationService") -> None:
         self.selector = selector
         self.manager = manager
         self.decoder = decoder
         self.limits = limits
+        self.llm = llm
 
     async def ocr(self, data: bytes, *, model: str | None, language: str | None) -> OcrOutcome:
         """Read the text of one image (every frame of a multi-frame TIFF) within the deadline."""
@@ -82,8 +88,12 @@ class OcrService:
         options = OcrOptions(language=language)
         texts: list[str] = []
         blocks: list[OcrBlock] = []
+        generative = Capability.GENERATE in self.selector.entry(model_id).capabilities
         for page_no, page in enumerate(image.pages):
-            result: OcrResult = await self.manager.run(model_id, "ocr", page, options, cancel=cancel)
+            if generative:  # a VLM reads through the generation engine, prompted for OCR
+                result = await self._ocr_by_prompt(model_id, page, language, cancel)
+            else:
+                result = await self.manager.run(model_id, "ocr", page, options, cancel=cancel)
             if cancel.cancelled:  # the engine stopped early: its partial text is not an answer
                 raise DeadlineExceeded(f"not finished within {self.limits.request_timeout_s:g} s")
             texts.append(result.text)
@@ -91,6 +101,18 @@ class OcrService:
         return OcrOutcome(text=PAGE_SEPARATOR.join(t for t in texts if t), model=model_id, blocks=blocks,
                           image_size=image.original_size, pages=len(image.pages),
                           processing_time=time.perf_counter() - started, language=language)
+
+    async def _ocr_by_prompt(self, model_id: str, page, language: str | None, cancel: CancelToken) -> OcrResult:
+        from vlm.qwen import ocr_prompt
+
+        spec = self.selector.entry(model_id).spec
+        prompt = ocr_prompt(language, spec.options.get("ocr_prompt"))
+        params = replace(spec.generation, temperature=0.0)  # OCR is transcription: greedy
+        remaining = (cancel.deadline - time.monotonic()) if cancel.deadline else None
+        out = await self.llm.generate(
+            GenerateInput(messages=[ChatMessage("user", (ImagePart(page), prompt))], model=model_id, params=params),
+            timeout_s=remaining)
+        return OcrResult(text=out.text.strip(), model=model_id)
 
     async def batch(self, uploads: list[Upload], *, model: str | None, language: str | None) -> list[BatchItem]:
         """OCR every upload concurrently (the model's runner bounds the parallelism).

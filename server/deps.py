@@ -38,10 +38,11 @@ def build_services(settings: Settings) -> Services:
                            idle_check_s=settings.manager.idle_check_s)
     selector = ModelSelector(registry, ocr_fallback=settings.routing.ocr_fallback)
     decoder = ImageDecoder(settings.limits)
+    llm = GenerationService(selector, manager, decoder, settings.limits)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
-                    ocr=OcrService(selector, manager, decoder, settings.limits),
-                    chat=ChatService(selector, manager, decoder, settings.limits),
-                    llm=GenerationService(selector, manager, decoder, settings.limits),
+                    ocr=OcrService(selector, manager, decoder, settings.limits, llm),
+                    chat=ChatService(selector, llm, decoder, settings.limits),
+                    llm=llm,
                     connections=ConnectionStats())
 
 

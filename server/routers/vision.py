@@ -45,12 +45,12 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
     out = await services.chat.chat(data, prompt=prompt, model=model, temperature=temperature, max_tokens=max_tokens)
-    r = out.result
+    u = out.result.usage
     return ChatResponse(response=out.response, model=out.model, processing_time=round(out.processing_time, 3),
                         prompt=out.prompt, image_size=list(out.image_size) if out.image_size else None,
-                        finish_reason=r.finish_reason,
-                        usage=ChatUsage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                                        total_tokens=r.prompt_tokens + r.completion_tokens))
+                        finish_reason=out.result.finish_reason,
+                        usage=ChatUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                        total_tokens=u.total_tokens))
 
 
 @router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS)

@@ -128,13 +128,16 @@ def test_batch_order_errors_and_file_count(client):
 
 def test_chat(client):
     r = client.post("/chat", files={"file": ("a.png", png(20, 10))},
-                    data={"prompt": "What is it?", "temperature": "0", "max_tokens": "7"})
+                    data={"prompt": "What is it?", "temperature": "0", "max_tokens": "50"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["response"] == "What is it? | 20x10 | t=0.0 | n=7" and body["prompt"] == "What is it?"
-    assert body["model"] == "fast" and body["usage"]["total_tokens"] == 3 + 3
-    r = client.post("/chat", files={"file": ("a.png", png())})
+    # The fake model echoes its prompt: the image (as the engine received it) and the question.
+    assert body["response"] == "[20x10] What is it?" and body["prompt"] == "What is it?"
+    assert body["model"] == "fast" and body["finish_reason"] == "stop" and body["image_size"] == [20, 10]
+    assert body["usage"] == {"prompt_tokens": 19, "completion_tokens": 20, "total_tokens": 39}
+    r = client.post("/chat", files={"file": ("a.png", png())}, data={"max_tokens": "7"})
     assert r.json()["prompt"] == "Describe this image"
+    assert r.json()["response"] == "[40x30]" and r.json()["finish_reason"] == "length"
     r = client.post("/chat", files={"file": ("a.png", png())}, data={"temperature": "5"})
     assert r.status_code == 422 and r.json()["param"] == "temperature"
     r = client.post("/chat", files={"file": ("a.png", png())}, data={"max_tokens": "0"})
@@ -148,11 +151,15 @@ def test_chat_without_any_installed_vlm(tmp_path, fake_kind):
 
 
 def test_deadline_gives_504_and_stops_the_work(tmp_path, fake_kind):
-    with client_for(tmp_path, {"slow": {"delay": 10}}, limits={"request_timeout_s": 0.5}) as c:
+    with client_for(tmp_path, {"slow": {"delay": 10, "step_delay": 0.05}}, limits={"request_timeout_s": 0.5}) as c:
         r = c.post("/ocr", files={"file": ("a.png", png())})
         assert r.status_code == 504 and r.json()["code"] == "DEADLINE_EXCEEDED"
         r = c.post("/batch/ocr", files=[("files", ("a.png", png()))])
         assert r.status_code == 200 and r.json()["results"][0]["code"] == "DEADLINE_EXCEEDED"
+        r = c.post("/chat", files={"file": ("a.png", png())}, data={"prompt": "x" * 200, "max_tokens": "500"})
+        assert r.status_code == 504 and r.json()["code"] == "DEADLINE_EXCEEDED"
+        engine = c.app.state.services.manager.state("slow").engine
+        assert engine.active_count == 0 and engine.waiting_count == 0
     assert ("slow", "cancelled") in fake_kind.EVENTS
 
 

@@ -6,6 +6,7 @@ budget, and that unloading really releases the model.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import json
@@ -20,8 +21,10 @@ from PIL import Image, ImageDraw
 
 from core.errors import ModelLoadFailed, ModelNotInstalled, ModelUnavailable
 from core.types import CancelToken, Capability, GenerationParams
-from models.adapter import ChatAdapter, ModelSpec, OcrAdapter, OcrOptions, adapter_class
-from vlm.qwen import QwenVLAdapter, fit_pixels, language_name
+from models.adapter import GenerativeAdapter, ModelSpec, adapter_class
+from engine.engine import Engine
+from llm.types import ChatMessage, ImagePart
+from vlm.qwen import OCR_PROMPT, QwenVLAdapter, fit_pixels, ocr_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["qwen_vl_2b", "qwen2_5_vl_3b", "qwen3_vl_2b"]
@@ -66,123 +69,26 @@ def adapter(request, tiny_models_dir):
     a.unload()
 
 
+def generate(adapter, messages, params):
+    """Run one request through a real engine over the adapter's backend; (text, usage)."""
+    async def main():
+        engine = Engine(adapter.engine_backend(), name=adapter.spec.id)
+        engine.start()
+        try:
+            handle = engine.submit(engine.encode(messages, None), params, CancelToken())
+            text = "".join([d.text async for d in handle])
+            return text, handle.usage
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
 def greedy(n: int = 8, **kw) -> GenerationParams:
     return GenerationParams(max_new_tokens=n, temperature=0.0, **kw)
 
 
 # ---- per family ------------------------------------------------------------------
-
-def test_chat_with_image_counts_tokens(adapter):
-    img = text_image()
-    with_image = adapter.chat(img, "What does it say?", greedy(), CancelToken())
-    text_only = adapter.chat(None, "What does it say?", greedy(), CancelToken())
-    assert with_image.model == adapter.spec.id
-    assert with_image.text and text_only.text
-    assert with_image.completion_tokens == 8 and with_image.finish_reason == "length"
-    # the image adds its placeholder tokens plus <|vision_start|> and <|vision_end|>
-    image_tokens = with_image.prompt_tokens - text_only.prompt_tokens - 2
-    assert 1 <= image_tokens <= MAX_PIXELS // FACTOR[adapter.spec.id] ** 2
-
-
-def test_text_only_prompt_tokens_match_tokenizer(adapter):
-    result = adapter.chat(None, "Привет, 你好, hello", greedy(4), CancelToken())
-    tok = adapter._processor.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "Привет, 你好, hello"}],
-                                  add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    assert result.prompt_tokens == len(ids)
-    assert result.completion_tokens == 4
-
-
-def test_pixel_budget_bounds_image_tokens(adapter):
-    text_only = adapter.chat(None, "Read", greedy(1), CancelToken()).prompt_tokens
-    budget = MAX_PIXELS // FACTOR[adapter.spec.id] ** 2
-    # The square case needs the budget passed to the processor too: 112x112 rounds up to
-    # 128x128 on Qwen3-VL's 32-pixel grid unless smart_resize knows the maximum.
-    for size in [(3000, 2000), (1000, 1000), (112, 112)]:
-        image_tokens = adapter.chat(text_image(size), "Read", greedy(1), CancelToken()).prompt_tokens - text_only - 2
-        assert 1 <= image_tokens <= budget, size
-    tiny = adapter.chat(text_image((12, 9)), "Read", greedy(1), CancelToken())
-    assert tiny.prompt_tokens - text_only - 2 >= 1
-
-
-def test_ocr_with_language_hint(adapter):
-    opts = OcrOptions(language="rus", max_new_tokens=6)
-    result = adapter.ocr(text_image(), opts, CancelToken())
-    assert result.model == adapter.spec.id and result.blocks == []
-    assert isinstance(result.text, str) and result.text
-    # greedy: same call, same text; the hint changes the prompt and so the output
-    assert adapter.ocr(text_image(), opts, CancelToken()).text == result.text
-    prompt_hint = adapter.chat(text_image(), "x The text is in Russian.", greedy(1), CancelToken())
-    prompt_plain = adapter.chat(text_image(), "x", greedy(1), CancelToken())
-    assert prompt_hint.prompt_tokens > prompt_plain.prompt_tokens
-
-
-def test_temperature_zero_is_deterministic(adapter):
-    img = text_image()
-    a = adapter.chat(img, "Describe.", greedy(8), CancelToken())
-    b = adapter.chat(img, "Describe.", greedy(8), CancelToken())
-    assert a.text == b.text and a.completion_tokens == b.completion_tokens == 8
-
-
-def test_sampling_with_seed_is_reproducible_and_local(adapter):
-    import torch
-
-    def sample(seed):
-        params = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.95, top_k=200,
-                                  repetition_penalty=1.1, seed=seed)
-        return adapter.chat(None, "Tell a story.", params, CancelToken()).text
-
-    state = torch.get_rng_state()
-    first = sample(7)
-    assert torch.equal(torch.get_rng_state(), state), "a request seed must not reseed the process"
-    assert sample(7) == first
-    assert any(sample(s) != first for s in (8, 9, 10))
-    unseeded = {adapter.chat(None, "Tell a story.", GenerationParams(max_new_tokens=8, temperature=1.0),
-                             CancelToken()).text for _ in range(2)}
-    assert len(unseeded) == 2, "unseeded requests must not replay the same random stream"
-
-
-def test_max_new_tokens_and_length_finish(adapter):
-    result = adapter.chat(text_image(), "Go on.", greedy(5), CancelToken())
-    assert result.completion_tokens <= 5
-    if result.completion_tokens == 5:
-        assert result.finish_reason == "length"
-    else:
-        assert result.finish_reason == "stop"
-
-
-def test_stop_string_truncates(adapter):
-    full = adapter.chat(None, "Count.", greedy(12), CancelToken()).text
-    # a clean two-character piece from the middle of the greedy reply
-    start = next(i for i in range(2, len(full) - 1)
-                 if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip())
-    stop = full[start:start + 2]
-    result = adapter.chat(None, "Count.", greedy(12, stop=(stop,)), CancelToken())
-    assert result.finish_reason == "stop"
-    assert result.text == full[:full.find(stop)]
-    assert stop not in result.text
-    assert result.completion_tokens < 12
-
-
-def test_pre_cancelled_returns_immediately(adapter):
-    token = CancelToken()
-    token.cancel()
-    t0 = time.perf_counter()
-    result = adapter.chat(text_image(), "Describe.", greedy(200), token)
-    assert time.perf_counter() - t0 < 0.5
-    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
-    expired = adapter.chat(None, "hi", greedy(200), CancelToken(deadline=time.monotonic() - 1))
-    assert expired.finish_reason == "cancelled"
-
-
-def test_cancel_mid_generation_stops_within_a_step(adapter):
-    # the pre-check in chat() polls once, then the stopping criterion once per new token:
-    # polls 1-3 pass (pre-check, tokens 1 and 2), the poll after token 3 cancels
-    result = adapter.chat(None, "Describe.", greedy(200), CancelAfter(polls=3))
-    assert result.finish_reason == "cancelled"
-    assert result.completion_tokens == 3
-
 
 def test_memory_bytes_counts_parameters(adapter):
     model = adapter._model
@@ -198,14 +104,14 @@ def test_unload_frees_the_model(tiny_models_dir, model_id):
     assert a.memory_bytes() == 0
     a.load()
     assert a.memory_bytes() > 0
-    a.chat(text_image(), "hi", greedy(2), CancelToken())  # generation must not pin the model
+    generate(a, [ChatMessage("user", (ImagePart(text_image()), "hi"))], greedy(2))  # must not pin the model
     ref = weakref.ref(a._model)
     a.unload()
     gc.collect()
     assert a.memory_bytes() == 0
     assert ref() is None
     a.load()  # and it comes back
-    assert a.chat(None, "hi", greedy(2), CancelToken()).completion_tokens == 2
+    assert generate(a, [ChatMessage("user", "hi")], greedy(2))[1].completion_tokens == 2
     a.unload()
 
 
@@ -240,11 +146,11 @@ def test_protocol_and_registry():
     assert adapter_class("qwen_vl") is QwenVLAdapter
     assert QwenVLAdapter.capabilities == {Capability.OCR, Capability.CHAT, Capability.GENERATE}
     a = QwenVLAdapter(ModelSpec(id="x", name="x", kind="qwen_vl"))
-    assert isinstance(a, OcrAdapter) and isinstance(a, ChatAdapter)
+    assert isinstance(a, GenerativeAdapter)
     assert a.supports_language("Russian") and a.supports_language(None)
     assert a.memory_bytes() == 0
     with pytest.raises(ModelUnavailable):
-        a.chat(None, "hi", greedy(), CancelToken())
+        a.engine_backend()
 
 
 def test_import_and_check_installed_do_not_import_torch():
@@ -267,9 +173,10 @@ def test_fit_pixels():
     assert fit_pixels(same, MIN_PIXELS, MAX_PIXELS).size == (100, 100)
 
 
-def test_language_name():
-    assert language_name("ru") == language_name("rus") == language_name("russian") == "Russian"
-    assert language_name("zh-CN") == "Chinese" and language_name("Klingon") == "Klingon"
+def test_ocr_prompt_names_the_language():
+    assert ocr_prompt("ru") == ocr_prompt("rus") == ocr_prompt("russian") == f"{OCR_PROMPT} The text is in Russian."
+    assert ocr_prompt("zh-CN").endswith("in Chinese.") and ocr_prompt("Klingon").endswith("in Klingon.")
+    assert ocr_prompt(None) == OCR_PROMPT and ocr_prompt(None, "Transcribe.") == "Transcribe."
 
 
 def test_builder_is_deterministic_and_small(tiny_models_dir, tmp_path):

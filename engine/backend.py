@@ -1,0 +1,133 @@
+"""The model side of the engine: a running batch of sequences with one shared, left-padded
+KV cache that requests join (prefill) and leave (finish) between decode steps.
+
+Works for any transformers decoder with a dynamic cache; for Qwen-VL models it also feeds
+images at prefill and keeps each row's multimodal RoPE offset for the decode steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class EncodedPrompt:
+    """A tokenized prompt, ready for prefill. ``vision`` holds the processor's image tensors."""
+
+    input_ids: list[int]
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw
+    mm_token_type_ids: list[int] | None = None
+
+
+class BatchBackend:
+    def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
+                 mrope: bool = False) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encode = encode
+        self.mrope = mrope
+        self.device = model.device
+        config = model.config.get_text_config(decoder=True)
+        self.context_length: int = int(getattr(config, "max_position_embeddings", 0) or 32768)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None    # (batch, kv length): 1 real token, 0 padding
+        self.deltas: torch.Tensor | None = None  # (batch, 1) multimodal RoPE offset per row
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    # ---- joining ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        """Run the prompts (left-padded together), add them to the batch; return their next-token logits."""
+        length = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)
+            mask[i, length - len(p.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        kwargs: dict[str, Any] = {}
+        if self.mrope:
+            position_ids, deltas = self._mrope_positions(prompts, ids, mask, kwargs)
+        else:
+            position_ids, deltas = (mask.cumsum(-1) - 1).clamp(min=0), torch.zeros((len(prompts), 1), dtype=torch.long,
+                                                                                   device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        self._join(out.past_key_values, mask, deltas)
+        return out.logits[:, -1, :]
+
+    def _mrope_positions(self, prompts, ids, mask, kwargs):
+        with_images = [p for p in prompts if p.vision]
+        if not with_images:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            return pos.unsqueeze(0).expand(3, -1, -1), torch.zeros((len(prompts), 1), dtype=torch.long, device=self.device)
+        types = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            if p.mm_token_type_ids:
+                types[i, ids.shape[1] - len(p.mm_token_type_ids):] = torch.tensor(p.mm_token_type_ids)
+        for key in with_images[0].vision:
+            kwargs[key] = torch.cat([p.vision[key] for p in with_images]).to(self.device)
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        kwargs["mm_token_type_ids"] = types
+        position_ids, deltas = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask)
+        return position_ids, deltas.to(self.device).long()
+
+    def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.deltas = cache, mask, deltas
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        self.mask = torch.cat([F.pad(self.mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))])
+        self.deltas = torch.cat([self.deltas, deltas])
+
+    # ---- stepping --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row; return next-token logits (batch, vocab)."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        position = self.mask.sum(-1, keepdim=True) + self.deltas
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        if self.mrope:
+            position = position.unsqueeze(0).expand(3, -1, -1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    # ---- leaving ---------------------------------------------------------------------------
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); drop the padding columns nobody needs any more."""
+        if not rows:
+            self.cache = self.mask = self.deltas = None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mask, self.deltas = self.mask[index], self.deltas[index]
+        used = self.mask.sum(0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.mask = self.mask[:, start:]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a (batch, heads, length, dim) tensor on the left of its length axis to ``width``."""
+    return F.pad(t, (0, 0, width - t.shape[2], 0))

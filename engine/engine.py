@@ -1,0 +1,279 @@
+"""The generation engine of one loaded model: a scheduler on its own thread that batches
+concurrent requests into shared forward passes and streams each request's tokens.
+
+Requests wait in a bounded queue. Between decode steps the scheduler admits waiting
+requests (one prefill for all of them, then they join the running batch) and drops
+finished, cancelled or expired ones, so every request keeps its own sampling parameters,
+stop strings and length, and the others carry on. Tokens reach the event loop through one
+thread-safe callback per step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from core.errors import BadRequest, ChatVLMError, ModelUnavailable, Overloaded, ServerError
+from core.types import CancelToken, GenerationParams
+from engine.backend import BatchBackend, EncodedPrompt
+from engine.detok import IncrementalDetokenizer
+from engine.sampling import RowSampler, choose_tokens
+from llm.types import StreamDelta, Usage
+
+log = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """What the caller holds: an async iterator of deltas. Leaving it cancels the request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.cancel = cancel
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.submitted = time.monotonic()
+
+    def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamDelta]:
+        try:
+            while True:
+                item = await self._queue.get()
+                # Coalesce what piled up while the consumer was busy: fewer, larger events.
+                while not isinstance(item, BaseException) and item.finish_reason is None and not self._queue.empty():
+                    nxt = self._queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        if item.text:
+                            yield item
+                        item = nxt
+                        break
+                    item = StreamDelta(item.text + nxt.text, nxt.finish_reason, nxt.usage)
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    self.finish_reason, self.usage = item.finish_reason, item.usage
+                    if item.text or item.finish_reason != "cancelled":
+                        yield item
+                    return
+                if item.text:
+                    yield item
+        finally:
+            self.cancel.cancel()  # no-op once finished; stops the work if the consumer left early
+
+
+class _Sequence:
+    """Engine-side state of one request."""
+
+    def __init__(self, prompt: EncodedPrompt, params: GenerationParams, handle: RequestHandle,
+                 backend: BatchBackend, max_new_tokens: int) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.handle = handle
+        self.max_new_tokens = max_new_tokens
+        self.sampler = RowSampler(params, prompt.input_ids, backend.device)
+        self.detok = IncrementalDetokenizer(backend.tokenizer)
+        self.text = ""      # all text produced so far
+        self.sent = 0       # how much of it was delivered
+        self.generated = 0
+        self.last_token = -1
+        self.finish: str | None = None
+        self.first_token_at: float | None = None
+
+
+class Engine:
+    def __init__(self, backend: BatchBackend, *, name: str, max_batch: int = 16, max_queue: int = 64,
+                 metrics: Any = None) -> None:
+        self.backend = backend
+        self.name = name
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self.steps = 0  # decode steps run, for tests and metrics
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.context_length
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish nothing new: fail waiting requests, cancel running ones, join the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def encode(self, messages, prompt: str | None) -> EncodedPrompt:
+        """Tokenize (chat template for messages); CPU work, call it off the event loop."""
+        return self.backend.encode(messages, prompt)
+
+    def submit(self, prompt: EncodedPrompt, params: GenerationParams, cancel: CancelToken) -> RequestHandle:
+        """Queue a request (call on the event loop). Raises before queueing when it cannot run."""
+        n_prompt = len(prompt.input_ids)
+        room = self.context_length - n_prompt
+        if room <= 0:
+            raise BadRequest(f"the prompt has {n_prompt} tokens; this model's context is {self.context_length}",
+                             param="prompt", code="CONTEXT_LENGTH_EXCEEDED")
+        handle = RequestHandle(asyncio.get_running_loop(), cancel)
+        seq = _Sequence(prompt, params, handle, self.backend, min(params.max_new_tokens, room))
+        with self._cond:
+            if self._stopping:
+                raise ModelUnavailable(f"model '{self.name}' is being unloaded", headers={"Retry-After": "1"})
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded(f"model '{self.name}' has {len(self._waiting)} requests waiting; retry shortly",
+                                 headers={"Retry-After": "1"})
+            self._waiting.append(seq)
+            self._cond.notify()
+        self._report_queue()
+        return handle
+
+    # ---- the scheduler thread --------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                room = self.max_batch - len(self._active)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                self._step(admitted)
+            except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
+                log.exception("engine %s: step failed", self.name)
+                error = exc if isinstance(exc, ChatVLMError) else ServerError("generation failed")
+                for seq in self._active + admitted:
+                    self._deliver([(seq.handle, error)])
+                self._active = []
+                self.backend.keep([])
+        self._shutdown()
+
+    def _step(self, admitted: list[_Sequence]) -> None:
+        out: list[tuple[RequestHandle, Any]] = []
+        admitted = [s for s in admitted if not self._drop_if_cancelled(s, out)]
+        if admitted:
+            logits = self.backend.prefill([s.prompt for s in admitted])
+            self._active.extend(admitted)
+            self._advance(admitted, logits, out)
+            self._prune(out)
+        if self._active:
+            logits = self.backend.decode([s.last_token for s in self._active])
+            self.steps += 1
+            self._advance(self._active, logits, out)
+            self._prune(out)
+        self._deliver(out)
+        if self.metrics is not None:
+            self.metrics.set_batch_size(self.name, len(self._active))
+        self._report_queue()
+
+    def _prune(self, out: list) -> None:
+        """Drop finished and cancelled rows from the batch."""
+        keep = [i for i, s in enumerate(self._active) if s.finish is None and not self._drop_if_cancelled(s, out)]
+        if len(keep) != len(self._active):
+            self._active = [self._active[i] for i in keep]
+            self.backend.keep(keep)
+
+    def _advance(self, seqs: list[_Sequence], logits, out: list) -> None:
+        tokens = choose_tokens(logits, [s.sampler for s in seqs])
+        now = time.monotonic()
+        for seq, token in zip(seqs, tokens):
+            if seq.finish is not None:
+                continue
+            seq.last_token = token
+            seq.sampler.note(token)
+            seq.generated += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            is_eos = token in self.backend.eos_ids and not seq.params.ignore_eos
+            if not is_eos:
+                seq.text += seq.detok.push(token)
+            if is_eos:
+                seq.finish = "stop"
+            elif seq.generated >= seq.max_new_tokens:
+                seq.finish = "length"
+            if seq.finish is not None:
+                seq.text += seq.detok.flush()
+            if seq.params.stop and self._cut_at_stop(seq):
+                seq.finish = "stop"
+            out.append((seq.handle, self._delta(seq)))
+
+    @staticmethod
+    def _cut_at_stop(seq: _Sequence) -> bool:
+        window_start = max(0, seq.sent - max(len(s) for s in seq.params.stop))
+        hits = [i for i in (seq.text.find(s, window_start) for s in seq.params.stop if s) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[:min(hits)]
+        return True
+
+    def _delta(self, seq: _Sequence) -> StreamDelta:
+        if seq.finish is None:
+            # Hold back a tail that could still grow into a stop string, so none is ever half-sent.
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            upto = max(seq.sent, len(seq.text) - hold)
+            piece, seq.sent = seq.text[seq.sent:upto], upto
+            return StreamDelta(piece)
+        piece, seq.sent = seq.text[seq.sent:], len(seq.text)
+        usage = Usage(len(seq.prompt.input_ids), seq.generated)
+        if self.metrics is not None:
+            now = time.monotonic()
+            self.metrics.observe_generation(self.name, (seq.first_token_at or now) - seq.handle.submitted,
+                                            now - seq.handle.submitted, usage.prompt_tokens, usage.completion_tokens)
+        return StreamDelta(piece, seq.finish, usage)
+
+    def _drop_if_cancelled(self, seq: _Sequence, out: list) -> bool:
+        if seq.finish is None and seq.handle.cancel.cancelled:
+            seq.finish = "cancelled"
+            out.append((seq.handle, StreamDelta("", "cancelled", Usage(len(seq.prompt.input_ids), seq.generated))))
+            return True
+        return False
+
+    @staticmethod
+    def _deliver(items: list[tuple[RequestHandle, Any]]) -> None:
+        """Hand this step's deltas to the event loop(s) in one callback each."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, item in items:
+            by_loop.setdefault(handle._loop, []).append((handle._queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self.name, len(self._waiting))
+
+    def _shutdown(self) -> None:
+        error = ModelUnavailable(f"model '{self.name}' was unloaded", headers={"Retry-After": "1"})
+        with self._cond:
+            leftovers = list(self._waiting) + self._active
+            self._waiting.clear()
+        self._active = []
+        self.backend.keep([])
+        self._deliver([(s.handle, error) for s in leftovers])
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)

@@ -1,0 +1,61 @@
+"""Per-request token choice inside a batch: each row keeps its own temperature, top-p,
+top-k, repetition penalty and seed."""
+from __future__ import annotations
+
+import torch
+
+from core.types import GenerationParams
+
+
+class RowSampler:
+    """Sampling state of one request: its parameters, its RNG and the tokens it has seen."""
+
+    def __init__(self, params: GenerationParams, prompt_ids: list[int], device: torch.device) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+        self.penalize = params.repetition_penalty != 1.0
+        self.seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=device) if self.penalize else None
+
+    def note(self, token: int) -> None:
+        if self.penalize:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([token])]).unique()
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.greedy and not self.penalize
+
+
+def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
+    """One token per row of ``logits`` (batch, vocab)."""
+    if all(r.plain_greedy for r in rows):  # the common fast path: one argmax for the batch
+        return logits.argmax(dim=-1).tolist()
+    logits = logits.float()
+    out: list[int] = []
+    for i, row in enumerate(rows):
+        scores = logits[i]
+        p = row.params
+        if row.penalize and row.seen.numel():
+            picked = scores[row.seen]
+            scores = scores.clone()
+            scores[row.seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+        if p.greedy:
+            out.append(int(scores.argmax()))
+            continue
+        scores = scores / p.temperature
+        if 0 < p.top_k < scores.numel():
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+            scores = scores.index_fill(0, order[drop], float("-inf"))
+        probs = scores.softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return out

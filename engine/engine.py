@@ -235,16 +235,23 @@ class Engine:
             return StreamDelta(piece)
         piece, seq.sent = seq.text[seq.sent:], len(seq.text)
         usage = Usage(len(seq.prompt.input_ids), seq.generated)
-        if self.metrics is not None:
-            now = time.monotonic()
-            self.metrics.observe_generation(self.name, (seq.first_token_at or now) - seq.handle.submitted,
-                                            now - seq.handle.submitted, usage.prompt_tokens, usage.completion_tokens)
+        self._observe(seq, usage)
         return StreamDelta(piece, seq.finish, usage)
+
+    def _observe(self, seq: _Sequence, usage: Usage) -> None:
+        if self.metrics is None:
+            return
+        start = seq.handle.submitted
+        ttft = seq.first_token_at - start if seq.first_token_at is not None else None
+        self.metrics.observe_generation(self.name, ttft, time.monotonic() - start, usage.prompt_tokens,
+                                        usage.completion_tokens, finish_reason=seq.finish)
 
     def _drop_if_cancelled(self, seq: _Sequence, out: list) -> bool:
         if seq.finish is None and seq.handle.cancel.cancelled:
             seq.finish = "cancelled"
-            out.append((seq.handle, StreamDelta("", "cancelled", Usage(len(seq.prompt.input_ids), seq.generated))))
+            usage = Usage(len(seq.prompt.input_ids), seq.generated)
+            self._observe(seq, usage)
+            out.append((seq.handle, StreamDelta("", "cancelled", usage)))
             return True
         return False
 
@@ -272,6 +279,9 @@ class Engine:
         self._active = []
         self.backend.keep([])
         self._deliver([(s.handle, error) for s in leftovers])
+        if self.metrics is not None:
+            self.metrics.set_batch_size(self.name, 0)
+            self.metrics.set_queue_depth(self.name, 0)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:

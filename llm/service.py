@@ -69,6 +69,7 @@ class GenerationService:
         if Capability.GENERATE not in entry.capabilities and Capability.CHAT not in entry.capabilities:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
         state = await self.manager.ensure_loaded(model_id)
+        state.touch()
         engine = state.engine
         if engine is None:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")

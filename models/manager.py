@@ -120,6 +120,8 @@ class ModelManager:
                 st.engine.start()
             st.memory_bytes = adapter.memory_bytes()
             st.load_seconds = time.monotonic() - started
+            if self.metrics is not None:
+                self.metrics.observe_load(model_id, st.load_seconds)
             st.status, st.error, st.last_used = "loaded", None, time.monotonic()
             log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
             return st
@@ -160,7 +162,11 @@ class ModelManager:
         st.inflight += 1
         try:
             fn = getattr(st.adapter, method)
-            return await st.runner.run(fn, *args, cancel, cancel=cancel)
+            started = time.monotonic()
+            result = await st.runner.run(fn, *args, cancel, cancel=cancel)
+            if self.metrics is not None:
+                self.metrics.observe_inference(model_id, time.monotonic() - started)
+            return result
         finally:
             st.inflight -= 1
             st.touch()

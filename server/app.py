@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from core.config import Settings
 from server.deps import build_services
 from server.errors import install_error_handlers
+from server.metrics import MetricsMiddleware
+from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 
@@ -32,9 +34,11 @@ def create_app(settings: Settings) -> FastAPI:
                   description="OCR and visual question answering with vision-language models, "
                               "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
     app.state.services = services
+    app.state.metrics = services.metrics
     install_error_handlers(app)
     for surface in (system, vision, llama_local, spec_v1, openai_compat, easyviz):
         app.include_router(surface.router)
+    app.include_router(metrics_router)
 
     limits = settings.limits
 
@@ -45,4 +49,5 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(ConnectionCounter, stats=services.connections)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees 413s and whole streams
     return app

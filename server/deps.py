@@ -13,6 +13,7 @@ from models.manager import ModelManager
 from models.registry import ModelRegistry
 from models.selection import ModelSelector
 from ocr.service import ImageDecoder, OcrService
+from server.metrics import Metrics
 from server.middleware import ConnectionStats
 from vlm.service import ChatService
 
@@ -28,22 +29,27 @@ class Services:
     chat: ChatService
     llm: GenerationService
     connections: ConnectionStats
+    metrics: Metrics
 
 
 def build_services(settings: Settings) -> Services:
     """Wire the layers together. Cheap: nothing is loaded here."""
     registry = ModelRegistry(settings)
+    connections = ConnectionStats()
+    # The callbacks are read at scrape time, when `manager` exists.
+    metrics = Metrics(active_connections=lambda: connections.active,
+                      loaded_models=lambda: manager.loaded_ids(),
+                      known_models=lambda: [e.id for e in registry.entries()])
     manager = ModelManager(registry, memory_budget_mb=settings.manager.memory_budget_mb,
                            idle_unload_s=settings.manager.idle_unload_s,
-                           idle_check_s=settings.manager.idle_check_s)
+                           idle_check_s=settings.manager.idle_check_s, metrics=metrics)
     selector = ModelSelector(registry, ocr_fallback=settings.routing.ocr_fallback)
     decoder = ImageDecoder(settings.limits)
     llm = GenerationService(selector, manager, decoder, settings.limits)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=OcrService(selector, manager, decoder, settings.limits, llm),
                     chat=ChatService(selector, llm, decoder, settings.limits),
-                    llm=llm,
-                    connections=ConnectionStats())
+                    llm=llm, connections=connections, metrics=metrics)
 
 
 def _services(conn: HTTPConnection) -> Services:

@@ -93,7 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param, problems = _validation_message(exc)
-        return error_response(request.url.path, 422, "VALIDATION_ERROR", msg, param=param, details=problems)
+        # OpenAI (and its SDK's BadRequestError) answers out-of-range values with 400.
+        status = 400 if surface_for_path(request.url.path) is Surface.OPENAI else 422
+        return error_response(request.url.path, status, "VALIDATION_ERROR", msg, param=param, details=problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,462 @@
+"""Schemas of the OpenAI-compatible surface (/v1).
+
+Requests own their validation and their conversion to a ``GenerateInput``. Malformed values
+(wrong type, out of range) fail pydantic validation (400 VALIDATION_ERROR, as OpenAI answers); well-formed values this server
+cannot honour (n > 1, tools, logprobs, penalties, JSON mode, http image URLs) raise
+``BadRequest`` (400) in the conversion, with a stable code and the offending parameter.
+Unknown fields are ignored: the SDK sends ``extra_body`` entries at the top level.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from typing import Annotated, Any, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from core.errors import BadRequest, ChatVLMError, PayloadTooLarge
+from core.types import GenerationParams
+from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart, Part, StreamDelta, Usage
+from server.errors import Surface, error_body
+
+MAX_STOP = 4
+DEFAULT_MODEL_NAMES = ("", "default")
+
+
+class ModelResolver(Protocol):
+    """What the conversion needs from the generation service (``services.llm``)."""
+
+    def select(self, model: str | None, *, images: bool = False) -> str: ...
+
+    def params_for(self, model_id: str, **overrides: Any) -> GenerationParams: ...
+
+
+def unsupported(param: str, message: str) -> BadRequest:
+    return BadRequest(message, param=param, code="UNSUPPORTED_PARAMETER")
+
+
+# ---- images: data: URLs ------------------------------------------------------------------
+def image_bytes(url: str, *, max_bytes: int, param: str) -> bytes:
+    """The bytes of a base64 ``data:`` URL. The encoded length is checked before decoding."""
+    scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise BadRequest("image URLs (http/https) are not enabled on this server; send the image inline "
+                         "as a data: URL (data:image/png;base64,...)", param=param, code="IMAGE_URL_NOT_ALLOWED")
+    if scheme != "data":
+        raise BadRequest("image_url.url must be a data: URL (data:image/png;base64,...)",
+                         param=param, code="INVALID_IMAGE_URL")
+    header, comma, payload = url.strip()[5:].partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise BadRequest("image_url.url must be a base64 data: URL (data:image/png;base64,...)",
+                         param=param, code="INVALID_IMAGE_URL")
+    if len(payload) > 4 * -(-max_bytes // 3):  # base64 of max_bytes bytes: 4 * ceil(n / 3) characters
+        raise PayloadTooLarge(f"image is larger than {max_bytes / 2**20:g} MB", param=param, code="FILE_TOO_LARGE")
+    if any(c in payload for c in "\n\r\t "):
+        payload = "".join(payload.split())  # some encoders wrap lines
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image_url.url is not valid base64", param=param, code="INVALID_IMAGE_URL") from None
+    if not data:
+        raise BadRequest("image_url.url holds no data", param=param, code="INVALID_IMAGE_URL")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"image is larger than {max_bytes / 2**20:g} MB", param=param, code="FILE_TOO_LARGE")
+    return data
+
+
+# ---- chat messages -----------------------------------------------------------------------
+class TextContent(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(description="data:image/...;base64,... (http(s) URLs are not enabled)")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted and ignored: the model's "
+                                                          "configured pixel budget applies")
+
+
+class ImageContent(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class OtherContent(BaseModel):
+    """A part type this server does not take (input_audio, file, refusal, ...): refused with 400."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+def _part_tag(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("text", "image_url") else "other"
+
+
+ContentPart = Annotated[Union[Annotated[TextContent, Tag("text")], Annotated[ImageContent, Tag("image_url")],
+                              Annotated[OtherContent, Tag("other")]], Discriminator(_part_tag)]
+
+
+class ChatRequestMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="'developer' is treated as 'system'; 'tool' and 'function' are not supported (400)")
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, description="Accepted and ignored")
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
+
+    def to_chat_message(self, index: int, *, max_image_bytes: int) -> ChatMessage:
+        where = f"messages.{index}"
+        if self.role in ("tool", "function"):
+            raise BadRequest(f"{where}: role '{self.role}' is not supported (this server does not call tools)",
+                             param=f"{where}.role", code="UNSUPPORTED_ROLE")
+        if self.tool_calls:
+            raise unsupported(f"{where}.tool_calls", "tool calls are not supported")
+        role = "system" if self.role == "developer" else self.role
+        if self.content is None:
+            if role != "assistant":
+                raise BadRequest(f"{where}.content is required", param=f"{where}.content", code="MISSING_CONTENT")
+            return ChatMessage(role, "")
+        if isinstance(self.content, str):
+            return ChatMessage(role, self.content)
+        parts: list[Part] = []
+        for j, part in enumerate(self.content):
+            param = f"{where}.content.{j}"
+            if isinstance(part, TextContent):
+                parts.append(part.text)
+            elif isinstance(part, ImageContent):
+                if role != "user":
+                    raise BadRequest(f"images are only accepted in user messages, not in {self.role} messages",
+                                     param=param, code="UNSUPPORTED_CONTENT")
+                parts.append(ImagePart(image_bytes(part.image_url.url, max_bytes=max_image_bytes,
+                                                   param=f"{param}.image_url.url")))
+            else:
+                raise BadRequest(f"content part type '{part.type}' is not supported (use 'text' or 'image_url')",
+                                 param=f"{param}.type", code="UNSUPPORTED_CONTENT")
+        if all(isinstance(p, str) for p in parts):  # text-only: one string, as text-only models expect
+            return ChatMessage(role, "\n".join(parts))  # type: ignore[arg-type]
+        return ChatMessage(role, tuple(parts))
+
+
+# ---- requests ----------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool | None = Field(None, description="Send a last chunk with usage and no choices")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Only 'text' is supported")
+
+
+class _Sampling(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=256, description="A model id from /v1/models; "
+                              "'default' or empty: the first installed model of the text preference list")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Most tokens to generate")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy; "
+                                      "omitted: the model's configured default")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Same seed, same sampled text")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences; the reply ends before one")
+    n: int | None = Field(1, ge=1, le=128, description="Only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported (400 when not empty)")
+    user: str | None = Field(None, description="Accepted and ignored")
+    # vLLM-style extras (the SDK's extra_body)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool | None = Field(None, description="Generate exactly max_tokens tokens")
+
+    @property
+    def model_name(self) -> str | None:
+        name = (self.model or "").strip()
+        return None if name.lower() in DEFAULT_MODEL_NAMES else name
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        if len(stops) > MAX_STOP:
+            raise BadRequest(f"at most {MAX_STOP} stop sequences are allowed", param="stop", code="INVALID_PARAMETER")
+        return tuple(s for s in stops if s)
+
+    def _check_supported(self) -> None:
+        if (self.n or 1) != 1:
+            raise unsupported("n", "only n=1 is supported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise unsupported(name, f"{name} is not supported (only 0)")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit_bias is not supported")
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """GenerationParams fields the request sets (None: the model's configured default)."""
+        stops = self._stops()
+        return {"max_new_tokens": self._max_tokens(), "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": 0 if self.top_k == -1 else self.top_k, "repetition_penalty": self.repetition_penalty,
+                "seed": self.seed, "stop": stops or None, "ignore_eos": self.ignore_eos}
+
+    def _finish(self, inp: GenerateInput, resolver: ModelResolver) -> GenerateInput:
+        overrides = self.sampling_overrides()
+        inp.model = resolver.select(inp.model, images=inp.has_images)
+        inp.params = resolver.params_for(inp.model, **overrides)
+        return inp
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatRequestMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768, description="Wins over max_tokens")
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}")
+    logprobs: bool | None = Field(None, description="Only false")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' or 'auto' without tools")
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.tools or self.functions:
+            raise unsupported("tools" if self.tools else "functions", "tools are not supported by this server")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice", "tools are not supported by this server")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise unsupported("response_format", f"response_format '{self.response_format.type}' is not supported "
+                                                 "(only 'text')")
+        if self.logprobs or self.top_logprobs:
+            raise unsupported("logprobs", "logprobs are not supported")
+
+    def to_generate_input(self, resolver: ModelResolver, *, max_image_bytes: int) -> GenerateInput:
+        """Check, decode inline images, choose the model and fill in its generation parameters."""
+        self._check_supported()
+        messages = [m.to_chat_message(i, max_image_bytes=max_image_bytes) for i, m in enumerate(self.messages)]
+        return self._finish(GenerateInput(messages=messages, model=self.model_name), resolver)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A raw prompt (no chat template): a string, or a list of exactly one string")
+    echo: bool | None = Field(None, description="Only false")
+    best_of: int | None = Field(None, ge=1, le=128, description="Only 1")
+    suffix: str | None = Field(None, description="Not supported")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported")
+
+    def _prompt(self) -> str:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                if prompt and not all(isinstance(p, str) for p in prompt):
+                    raise unsupported("prompt", "token-id prompts are not supported; send text")
+                raise unsupported("prompt", "send one prompt per request (a string or a list of one string)")
+            prompt = prompt[0]
+        if not prompt:
+            raise BadRequest("prompt must not be empty", param="prompt", code="INVALID_PARAMETER")
+        return prompt
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.echo:
+            raise unsupported("echo", "echo is not supported")
+        if (self.best_of or 1) != 1:
+            raise unsupported("best_of", "only best_of=1 is supported")
+        if self.suffix:
+            raise unsupported("suffix", "suffix is not supported")
+        if self.logprobs:
+            raise unsupported("logprobs", "logprobs are not supported")
+
+    def to_generate_input(self, resolver: ModelResolver) -> GenerateInput:
+        """Check, choose the model and fill in its generation parameters."""
+        self._check_supported()
+        return self._finish(GenerateInput(prompt=self._prompt(), model=self.model_name), resolver)
+
+
+# ---- responses ---------------------------------------------------------------------------
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str = Field(description="'stop' (end of reply or a stop sequence) or 'length' (max_tokens)")
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="chatcmpl-<hex>")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(description="Unix time")
+    model: str = Field(description="The model that served the request")
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    system_fingerprint: None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str = Field(description="cmpl-<hex>")
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: None = None
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the weights were installed (0 when unknown)")
+    owned_by: str = "chatvlm"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, not_found_error, server_error, ...")
+    param: str | None
+    code: str | None = Field(description="Stable machine-readable code, e.g. MODEL_NOT_FOUND")
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Bad or unsupported parameters (code VALIDATION_ERROR, UNSUPPORTED_PARAMETER, INVALID_IMAGE_URL, ...)",
+    404: "Unknown model", 413: "Request or inline image too large", 415: "Unsupported image format",
+    503: "Model not installed, failed to load, or overloaded (see Retry-After)", 504: "The request deadline passed",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a /v1 route can answer (OpenAI's error shape)."""
+    return {s: {"model": OpenAIError, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+def stream_response_doc(obj: str, example: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entry for the 200 answer: JSON, or Server-Sent Events with ``stream: true``."""
+    return {200: {"description": f"The completion; with `stream: true`, Server-Sent Events: one `{obj}` JSON object "
+                                 "per `data:` line, a last chunk with `finish_reason`, a usage chunk with empty "
+                                 "`choices` when `stream_options.include_usage`, then `data: [DONE]`. An error after "
+                                 "the stream started is a `data: {\"error\": {...}}` event, then `data: [DONE]`.",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}, "example": example}}}}
+
+
+# ---- domain -> wire ----------------------------------------------------------------------
+def _usage(usage: Usage | None) -> dict[str, int]:
+    usage = usage or Usage(0, 0)
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def chat_completion(out: GenerateOutput) -> ChatCompletion:
+    return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=out.model,
+                          choices=[ChatChoice(index=0, message=AssistantMessage(content=out.text),
+                                              finish_reason=out.finish_reason)],
+                          usage=CompletionUsage(**_usage(out.usage)))
+
+
+def completion(out: GenerateOutput) -> Completion:
+    return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=out.model,
+                      choices=[CompletionChoice(text=out.text, index=0, finish_reason=out.finish_reason)],
+                      usage=CompletionUsage(**_usage(out.usage)))
+
+
+class _Chunks:
+    """The three serializers of one stream for ``server.sse.sse_response``. All chunks share
+    the id and creation time; with include_usage every chunk carries ``usage`` (null but the last)."""
+
+    object = ""
+    id_prefix = ""
+
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        self._started = False
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = _usage(usage) if usage is not None else None
+        return chunk
+
+    def _start(self) -> list[dict[str, Any]]:
+        return []
+
+    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_delta(self, delta: StreamDelta) -> list[dict[str, Any]]:
+        events = [] if self._started else self._start()
+        self._started = True
+        if delta.text:
+            events.append(self._chunk([self._choice(delta.text, None)]))
+        if delta.finish_reason:
+            events.append(self._chunk([self._choice("", delta.finish_reason)]))
+            if self.include_usage:
+                events.append(self._chunk([], delta.usage or Usage(0, 0)))
+        return events
+
+    def on_error(self, exc: ChatVLMError) -> list[dict[str, Any]]:
+        return [error_body(Surface.OPENAI, exc.status_code, exc.code, exc.message, exc.param)]
+
+    def end(self) -> list[str]:
+        return ["[DONE]"]
+
+
+class ChatChunks(_Chunks):
+    object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def _start(self) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])]
+
+    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+class CompletionChunks(_Chunks):
+    object = "text_completion"
+    id_prefix = "cmpl"
+
+    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     manager: ManagerSettings = ManagerSettings()
     routing: RoutingSettings = RoutingSettings()
     models: dict[str, ModelConfig] = {}
+    # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id.
+    aliases: dict[str, str] = {}
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -139,6 +141,11 @@ class Settings(BaseSettings):
             for model_id in ids:
                 if model_id not in self.models:
                     raise ValueError(f"{task} names '{model_id}', which is not under models:")
+        for alias, target in self.aliases.items():
+            if target not in self.models:
+                raise ValueError(f"aliases.{alias} names '{target}', which is not under models:")
+            if alias in self.models:
+                raise ValueError(f"aliases.{alias} is already a model id")
         return self
 
     def model_path(self, model_id: str) -> Path:

@@ -34,6 +34,7 @@ class ModelState:
     adapter: ModelAdapter | None = None
     runner: ModelRunner | None = None
     engine: Engine | None = None  # the generation engine, for models that generate text
+    load_task: asyncio.Task | None = None  # the load in progress, shared by everyone waiting for it
     status: str = "unloaded"  # unloaded | loading | loaded | failed
     error: str | None = None
     failed_at: float = 0.0
@@ -68,7 +69,7 @@ class ModelManager:
     # ---- queries -------------------------------------------------------------
     def state(self, model_id: str) -> ModelState:
         try:
-            return self._states[model_id]
+            return self._states[self.registry.canonical(model_id)]
         except KeyError:
             raise ModelNotFound(f"Model '{model_id}' not found", param="model") from None
 
@@ -83,7 +84,11 @@ class ModelManager:
 
     # ---- loading ---------------------------------------------------------------
     async def ensure_loaded(self, model_id: str) -> ModelState:
-        """Return the model's state once it is loaded, loading it first if needed."""
+        """Return the model's state once it is loaded, loading it first if needed.
+
+        The load runs as its own task under the model's lock: a caller that gives up (client
+        gone, deadline) stops waiting, but the load completes and the next request finds the
+        model loaded instead of loading it a second time."""
         st = self.state(model_id)
         if st.status == "loaded":
             return st
@@ -93,38 +98,46 @@ class ModelManager:
             if st.status == "failed" and time.monotonic() - st.failed_at < LOAD_RETRY_S:
                 raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}",
                                       param="model", headers={"Retry-After": str(int(LOAD_RETRY_S))})
-            install = await asyncio.to_thread(st.entry.install_state)
-            if not install.installed:
-                raise ModelNotInstalled(not_installed_message(st.entry, install.reason), param="model")
-            await self._make_room(st)
-            st.status = "loading"
-            started = time.monotonic()
-            adapter = adapter_class(st.entry.spec.kind)(st.entry.spec)
-            try:
-                await asyncio.to_thread(adapter.load)
-            except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only
-                st.status, st.failed_at = "failed", time.monotonic()
-                st.error = exc.message if isinstance(exc, ModelLoadFailed) else "the model could not be loaded"
-                log.exception("loading model %s failed", model_id)
-                raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
-                                      headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
-            st.adapter = adapter
-            st.runner = ModelRunner(model_id, st.entry.spec.concurrency, self.max_queue)
-            backend = getattr(adapter, "engine_backend", None)
-            if backend is not None:
-                from engine.engine import Engine
+            if st.load_task is None or st.load_task.done():
+                st.load_task = asyncio.create_task(self._load(st))
+                st.load_task.add_done_callback(_retrieve)
+            load = st.load_task
+        await asyncio.shield(load)
+        return st
 
-                spec = st.entry.spec
-                st.engine = Engine(backend(), name=model_id, max_batch=spec.max_batch_size,
-                                   max_queue=spec.max_queue, metrics=self.metrics)
-                st.engine.start()
-            st.memory_bytes = adapter.memory_bytes()
-            st.load_seconds = time.monotonic() - started
-            if self.metrics is not None:
-                self.metrics.observe_load(model_id, st.load_seconds)
-            st.status, st.error, st.last_used = "loaded", None, time.monotonic()
-            log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
-            return st
+    async def _load(self, st: ModelState) -> None:
+        model_id = st.entry.id
+        install = await asyncio.to_thread(st.entry.install_state)
+        if not install.installed:
+            raise ModelNotInstalled(not_installed_message(st.entry, install.reason), param="model")
+        await self._make_room(st)
+        st.status = "loading"
+        started = time.monotonic()
+        adapter = adapter_class(st.entry.spec.kind)(st.entry.spec)
+        try:
+            await asyncio.to_thread(adapter.load)
+        except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only
+            st.status, st.failed_at = "failed", time.monotonic()
+            st.error = exc.message if isinstance(exc, ModelLoadFailed) else "the model could not be loaded"
+            log.exception("loading model %s failed", model_id)
+            raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
+                                  headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
+        st.adapter = adapter
+        st.runner = ModelRunner(model_id, st.entry.spec.concurrency, self.max_queue)
+        backend = getattr(adapter, "engine_backend", None)
+        if backend is not None:
+            from engine.engine import Engine
+
+            spec = st.entry.spec
+            st.engine = Engine(backend(), name=model_id, max_batch=spec.max_batch_size,
+                               max_queue=spec.max_queue, metrics=self.metrics)
+            st.engine.start()
+        st.memory_bytes = adapter.memory_bytes()
+        st.load_seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.observe_load(model_id, st.load_seconds)
+        st.status, st.error, st.last_used = "loaded", None, time.monotonic()
+        log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
 
     async def _make_room(self, incoming: ModelState) -> None:
         """Evict least recently used idle models until the incoming one fits the budget."""
@@ -195,6 +208,12 @@ class ModelManager:
             self._idle_task.cancel()
         for model_id in self.loaded_ids():
             await self.unload(model_id)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A load whose callers all left still reports its failure (logged in _load), not as 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _estimate_bytes(entry: RegistryEntry) -> int:

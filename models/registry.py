@@ -62,15 +62,20 @@ class ModelRegistry:
                 max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
+        self.aliases = dict(settings.aliases)
         self.defaults = {Capability.OCR: list(settings.defaults.ocr),
                          Capability.CHAT: list(settings.defaults.chat),
                          Capability.GENERATE: list(settings.defaults.text)}
 
     def __contains__(self, model_id: str) -> bool:
-        return model_id in self._entries
+        return self.canonical(model_id) in self._entries
+
+    def canonical(self, model_id: str) -> str:
+        """The model id an alias stands for (ids stand for themselves)."""
+        return self.aliases.get(model_id, model_id)
 
     def get(self, model_id: str) -> RegistryEntry | None:
-        return self._entries.get(model_id)
+        return self._entries.get(self.canonical(model_id))
 
     def entries(self) -> list[RegistryEntry]:
         return list(self._entries.values())

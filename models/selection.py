@@ -39,7 +39,7 @@ class ModelSelector:
                 if not self._supports_language(entry, language):
                     raise BadRequest(f"Model '{requested}' cannot read language '{language}'",
                                      param="language", code="LANGUAGE_NOT_SUPPORTED")
-                return requested
+                return entry.id
             if not (capability is Capability.OCR and self.ocr_fallback):
                 raise ModelNotInstalled(not_installed_message(entry, state.reason), param="model")
         return self._first_installed(capability, language)

@@ -5,14 +5,12 @@ from fastapi import APIRouter
 
 from core.system import gpu_info, human_bytes, memory_usage
 from server.deps import ServicesDep
+from server.model_listing import model_rows
 from server.schemas.vision import (AvailableModel, HealthResponse, ModelActionResponse, ModelsResponse,
                                    RootResponse, SpecModel, error_responses)
 
 router = APIRouter(tags=["system"])
 VERSION = "1.0.0"
-
-_FORMATS = {"qwen_vl": "safetensors", "causal_lm": "safetensors", "got_ocr": "safetensors", "dots_ocr": "safetensors",
-            "rapidocr": "onnx", "tesseract": "traineddata"}
 
 
 @router.get("/", response_model=RootResponse)
@@ -37,19 +35,11 @@ async def health(services: ServicesDep) -> HealthResponse:
 @router.get("/models", response_model=ModelsResponse)
 async def list_models(services: ServicesDep) -> ModelsResponse:
     """Every configured model: whether it is installed and loaded, and why not when it cannot serve."""
-    available, spec_list = [], []
-    for entry in services.registry.entries():
-        state = services.manager.state(entry.id)
-        install = entry.install_state()
-        loaded = state.status == "loaded"
-        reason = state.error if state.status == "failed" else (None if install.installed else install.reason)
-        available.append(AvailableModel(
-            id=entry.id, name=entry.spec.name, params=entry.spec.params, kind=entry.spec.kind,
-            tasks=sorted(c.value for c in entry.capabilities), installed=install.installed, loaded=loaded,
-            status=state.status, reason=reason))
-        spec_list.append(SpecModel(name=entry.id, format=_FORMATS.get(entry.spec.kind, entry.spec.kind),
-                                   size=human_bytes(entry.disk_bytes()), loaded=loaded,
-                                   memory_usage=human_bytes(state.memory_bytes) if loaded else None))
+    rows = model_rows(services)
+    available = [AvailableModel(id=r.id, name=r.name, params=r.params, kind=r.kind, tasks=r.tasks,
+                                installed=r.installed, loaded=r.loaded, status=r.status, reason=r.reason) for r in rows]
+    spec_list = [SpecModel(name=r.id, format=r.format, size=r.size, loaded=r.loaded, memory_usage=r.memory_usage)
+                 for r in rows]
     return ModelsResponse(available=available, loaded=services.manager.loaded_ids(), models=spec_list)
 
 

@@ -130,3 +130,18 @@ def test_cancelled_waiter_stops_the_worker(tmp_path, fake_kind):
 
     asyncio.run(main())
     assert ("slow", "cancelled") in fake_kind.EVENTS
+
+
+def test_a_caller_that_gives_up_does_not_cause_a_second_load(tmp_path, fake_kind):
+    mgr = manager_for(tmp_path, {"a": {"load_delay": 0.3}})
+
+    async def main():
+        first = asyncio.create_task(mgr.ensure_loaded("a"))
+        await asyncio.sleep(0.05)
+        first.cancel()  # e.g. the client disconnected during the first load
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await mgr.ensure_loaded("a")
+
+    asyncio.run(main())
+    assert len(loads(fake_kind, "a")) == 1 and mgr.loaded_ids() == ["a"]

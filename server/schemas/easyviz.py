@@ -1,0 +1,203 @@
+"""Schemas of the EasyVizAI local LLM surface (seed 001): the REST bodies, and the
+WebSocket chat frames (documented here; the socket itself is not in OpenAPI)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.types import GenerationParams
+
+SEED_SAMPLING_TEMPERATURE = 0.7  # the seed's default when sampling is asked for with no temperature
+MAX_PROMPT_CHARS = 200_000
+
+
+class LlmError(BaseModel):
+    error: str = Field(description="What went wrong, for people")
+    code: str = Field(description="Stable machine-readable error code")
+
+
+# ---- generation -------------------------------------------------------------------------
+class GenerationParameters(BaseModel):
+    """The seed's parameters, plus the engine's other sampling controls. Unset values take
+    the model's configured defaults."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Randomness; 0 means greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling")
+    max_length: int | None = Field(None, ge=1, le=4096, description="Maximum number of generated tokens")
+    do_sample: bool | None = Field(None, description="false forces greedy decoding")
+    top_k: int | None = Field(None, ge=0, le=1000, description="0 turns top-k off")
+    repetition_penalty: float | None = Field(None, ge=0.5, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
+    stop: list[str] | None = Field(None, max_length=4, description="Generation ends before any of these")
+
+    def apply(self, base: GenerationParams) -> GenerationParams:
+        """These parameters on top of the model's defaults."""
+        temperature = self.temperature
+        if self.do_sample is False:
+            temperature = 0.0
+        elif self.do_sample and temperature is None and base.greedy:
+            temperature = SEED_SAMPLING_TEMPERATURE
+        given = {"temperature": temperature, "top_p": self.top_p, "max_new_tokens": self.max_length,
+                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+                 "stop": tuple(s for s in self.stop if s) if self.stop is not None else None}
+        return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+class LlmGenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Sent to the model as a user message")
+    model: str | None = Field(None, description="Model key; the default text model when absent")
+    parameters: GenerationParameters = GenerationParameters()
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "你好，请介绍一下你自己。", "model": "qwen2_5_0_5b",
+         "parameters": {"temperature": 0.7, "top_p": 0.9, "max_length": 512}}]})
+
+
+class LlmUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LlmGenerateResponse(BaseModel):
+    response: str
+    model: str = Field(description="The model that actually served the request")
+    prompt: str
+    finish_reason: str = Field(description="stop (end of text or a stop sequence) or length (max_length reached)")
+    usage: LlmUsage
+    processing_time: float = Field(description="Seconds from submission to the last token")
+
+
+class LlmStreamEvent(BaseModel):
+    """One `data:` event of the stream. Events: `{"chunk": "..."}` pieces, then `{"done": true}`;
+    a failure after the stream started is `{"error": "...", "code": "..."}` before `{"done": true}`."""
+
+    chunk: str | None = None
+    done: bool | None = None
+    error: str | None = None
+    code: str | None = None
+
+
+# ---- health and models --------------------------------------------------------------------
+class LlmHealthResponse(BaseModel):
+    status: Literal["healthy", "degraded"]
+    device: str
+    loaded_models: list[str] = Field(description="Loaded models that can generate text")
+    current_model: str | None = Field(description="The model a request without `model` gets (null: none installed)")
+    active_sessions: int = Field(description="WebSocket chat sessions kept in memory")
+    websocket_connections: int = Field(description="Open WebSocket chat connections")
+
+
+class LlmModelSummary(BaseModel):
+    key: str
+    name: str
+    type: str
+    installed: bool
+    loaded: bool
+    status: Literal["unloaded", "loading", "loaded", "failed"]
+    reason: str | None = Field(None, description="Why the model cannot serve, when it cannot")
+
+
+class LlmModelsResponse(BaseModel):
+    current_model: str | None
+    loaded_models: list[str]
+    device: str
+    available_models: list[str] = Field(description="Keys of the text models that can serve now (installed)")
+    models: list[LlmModelSummary] = Field(description="Every configured text model, installed or not")
+
+
+class LlmModelConfig(BaseModel):
+    name: str = Field(description="Hugging Face repository, or the display name")
+    display_name: str
+    model_path: str | None
+    type: str
+    device: str
+    max_length: int = Field(description="Default maximum of generated tokens")
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    context_length: int | None = Field(description="Known once the model is loaded")
+
+
+class LlmModelDetailResponse(BaseModel):
+    name: str = Field(description="The model key")
+    loaded: bool
+    installed: bool
+    status: Literal["unloaded", "loading", "loaded", "failed"]
+    reason: str | None = None
+    active_requests: int | None = Field(None, description="Generations running in the model's engine (when loaded)")
+    queued_requests: int | None = Field(None, description="Generations waiting for the engine (when loaded)")
+    config: LlmModelConfig
+
+
+class LlmModelActionResponse(BaseModel):
+    message: str
+    load_time: float | None = None
+    memory_usage: str | None = None
+
+
+# ---- WebSocket frames (client -> server) ----------------------------------------------------
+MAX_CHAT_MESSAGE_CHARS = 32_000
+
+
+class ChatMessageFrame(BaseModel):
+    type: Literal["chat_message"]
+    message: str = Field(description="The user's message; must not be blank")
+    model: str | None = Field(None, description="For this message only; the session's model when absent")
+    stream: bool = Field(True, description="false: no assistant_chunk frames, only the end frame")
+    timestamp: str | None = None
+    parameters: GenerationParameters = GenerationParameters()
+
+
+class ModelSwitchFrame(BaseModel):
+    type: Literal["model_switch"]
+    model: str = Field(min_length=1)
+
+
+# ---- WebSocket frames (server -> client), for documentation and tests ---------------------------
+class ConnectionFrame(BaseModel):
+    type: Literal["connection_established"]
+    session_id: str
+    model: str | None = Field(description="The session's model (null: the default text model)")
+    history_turns: int
+
+
+class AssistantChunkFrame(BaseModel):
+    type: Literal["assistant_chunk"]
+    chunk: str
+    model: str
+
+
+class AssistantEndFrame(BaseModel):
+    type: Literal["assistant_end"]
+    model: str
+    message: str = Field(description="The whole reply")
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    usage: LlmUsage | None
+
+
+class ModelSwitchedFrame(BaseModel):
+    type: Literal["model_switched"]
+    model: str
+
+
+class ErrorFrame(BaseModel):
+    type: Literal["error"]
+    error: str
+    code: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error statuses a route can answer, in this surface's shape."""
+    return {s: {"model": LlmError, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+_DESCRIPTIONS = {
+    400: "Bad parameters, prompt longer than the model's context, or not a text model",
+    404: "Unknown model", 413: "Request too large", 422: "Validation error",
+    503: "Model not installed, failed to load, or overloaded (see Retry-After)",
+    504: "The generation deadline passed",
+}

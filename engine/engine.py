@@ -130,6 +130,8 @@ class Engine:
     def submit(self, prompt: EncodedPrompt, params: GenerationParams, cancel: CancelToken) -> RequestHandle:
         """Queue a request (call on the event loop). Raises before queueing when it cannot run."""
         n_prompt = len(prompt.input_ids)
+        if n_prompt == 0:
+            raise BadRequest("the prompt is empty", param="prompt", code="EMPTY_PROMPT")
         room = self.context_length - n_prompt
         if room <= 0:
             raise BadRequest(f"the prompt has {n_prompt} tokens; this model's context is {self.context_length}",
@@ -155,8 +157,12 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
+                # Requests whose client left or whose deadline passed leave the queue at once.
+                gone = [s for s in self._waiting if s.handle.cancel.cancelled]
+                if gone:
+                    self._waiting = deque(s for s in self._waiting if not s.handle.cancel.cancelled)
                 room = self.max_batch - len(self._active)
-                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                admitted = gone + [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
                 self._step(admitted)
             except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
@@ -229,7 +235,7 @@ class Engine:
     def _delta(self, seq: _Sequence) -> StreamDelta:
         if seq.finish is None:
             # Hold back a tail that could still grow into a stop string, so none is ever half-sent.
-            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            hold = max((len(s) - 1 for s in seq.params.stop if s), default=0)
             upto = max(seq.sent, len(seq.text) - hold)
             piece, seq.sent = seq.text[seq.sent:upto], upto
             return StreamDelta(piece)

@@ -167,12 +167,16 @@ class Engine:
                 self._step(admitted)
             except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
                 log.exception("engine %s: step failed", self.name)
-                error = exc if isinstance(exc, ChatVLMError) else ServerError("generation failed")
-                for seq in self._active + admitted:
-                    self._deliver([(seq.handle, error)])
-                self._active = []
-                self.backend.keep([])
+                self._fail_all(admitted, exc if isinstance(exc, ChatVLMError) else ServerError("generation failed"))
         self._shutdown()
+
+    def _fail_all(self, admitted: list[_Sequence], error: ChatVLMError) -> None:
+        failed = {id(s): s for s in self._active + admitted}.values()
+        self._active = []
+        try:
+            self.backend.keep([])
+        finally:  # whatever happens, no caller is left waiting
+            self._deliver([(seq.handle, error) for seq in failed])
 
     def _step(self, admitted: list[_Sequence]) -> None:
         out: list[tuple[RequestHandle, Any]] = []

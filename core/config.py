@@ -79,6 +79,9 @@ class ModelConfig(_Strict):
     # Generation engine: requests batched into one forward pass, and requests allowed to wait.
     max_batch_size: int = Field(16, ge=1, le=256)
     max_queue: int = Field(64, ge=0, le=10000)
+    # CPU threads for the engine's torch work (None: all cores, or 1 for toy-size models
+    # whose per-step work is too small to split).
+    threads: int | None = Field(None, ge=1, le=256)
 
     @field_validator("device")
     @classmethod

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
+TOY_MODEL_PARAMS = 5_000_000
+
+
 @dataclass
 class EncodedPrompt:
     """A tokenized prompt, ready for prefill. ``vision`` holds the processor's image tensors."""
@@ -24,8 +27,9 @@ class EncodedPrompt:
 
 class BatchBackend:
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
-                 mrope: bool = False) -> None:
+                 mrope: bool = False, threads: int | None = None) -> None:
         self.model = model
+        self.threads = threads
         self.tokenizer = tokenizer
         self.encode = encode
         self.mrope = mrope
@@ -41,6 +45,19 @@ class BatchBackend:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None    # (batch, kv length): 1 real token, 0 padding
         self.deltas: torch.Tensor | None = None  # (batch, 1) multimodal RoPE offset per row
+
+    def bind_thread(self) -> None:
+        """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
+
+        A toy-size model's step is too small to split: the second thread's start-up and any
+        wait for a busy core cost more than it saves, so such models run single-threaded."""
+        if self.device.type != "cpu":
+            return
+        threads = self.threads
+        if threads is None:
+            params = sum(p.numel() for p in self.model.parameters())
+            threads = 1 if params < TOY_MODEL_PARAMS else torch.get_num_threads()
+        torch.set_num_threads(threads)
 
     @property
     def batch_size(self) -> int:

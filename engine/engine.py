@@ -151,6 +151,9 @@ class Engine:
 
     # ---- the scheduler thread --------------------------------------------------------------
     def _run(self) -> None:
+        bind = getattr(self.backend, "bind_thread", None)
+        if bind is not None:
+            bind()
         while True:
             with self._cond:
                 while not self._waiting and not self._active and not self._stopping:

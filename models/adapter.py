@@ -34,6 +34,7 @@ class ModelSpec:
     concurrency: int = 1
     max_batch_size: int = 16
     max_queue: int = 64
+    threads: int | None = None
     data_dir: Path = Path("data")
 
 

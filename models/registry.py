@@ -59,7 +59,7 @@ class ModelRegistry:
                                             top_p=gen.top_p, top_k=gen.top_k,
                                             repetition_penalty=gen.repetition_penalty),
                 options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
-                max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
         self.aliases = dict(settings.aliases)

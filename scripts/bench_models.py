@@ -22,12 +22,12 @@ if str(ROOT) not in sys.path:
 
 from scripts.make_tiny_models import (  # noqa: E402
     _QWEN_SPLIT_REGEX,
-    CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
     SEED,
     _qwen_text_config,
     _save,
     _shape_output_head,
+    qwen_tokenizer,
 )
 
 SMALL_ID = "qwen2_5_0_5b"
@@ -87,19 +87,7 @@ def _small_bpe_json() -> str:
 
 def small_tokenizer():
     """The ~4,000-token BPE wrapped like the tiny checkpoints' Qwen tokenizer."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_small_bpe_json()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-    )
+    return qwen_tokenizer(_small_bpe_json())
 
 
 def build_small_causal_lm(out: Path) -> Path:

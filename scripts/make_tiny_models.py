@@ -91,13 +91,14 @@ def _trained_bpe_json() -> str:
     return tok.to_str()
 
 
-def qwen_tokenizer():
-    """A fast tokenizer with Qwen's special tokens: eos <|im_end|>, pad <|endoftext|>."""
+def qwen_tokenizer(bpe_json: str | None = None):
+    """A fast tokenizer with Qwen's special tokens: eos <|im_end|>, pad <|endoftext|>.
+    ``bpe_json`` is a trained BPE (default: the small one trained here)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_bpe_json()),
+        tokenizer_object=Tokenizer.from_str(bpe_json or _trained_bpe_json()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,

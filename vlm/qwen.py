@@ -6,7 +6,6 @@ the registry imports this module just to list models and check installation.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from typing import Any
 
@@ -15,7 +14,7 @@ from PIL import Image
 from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
 from core.types import Capability
 from models.adapter import InstallState, ModelSpec
-from llm.causal import resolve_device_dtype, weights_install_state
+from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
 from ocr.languages import normalize_language
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,15 @@ def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Im
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-class QwenVLAdapter:
+class QwenVLAdapter(TorchModelAdapter):
     capabilities = frozenset({Capability.OCR, Capability.CHAT, Capability.GENERATE})
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self._model: Any = None
-        self._processor: Any = None
+        super().__init__(spec)
+        self.processor: Any = None
+
+    def _forget(self) -> None:
+        self.model = self.processor = None
 
     @classmethod
     def check_installed(cls, spec: ModelSpec) -> InstallState:
@@ -57,7 +58,7 @@ class QwenVLAdapter:
     # ---- lifecycle ---------------------------------------------------------------
 
     def load(self) -> None:
-        if self._model is not None:
+        if self.model is not None:
             return
         if not self.check_installed(self.spec).installed:
             raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
@@ -72,29 +73,9 @@ class QwenVLAdapter:
         except Exception:
             log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
             raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self._processor, self._model = processor, model
+        self.processor, self.model = processor, model
         log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, dtype, attn,
                  self.memory_bytes() / 2**20)
-
-    def unload(self) -> None:
-        if self._model is None:
-            return
-        on_cuda = self._model.device.type == "cuda"
-        self._model = self._processor = None
-        gc.collect()
-        if on_cuda:
-            import torch
-            torch.cuda.empty_cache()
-
-    def memory_bytes(self) -> int:
-        model = self._model
-        if model is None:
-            return 0
-        tensors = [*model.parameters(), *model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def supports_language(self, language: str | None) -> bool:
-        return True
 
     # ---- the engine's view -------------------------------------------------------------
 
@@ -102,16 +83,16 @@ class QwenVLAdapter:
         """The loaded model as the engine drives it (multimodal RoPE, images at prefill)."""
         from engine.backend import BatchBackend
 
-        if self._model is None:
+        if self.model is None:
             raise ModelUnavailable(f"model '{self.spec.id}' is not loaded")
-        return BatchBackend(self._model, self._processor.tokenizer, self.encode, mrope=True)
+        return BatchBackend(self.model, self.processor.tokenizer, self.encode, mrope=True, threads=self.spec.threads)
 
     def encode(self, messages, prompt: str | None):
         """Chat messages (text and PIL image parts) or a raw prompt -> token ids and image tensors."""
         from engine.backend import EncodedPrompt
 
         if messages is None:
-            return EncodedPrompt(list(self._processor.tokenizer(prompt)["input_ids"]))
+            return EncodedPrompt(list(self.processor.tokenizer(prompt)["input_ids"]))
         turns, images = [], []
         for m in messages:
             if isinstance(m.content, str):
@@ -125,11 +106,11 @@ class QwenVLAdapter:
                     images.append(self._fit(p.data))
                     parts.append({"type": "image"})
             turns.append({"role": m.role, "content": parts})
-        text = self._processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         kwargs: dict[str, Any] = {}
-        if images and _takes_pixel_range(self._processor.image_processor):
+        if images and _takes_pixel_range(self.processor.image_processor):
             kwargs["size"] = {"shortest_edge": self.spec.min_pixels, "longest_edge": self.spec.max_pixels}
-        out = self._processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+        out = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
         vision = {k: out[k] for k in ("pixel_values", "image_grid_thw") if images and k in out}
         types = out.get("mm_token_type_ids")
         return EncodedPrompt(out["input_ids"][0].tolist(), vision, types[0].tolist() if types is not None else None)

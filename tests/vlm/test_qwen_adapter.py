@@ -91,7 +91,7 @@ def greedy(n: int = 8, **kw) -> GenerationParams:
 # ---- per family ------------------------------------------------------------------
 
 def test_memory_bytes_counts_parameters(adapter):
-    model = adapter._model
+    model = adapter.model
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert adapter.memory_bytes() >= params > 100_000
 
@@ -105,7 +105,7 @@ def test_unload_frees_the_model(tiny_models_dir, model_id):
     a.load()
     assert a.memory_bytes() > 0
     generate(a, [ChatMessage("user", (ImagePart(text_image()), "hi"))], greedy(2))  # must not pin the model
-    ref = weakref.ref(a._model)
+    ref = weakref.ref(a.model)
     a.unload()
     gc.collect()
     assert a.memory_bytes() == 0

@@ -1,0 +1,75 @@
+"""What the transformers-backed adapters share: where their weights are, which device and
+dtype they load with, and how they release memory for real."""
+from __future__ import annotations
+
+import gc
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from core.errors import ModelLoadFailed
+from models.adapter import InstallState, ModelSpec
+
+
+def weights_install_state(spec: ModelSpec, any_of_files: tuple[str, ...]) -> InstallState:
+    """A Hugging Face snapshot folder with config.json and one of ``any_of_files``."""
+    if spec.path is None:
+        return InstallState(False, "no weights path configured")
+    path = Path(spec.path)
+    if not path.is_dir():
+        return InstallState(False, f"no weights at {path.as_posix()}")
+    if not (path / "config.json").is_file():
+        return InstallState(False, f"no config.json in {path.as_posix()}")
+    if not any((path / name).is_file() for name in any_of_files):
+        return InstallState(False, f"no tokenizer or processor files in {path.as_posix()}")
+    return InstallState(True)
+
+
+def resolve_device_dtype(spec: ModelSpec):
+    """(device, dtype, attention implementation): bf16 and flash-attn (when installed) on CUDA,
+    fp32 and sdpa on the CPU. Imports torch: call it from ``load`` only."""
+    import torch
+
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise ModelLoadFailed(f"model '{spec.id}': CUDA requested but not available")
+    dtype = (torch.bfloat16 if on_cuda else torch.float32) if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    attn = spec.options.get("attn_implementation") or (
+        "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa")
+    return device, dtype, attn
+
+
+class TorchModelAdapter:
+    """Lifecycle shared by adapters whose loaded state is ``self.model`` (+ tokenizer/processor)."""
+
+    model: Any = None
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model = None
+
+    def _forget(self) -> None:
+        """Drop every reference to loaded objects (subclasses add theirs)."""
+        self.model = None
+
+    def unload(self) -> None:
+        if self.model is None:
+            return
+        on_cuda = self.model.device.type == "cuda"
+        self._forget()
+        gc.collect()
+        if on_cuda:
+            import torch
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the parameters and buffers (0 when unloaded)."""
+        if self.model is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def supports_language(self, language: str | None) -> bool:
+        return True  # generative models read any language they were trained on

@@ -82,6 +82,9 @@ class ModelConfig(_Strict):
     # CPU threads for the engine's torch work (None: all cores, or 1 for toy-size models
     # whose per-step work is too small to split).
     threads: int | None = Field(None, ge=1, le=256)
+    # Streamed text decoded faster than this goes out in one event per this many ms (the first
+    # token always at once): fewer, larger events when decoding outpaces the network layer.
+    stream_interval_ms: float = Field(20, ge=0, le=1000)
 
     @field_validator("device")
     @classmethod

@@ -84,12 +84,15 @@ class _Sequence:
         self.last_token = -1
         self.finish: str | None = None
         self.first_token_at: float | None = None
+        self.flushed_at: float | None = None  # when text was last sent
 
 
 class Engine:
     def __init__(self, backend: BatchBackend, *, name: str, max_batch: int = 16, max_queue: int = 64,
-                 metrics: Any = None) -> None:
+                 stream_interval: float = 0.0, metrics: Any = None) -> None:
         self.backend = backend
+        # Text produced faster than this is sent in one event (seconds; 0 sends every token).
+        self.stream_interval = stream_interval
         self.name = name
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -228,7 +231,9 @@ class Engine:
                 seq.text += seq.detok.flush()
             if seq.params.stop and self._cut_at_stop(seq):
                 seq.finish = "stop"
-            out.append((seq.handle, self._delta(seq)))
+            delta = self._delta(seq, now)
+            if delta is not None:
+                out.append((seq.handle, delta))
 
     @staticmethod
     def _cut_at_stop(seq: _Sequence) -> bool:
@@ -239,12 +244,17 @@ class Engine:
         seq.text = seq.text[:min(hits)]
         return True
 
-    def _delta(self, seq: _Sequence) -> StreamDelta:
+    def _delta(self, seq: _Sequence, now: float) -> StreamDelta | None:
+        """What to send for this step: None while coalescing (or nothing new)."""
         if seq.finish is None:
+            if seq.flushed_at is not None and now - seq.flushed_at < self.stream_interval:
+                return None  # fast decoding: fewer, larger events; the first token always goes at once
             # Hold back a tail that could still grow into a stop string, so none is ever half-sent.
             hold = max((len(s) - 1 for s in seq.params.stop if s), default=0)
             upto = max(seq.sent, len(seq.text) - hold)
-            piece, seq.sent = seq.text[seq.sent:upto], upto
+            if upto == seq.sent:
+                return None
+            piece, seq.sent, seq.flushed_at = seq.text[seq.sent:upto], upto, now
             return StreamDelta(piece)
         piece, seq.sent = seq.text[seq.sent:], len(seq.text)
         usage = Usage(len(seq.prompt.input_ids), seq.generated)

@@ -35,6 +35,7 @@ class ModelSpec:
     max_batch_size: int = 16
     max_queue: int = 64
     threads: int | None = None
+    stream_interval_ms: float = 20
     data_dir: Path = Path("data")
 
 

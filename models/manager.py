@@ -130,7 +130,8 @@ class ModelManager:
 
             spec = st.entry.spec
             st.engine = Engine(backend(), name=model_id, max_batch=spec.max_batch_size,
-                               max_queue=spec.max_queue, metrics=self.metrics)
+                               max_queue=spec.max_queue, stream_interval=spec.stream_interval_ms / 1000,
+                               metrics=self.metrics)
             st.engine.start()
         st.memory_bytes = adapter.memory_bytes()
         st.load_seconds = time.monotonic() - started

@@ -60,6 +60,7 @@ class ModelRegistry:
                                             repetition_penalty=gen.repetition_penalty),
                 options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
                 max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
+                stream_interval_ms=cfg.stream_interval_ms,
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
         self.aliases = dict(settings.aliases)

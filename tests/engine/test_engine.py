@@ -288,6 +288,18 @@ def test_echo_backend_round_trip():
     assert handle.usage.prompt_tokens == len("Привет, world")
 
 
+def test_fast_tokens_are_coalesced_but_the_first_goes_at_once():
+    async def main(interval):
+        async with engine_over(FakeBackend(step_delay=0.002), stream_interval=interval) as engine:
+            engine.start()
+            return await collect(echo(engine, "coalesce these forty characters please!!"))
+
+    text, pieces = asyncio.run(main(0.0))
+    assert text == "coalesce these forty characters please!!" and len(pieces) == len(text)
+    text, pieces = asyncio.run(main(10.0))  # nothing is flushed between the first token and the end
+    assert text == "coalesce these forty characters please!!" and pieces == ["c", text[1:]]
+
+
 @pytest.mark.parametrize("prompt, stops, expected", [
     ("abc STOP def", ("STOP",), "abc "),
     ("abc STx de STOP more", ("STOP",), "abc STx de "),     # a near miss is released, not eaten

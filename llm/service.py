@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -74,11 +75,28 @@ class GenerationService:
         if engine is None:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
         messages = await self._decode_images(inp.messages, entry.spec.max_pixels) if inp.messages else None
+        return model_id, await self._submit(engine, lambda: engine.encode(messages, inp.prompt), inp.params,
+                                            timeout_s)
+
+    async def _submit(self, engine, encode, params: GenerationParams, timeout_s: float | None):
         timeout = timeout_s if timeout_s is not None else self.limits.generation_timeout_s
         cancel = CancelToken(deadline=time.monotonic() + timeout)
-        prompt = await asyncio.to_thread(engine.encode, messages, inp.prompt)  # tokenizing is CPU work
-        handle = engine.submit(prompt, inp.params, cancel)  # raises BadRequest/Overloaded before queueing
-        return model_id, self._deltas(handle, cancel, timeout)
+        prompt = await asyncio.to_thread(encode)  # tokenizing and image processing are CPU work
+        handle = engine.submit(prompt, params, cancel)  # raises BadRequest/Overloaded before queueing
+        return self._deltas(handle, cancel, timeout)
+
+    async def generate_with(self, model_id: str, encode: Callable[[Any], Any], params: GenerationParams, *,
+                            timeout_s: float | None = None) -> tuple[GenerateOutput, Any]:
+        """Generate from a prompt the model's adapter builds itself (``encode(adapter)``), e.g. a
+        model family's own OCR prompt modes. Returns the output and the adapter that made it."""
+        started = time.perf_counter()
+        state = await self.manager.ensure_loaded(model_id)
+        state.touch()
+        adapter, engine = state.adapter, state.engine
+        if engine is None:
+            raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
+        deltas = await self._submit(engine, lambda: encode(adapter), params, timeout_s)
+        return await self._collect(model_id, deltas, started), adapter
 
     async def _deltas(self, handle, cancel: CancelToken, timeout: float) -> AsyncIterator[StreamDelta]:
         try:
@@ -93,6 +111,10 @@ class GenerationService:
         """The whole reply at once."""
         started = time.perf_counter()
         model_id, deltas = await self.stream(inp, timeout_s=timeout_s)
+        return await self._collect(model_id, deltas, started)
+
+    @staticmethod
+    async def _collect(model_id: str, deltas: AsyncIterator[StreamDelta], started: float) -> GenerateOutput:
         parts: list[str] = []
         first: float | None = None
         finish, usage = "stop", Usage(0, 0)

@@ -43,6 +43,8 @@ class ModelSpec:
 class OcrOptions:
     language: str | None = None  # a hint as the client gave it ("Russian", "ru", "rus", ...)
     max_new_tokens: int | None = None
+    format: str = "text"  # "text" | "markdown" | "json" (blocks with boxes and categories)
+    region: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in the page's pixels
 
 
 class Installation(Protocol):
@@ -88,6 +90,15 @@ class GenerativeAdapter(ModelAdapter, Protocol):
     """A model that generates text: the engine (engine/) drives what this returns once loaded."""
 
     def engine_backend(self) -> Any: ...
+
+
+class GenerativeOcrAdapter(GenerativeAdapter, Protocol):
+    """A generative model that reads pages: it builds its own OCR prompt (each model family has
+    its own prompt modes) and turns the generated text into an OcrResult (blocks when it can)."""
+
+    def encode_ocr(self, page: Image.Image, options: OcrOptions) -> Any: ...
+
+    def parse_ocr(self, text: str, page_size: tuple[int, int], options: OcrOptions) -> OcrResult: ...
 
 
 # kind -> "module:Class". A new model family is one line here plus its adapter module.

@@ -14,7 +14,6 @@ from core.types import CancelToken, Capability, OcrBlock, OcrResult
 
 if TYPE_CHECKING:
     from llm.service import GenerationService
-from llm.types import ChatMessage, GenerateInput, ImagePart
 from models.adapter import OcrOptions
 from models.manager import ModelManager
 from models.selection import ModelSelector
@@ -91,7 +90,7 @@ class OcrService:
         generative = Capability.GENERATE in self.selector.entry(model_id).capabilities
         for page_no, page in enumerate(image.pages):
             if generative:  # a VLM reads through the generation engine, prompted for OCR
-                result = await self._ocr_by_prompt(model_id, page, language, cancel)
+                result = await self._ocr_by_prompt(model_id, page, options, cancel)
             else:
                 result = await self.manager.run(model_id, "ocr", page, options, cancel=cancel)
             if cancel.cancelled:  # the engine stopped early: its partial text is not an answer
@@ -102,17 +101,18 @@ class OcrService:
                           image_size=image.original_size, pages=len(image.pages),
                           processing_time=time.perf_counter() - started, language=language)
 
-    async def _ocr_by_prompt(self, model_id: str, page, language: str | None, cancel: CancelToken) -> OcrResult:
-        from vlm.qwen import ocr_prompt
-
+    async def _ocr_by_prompt(self, model_id: str, page, options: OcrOptions, cancel: CancelToken) -> OcrResult:
+        """A generative model reads the page with its own OCR prompt, through the engine."""
         spec = self.selector.entry(model_id).spec
-        prompt = ocr_prompt(language, spec.options.get("ocr_prompt"))
         params = replace(spec.generation, temperature=0.0)  # OCR is transcription: greedy
+        if options.max_new_tokens:
+            params = replace(params, max_new_tokens=options.max_new_tokens)
         remaining = (cancel.deadline - time.monotonic()) if cancel.deadline else None
-        out = await self.llm.generate(
-            GenerateInput(messages=[ChatMessage("user", (ImagePart(page), prompt))], model=model_id, params=params),
-            timeout_s=remaining)
-        return OcrResult(text=out.text.strip(), model=model_id)
+        out, adapter = await self.llm.generate_with(model_id, lambda a: a.encode_ocr(page, options), params,
+                                                    timeout_s=remaining)
+        result = adapter.parse_ocr(out.text, page.size, options)
+        result.model = model_id
+        return result
 
     async def batch(self, uploads: list[Upload], *, model: str | None, language: str | None) -> list[BatchItem]:
         """OCR every upload concurrently (the model's runner bounds the parallelism).

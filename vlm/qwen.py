@@ -12,8 +12,9 @@ from typing import Any
 from PIL import Image
 
 from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
-from core.types import Capability
-from models.adapter import InstallState, ModelSpec
+from core.types import Capability, OcrResult
+from llm.types import ChatMessage, ImagePart
+from models.adapter import InstallState, ModelSpec, OcrOptions
 from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
 from ocr.languages import normalize_language
 
@@ -114,6 +115,14 @@ class QwenVLAdapter(TorchModelAdapter):
         vision = {k: out[k] for k in ("pixel_values", "image_grid_thw") if images and k in out}
         types = out.get("mm_token_type_ids")
         return EncodedPrompt(out["input_ids"][0].tolist(), vision, types[0].tolist() if types is not None else None)
+
+    def encode_ocr(self, page: Image.Image, options: OcrOptions):
+        """The OCR instruction (language folded in) over the page, as a chat turn."""
+        prompt = ocr_prompt(options.language, self.spec.options.get("ocr_prompt"))
+        return self.encode([ChatMessage("user", (ImagePart(page), prompt))], None)
+
+    def parse_ocr(self, text: str, page_size: tuple[int, int], options: OcrOptions) -> OcrResult:
+        return OcrResult(text=text.strip(), model=self.spec.id)
 
     def _fit(self, image: Image.Image) -> Image.Image:
         image = fit_pixels(image, self.spec.min_pixels, self.spec.max_pixels)

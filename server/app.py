@@ -45,7 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
     def body_limit(path: str) -> int:
         if path == "/batch/ocr":
             return limits.max_batch_files * limits.max_file_bytes + MULTIPART_OVERHEAD
-        return limits.max_file_bytes + MULTIPART_OVERHEAD
+        # One file, as multipart or as base64 inside JSON (4 characters per 3 bytes).
+        return limits.max_file_bytes * 4 // 3 + MULTIPART_OVERHEAD
 
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(ConnectionCounter, stats=services.connections)

@@ -66,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, timeout_graceful_shutdown=10)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.services.draining = True  # /readyz turns 503 at once, before connections close
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                            log_level=settings.server.log_level, timeout_graceful_shutdown=10)
+    DrainingServer(config).run()
     return 0
 
 

@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            services.draining = True
             await services.manager.shutdown()
 
     app = FastAPI(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,

@@ -30,6 +30,7 @@ class Services:
     llm: GenerationService
     connections: ConnectionStats
     metrics: Metrics
+    draining: bool = False  # set when shutdown starts: /readyz answers 503
 
 
 def build_services(settings: Settings) -> Services:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from core.system import gpu_info, human_bytes, memory_usage
+from core.types import Capability
 from server.deps import ServicesDep
 from server.model_listing import model_rows
 from server.schemas.vision import (AvailableModel, HealthResponse, ModelActionResponse, ModelsResponse,
-                                   RootResponse, SpecModel, error_responses)
+                                   ProbeResponse, RootResponse, SpecModel, error_responses)
 
 router = APIRouter(tags=["system"])
 VERSION = "1.0.0"
@@ -30,6 +32,25 @@ async def health(services: ServicesDep) -> HealthResponse:
                           models_loaded=len(loaded), loaded_models=loaded, gpu_available=available,
                           gpu_name=name, device="cuda" if available else "cpu", memory_usage=memory_usage(),
                           active_connections=services.connections.active)
+
+
+@router.get("/healthz", response_model=ProbeResponse)
+async def liveness() -> ProbeResponse:
+    """Liveness: the process serves HTTP. Never touches a model."""
+    return ProbeResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ProbeResponse, responses={503: {"model": ProbeResponse,
+            "description": "Draining, or no OCR model can serve"}})
+async def readiness(services: ServicesDep) -> JSONResponse:
+    """Readiness: 503 while the server drains for shutdown or when no installed OCR model can serve."""
+    if services.draining:
+        return JSONResponse({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
+    ocr_ready = any(Capability.OCR in e.capabilities and e.install_state().installed
+                    for e in services.registry.entries())
+    if not ocr_ready:
+        return JSONResponse({"status": "not_ready", "reason": "no OCR model is installed"}, status_code=503)
+    return JSONResponse({"status": "ok", "reason": None})
 
 
 @router.get("/models", response_model=ModelsResponse)

@@ -19,6 +19,11 @@ class RootResponse(BaseModel):
     health: str
 
 
+class ProbeResponse(BaseModel):
+    status: Literal["ok", "draining", "not_ready"]
+    reason: str | None = None
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded"]
     model_loaded: bool

@@ -212,3 +212,16 @@ def test_openapi_documents_errors(client):
 def test_unknown_route_is_shaped(client):
     r = client.get("/nope")
     assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+
+
+def test_liveness_and_readiness(tmp_path, fake_kind):
+    with client_for(tmp_path, {"fast": {}}) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "reason": None}
+        assert c.get("/readyz").status_code == 200
+        c.app.state.services.draining = True
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+    with client_for(tmp_path, {"absent": {"installed": False}}) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "not_ready"
+        assert c.get("/healthz").status_code == 200

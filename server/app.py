@@ -5,6 +5,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from core.config import Settings
 from server.deps import build_services
@@ -31,7 +32,8 @@ def create_app(settings: Settings) -> FastAPI:
             services.draining = True
             await services.manager.shutdown()
 
-    app = FastAPI(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,
+    # Swagger UI and ReDoc assets come from a package, not a CDN: the docs work offline.
+    app = FastAPIOffline(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,
                   description="OCR and visual question answering with vision-language models, "
                               "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
     app.state.services = services

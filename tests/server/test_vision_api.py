@@ -206,7 +206,12 @@ def test_openapi_documents_errors(client):
     spec = client.get("/openapi.json").json()
     ocr = spec["paths"]["/ocr"]["post"]
     assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(ocr["responses"])
-    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200
+    docs, redoc = client.get("/docs"), client.get("/redoc")
+    assert docs.status_code == 200 and redoc.status_code == 200
+    # The pages load their assets from this server, not a CDN: they work offline.
+    assert "cdn." not in docs.text and "cdn." not in redoc.text
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static-offline-docs/redoc.standalone.js").status_code == 200
 
 
 def test_unknown_route_is_shaped(client):

@@ -41,7 +41,13 @@ class LimitsSettings(_Strict):
     max_image_pixels: int = Field(50_000_000, ge=1)
     # Multi-frame TIFF: every frame is read as a page, up to this many (more gets 413).
     max_image_frames: int = Field(20, ge=1, le=1000)
-    allowed_formats: list[Literal["JPEG", "PNG", "BMP", "TIFF"]] = ["JPEG", "PNG", "BMP", "TIFF"]
+    # PDF is accepted by /ocr and /batch/ocr only (never by /chat); recognised from the bytes.
+    allowed_formats: list[Literal["JPEG", "PNG", "BMP", "TIFF", "PDF"]] = ["JPEG", "PNG", "BMP", "TIFF", "PDF"]
+    # PDF pages are rendered at this resolution (dots.ocr's reference pipeline uses 200); a
+    # page whose rendering would pass max_image_pixels is refused (413).
+    pdf_dpi: int = Field(150, ge=36, le=600)
+    # PDFs with more pages than this are refused (413, TOO_MANY_PAGES).
+    max_pdf_pages: int = Field(20, ge=1, le=1000)
     # Concurrent image decodes (CPU bound, done off the event loop).
     decode_concurrency: int = Field(2, ge=1, le=64)
 

@@ -41,6 +41,9 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # Stop when the reply ends in a short unit repeated this many times (0: off). OCR models
+    # loop on runs of dots or underscores; this ends them early instead of at max_new_tokens.
+    max_repeat: int = 0
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,8 @@
 """The model side of the engine: a running batch of sequences with one shared, left-padded
 KV cache that requests join (prefill) and leave (finish) between decode steps.
 
-Works for any transformers decoder with a dynamic cache; for Qwen-VL models it also feeds
-images at prefill and keeps each row's multimodal RoPE offset for the decode steps.
+Works for any transformers decoder with a dynamic cache. Prompts' image tensors are fed at
+prefill; for Qwen-VL models it also keeps each row's multimodal RoPE offset for the decode steps.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ class BatchBackend:
         else:
             position_ids, deltas = (mask.cumsum(-1) - 1).clamp(min=0), torch.zeros((len(prompts), 1), dtype=torch.long,
                                                                                    device=self.device)
+            kwargs.update(self._vision_inputs(prompts))  # e.g. GOT-OCR: images at plain 1D positions
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          logits_to_keep=1, **kwargs)
         self._join(out.past_key_values, mask, deltas)
@@ -94,14 +95,24 @@ class BatchBackend:
         for i, p in enumerate(prompts):
             if p.mm_token_type_ids:
                 types[i, ids.shape[1] - len(p.mm_token_type_ids):] = torch.tensor(p.mm_token_type_ids)
-        for key in with_images[0].vision:
-            kwargs[key] = torch.cat([p.vision[key] for p in with_images]).to(self.device)
-        if "pixel_values" in kwargs:
-            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        kwargs.update(self._vision_inputs(with_images))
         kwargs["mm_token_type_ids"] = types
         position_ids, deltas = self.model.model.get_rope_index(
             ids, mm_token_type_ids=types, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask)
         return position_ids, deltas.to(self.device).long()
+
+    def _vision_inputs(self, prompts: list[EncodedPrompt]) -> dict[str, torch.Tensor]:
+        """The prompts' image tensors concatenated in row order: the models scatter image features
+        into their image-token positions row-major, so that order is the batch's token order."""
+        with_images = [p for p in prompts if p.vision]
+        kwargs: dict[str, torch.Tensor] = {}
+        if not with_images:
+            return kwargs
+        for key in with_images[0].vision:
+            kwargs[key] = torch.cat([p.vision[key] for p in with_images]).to(self.device)
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        return kwargs
 
     def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
         if self.cache is None:

@@ -10,7 +10,9 @@ thread-safe callback per step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -231,6 +233,8 @@ class Engine:
                 seq.text += seq.detok.flush()
             if seq.params.stop and self._cut_at_stop(seq):
                 seq.finish = "stop"
+            if seq.finish is None and seq.params.max_repeat and _looping(seq.text, seq.params.max_repeat):
+                seq.finish = "stop"
             delta = self._delta(seq, now)
             if delta is not None:
                 out.append((seq.handle, delta))
@@ -305,6 +309,16 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_batch_size(self.name, 0)
             self.metrics.set_queue_depth(self.name, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _loop_pattern(times: int) -> re.Pattern:
+    return re.compile(r"(.{1,24}?)\1{%d,}$" % (times - 1), re.DOTALL)
+
+
+def _looping(text: str, times: int) -> bool:
+    """Whether the text ends in a unit of up to 24 characters repeated ``times`` times or more."""
+    return _loop_pattern(times).search(text[-2000:]) is not None
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:

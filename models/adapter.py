@@ -107,12 +107,12 @@ ADAPTER_KINDS: dict[str, str] = {
     "tesseract": "ocr.tesseract:TesseractAdapter",
     "qwen_vl": "vlm.qwen:QwenVLAdapter",
     "causal_lm": "llm.causal:CausalLMAdapter",
+    "got_ocr": "vlm.got_ocr:GotOcrAdapter",
+    "dots_ocr": "vlm.dots_ocr.adapter:DotsOcrAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.
 PENDING_KINDS: dict[str, str] = {
-    "got_ocr": "the GOT-OCR 2.0 adapter is not implemented yet",
-    "dots_ocr": "the dots.ocr adapter is not implemented yet",
 }
 
 

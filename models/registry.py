@@ -14,8 +14,8 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "tesseract": frozenset({Capability.OCR}),
     "qwen_vl": frozenset({Capability.OCR, Capability.CHAT, Capability.GENERATE}),
     "causal_lm": frozenset({Capability.GENERATE}),
-    "got_ocr": frozenset({Capability.OCR}),
-    "dots_ocr": frozenset({Capability.OCR}),
+    "got_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
+    "dots_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
 }
 
 

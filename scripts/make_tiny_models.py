@@ -255,12 +255,95 @@ def build_qwen2_causal_lm(out: Path, *, hidden: int = 64, layers: int = 2, heads
     _save(out, model, tokenizer, tokenizer)
 
 
+GOT_IMAGE_TOKENS = ["<img>", "</img>", "<imgpad>"]
+
+
+def build_got_ocr2(out: Path) -> None:
+    """GOT-OCR 2.0 (the stepfun-ai/GOT-OCR-2.0-hf layout): a SAM-style windowed ViT at the real
+    1024 px input (the processor always gives 256 image tokens per 1024 px tile), a Qwen2 decoder.
+    No chat template: the processor writes GOT's own ChatML prompt."""
+    import torch
+    from transformers import (GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2ImageProcessor,
+                              GotOcr2Processor)
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_tokens(GOT_IMAGE_TOKENS, special_tokens=True)
+    tokenizer.chat_template = None
+    # 2048 positions: room for a 7-image multi-crop prompt (1792 image tokens), and a reply that
+    # random weights never end stops at the context instead of at config.yaml's 4096 tokens.
+    text = _qwen_text_config(tokenizer, tie_word_embeddings=False, max_position_embeddings=2048,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    # Tiny widths, real geometry: 1024 / patch 16 = 64x64 patches in windows of 14; the projector's
+    # two stride-2 convs leave 16x16 = 256 tokens. Both layers windowed: a global layer over 4096
+    # patches costs ~0.35 s an image on one core, ten times the rest of the tower.
+    vision = dict(hidden_size=16, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                  mlp_dim=32, image_size=1024, patch_size=16, window_size=14, global_attn_indexes=[],
+                  initializer_range=0.02)  # SAM's default 1e-10 makes every image look the same
+    config = GotOcr2Config(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                           image_token_index=tokenizer.convert_tokens_to_ids("<imgpad>"))
+    torch.manual_seed(SEED)
+    model = GotOcr2ForConditionalGeneration(config).eval()
+    _shape_output_head(model, tokenizer)
+    image_processor = GotOcr2ImageProcessor(size={"height": 1024, "width": 1024})
+    processor = GotOcr2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    _save(out, model, processor, tokenizer)
+
+
+def build_dots_ocr(out: Path) -> None:
+    """dots.ocr (our native vlm/dots_ocr/modeling.py): a Qwen2 decoder plus a vision tower, saved
+    like the published checkpoint (config.json in its key style, safetensors, a tokenizer with the
+    <|img|> <|imgpad|> <|endofimg|> and <|user|>/<|assistant|> tokens); no processor files."""
+    import json
+    import sys
+
+    import torch
+    from transformers import GenerationConfig
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # run as a script: the repository's packages are not importable yet
+        sys.path.insert(0, root)
+    from vlm.dots_ocr.modeling import DotsOCRConfig, DotsOCRForCausalLM
+    from vlm.dots_ocr.processing import SPECIAL_TOKENS
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    tokenizer.chat_template = None
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|endofassistant|>", "<|imgpad|>",
+                                                           "<|video_pad|>")}
+    eos = [ids["<|endoftext|>"], ids["<|endofassistant|>"]]
+    text = _qwen_text_config(tokenizer, tie_word_embeddings=False, eos_token_id=eos,
+                             pad_token_id=ids["<|endoftext|>"],
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    # head_dim 16 splits into 4 row and 4 column rotary frequencies; the merger maps 4*32 -> 64.
+    vision = dict(embed_dim=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=1, post_norm=True, use_bias=False)
+    config = DotsOCRConfig(vision_config=vision, image_token_id=ids["<|imgpad|>"],
+                           video_token_id=ids["<|video_pad|>"], **text)
+    torch.manual_seed(SEED)
+    model = DotsOCRForCausalLM(config).eval()
+    _shape_output_head(model, tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))] = 0.0
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Rewrite config.json the way the published one reads (rope_theta, attention_bias, remote-code keys).
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg.update(attention_bias=True, architectures=["DotsOCRForCausalLM"],
+               auto_map={"AutoModelForCausalLM": "modeling_dots_ocr.DotsOCRForCausalLM"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 # registry id -> builder writing that folder.
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen2_5_0_5b": build_qwen2_causal_lm,
     "qwen_vl_2b": build_qwen2_vl,
     "qwen2_5_vl_3b": build_qwen2_5_vl,
     "qwen3_vl_2b": build_qwen3_vl,
+    "dots_ocr": build_dots_ocr,
+    "got_ocr": build_got_ocr2,
 }
 
 

@@ -117,7 +117,9 @@ class QwenVLAdapter(TorchModelAdapter):
         return EncodedPrompt(out["input_ids"][0].tolist(), vision, types[0].tolist() if types is not None else None)
 
     def encode_ocr(self, page: Image.Image, options: OcrOptions):
-        """The OCR instruction (language folded in) over the page, as a chat turn."""
+        """The OCR instruction (language folded in) over the page (or its region), as a chat turn."""
+        if options.region is not None:  # Qwen-VL has no box prompt: it reads the cropped region
+            page = page.crop(options.region)
         prompt = ocr_prompt(options.language, self.spec.options.get("ocr_prompt"))
         return self.encode([ChatMessage("user", (ImagePart(page), prompt))], None)
 

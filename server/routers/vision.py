@@ -4,35 +4,105 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
-from core.errors import BadRequest, PayloadTooLarge
+from core.errors import BadRequest, InvalidParameter, PayloadTooLarge
+from ocr import formats
 from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
-                                   OcrResponse, error_responses)
+                                   OcrResponse, PageResult, error_responses)
 from server.uploads import LanguageParam, ModelParam, filename_of, read_upload
 
 router = APIRouter(tags=["vision"])
 
 _OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
+_FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
+
+
+# ---- format, region and page: query parameters or form fields, like model and language ----
+def _pick(query: str | None, form: str | None) -> str | None:
+    value = form if form not in (None, "") else query
+    return value.strip() if value and value.strip() else None
+
+
+def _format(q: Annotated[str | None, Query(alias="format", max_length=16,
+                                           description="text (default), markdown or json")] = None,
+            f: Annotated[str | None, Form(alias="format", max_length=16)] = None) -> str:
+    return (_pick(q, f) or "text").lower()
+
+
+def _region(q: Annotated[str | None, Query(alias="region", max_length=100,
+                                           description="x1,y1,x2,y2 in original pixels: read only this box")] = None,
+            f: Annotated[str | None, Form(alias="region", max_length=100)] = None) -> tuple[int, int, int, int] | None:
+    value = _pick(q, f)
+    if value is None:
+        return None
+    try:
+        box = tuple(int(round(float(v))) for v in value.strip("[]() ").split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise InvalidParameter("region must be four numbers: x1,y1,x2,y2", param="region", code="INVALID_REGION")
+    return box  # type: ignore[return-value]
+
+
+def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
+                                         description="0-based page (PDF page or TIFF frame) to draw")] = None,
+          f: Annotated[int | None, Form(alias="page", ge=0, le=100_000)] = None) -> int:
+    return f if f is not None else (q or 0)
+
+
+FormatParam = Annotated[str, Depends(_format)]
+RegionParam = Annotated[tuple[int, int, int, int] | None, Depends(_region)]
+PageParam = Annotated[int, Depends(_page)]
+
+
+def _block(b, order: int) -> Block:
+    return Block(text=b.text, box=list(b.box) if b.box else None, confidence=b.confidence,
+                 category=b.category, page=b.page, reading_order=order)
 
 
 def _blocks(outcome: OcrOutcome) -> list[Block]:
-    return [Block(text=b.text, box=list(b.box) if b.box else None, confidence=b.confidence,
-                  category=b.category, page=b.page) for b in outcome.blocks]
+    return [Block(**d) for d in formats.blocks_json(outcome.blocks)]
+
+
+def _structured(o: OcrOutcome) -> dict:
+    """The fields that depend on the format and the page count."""
+    pages = None
+    if o.pages > 1 or o.format == "json":
+        pages = [PageResult(page=p.index, text=p.text, image_size=list(p.image_size),
+                            blocks=[_block(b, i) for i, b in enumerate(p.blocks)]) for p in o.page_results]
+    return {"pages": o.pages, "page_results": pages,
+            "markdown": formats.document_markdown(o) if o.format == "markdown" else None}
 
 
 @router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS)
-async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description="JPG, PNG, BMP or TIFF image")],
-              model: ModelParam, language: LanguageParam) -> OcrResponse:
-    """Extract the text of an image. With no model, the first installed OCR model that reads the language serves."""
+async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
+              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam) -> OcrResponse:
+    """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
+    model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    outcome = await services.ocr.ocr(data, model=model, language=language)
+    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
-                       image_size=list(outcome.image_size), language=outcome.language, pages=outcome.pages,
-                       blocks=_blocks(outcome))
+                       image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
+                       format=outcome.format, **_structured(outcome))
+
+
+_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The page (original size) with the blocks' boxes drawn, numbered in reading order"}}
+
+
+@router.post("/ocr/annotate", response_class=Response, responses={**_PNG, **_OCR_ERRORS})
+async def ocr_annotate(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
+                       model: ModelParam, language: LanguageParam, region: RegionParam, page: PageParam) -> Response:
+    """OCR one page and answer it as a PNG with each block's box drawn (coloured by category) and
+    numbered by its reading order, as in the `format=json` answer."""
+    limits = services.settings.limits
+    data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
+    png = await services.ocr.annotate(data, model=model, language=language, page=page, region=region)
+    return Response(content=png, media_type="image/png")
 
 
 @router.post("/chat", response_model=ChatResponse, responses=_OCR_ERRORS)
@@ -54,9 +124,11 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
 
 
 @router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS)
-async def batch_ocr(services: ServicesDep, files: Annotated[list[UploadFile], File(description="Up to 10 images")],
-                    model: ModelParam, language: LanguageParam) -> BatchOcrResponse:
-    """OCR several images at once. A bad file becomes an error item; the others still succeed."""
+async def batch_ocr(services: ServicesDep,
+                    files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],
+                    model: ModelParam, language: LanguageParam, format: FormatParam,
+                    region: RegionParam) -> BatchOcrResponse:
+    """OCR several images or PDFs at once. A bad file becomes an error item; the others still succeed."""
     limits = services.settings.limits
     if len(files) > limits.max_batch_files:
         for f in files:
@@ -70,7 +142,7 @@ async def batch_ocr(services: ServicesDep, files: Annotated[list[UploadFile], Fi
             uploads.append(Upload(filename_of(f), await read_upload(f, limits.max_file_bytes, limits.max_file_mb)))
         except PayloadTooLarge as exc:  # one oversized file fails alone, not the batch
             uploads.append(Upload(filename_of(f), b"", error=exc))
-    items = await services.ocr.batch(uploads, model=model, language=language)
+    items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region)
     results = [_item(i) for i in items]
     ok = sum(r.status == "success" for r in results)
     return BatchOcrResponse(results=results, total=len(results), successful=ok, failed=len(results) - ok,
@@ -86,4 +158,4 @@ def _item(item: BatchItem) -> BatchItemResponse:
     o = item.outcome
     return BatchItemResponse(filename=item.filename, status="success", text=o.text, model=o.model,
                              processing_time=round(item.processing_time, 3), image_size=list(o.image_size),
-                             blocks=_blocks(o))
+                             blocks=_blocks(o), **_structured(o))

@@ -71,20 +71,34 @@ class ModelActionResponse(BaseModel):
 
 class Block(BaseModel):
     text: str
-    box: list[int] | None = Field(None, description="[x1, y1, x2, y2] in original image pixels")
-    confidence: float | None = None
-    category: str | None = None
-    page: int = 0
+    box: list[int] | None = Field(None, description="[x1, y1, x2, y2] in original page pixels "
+                                  "(a PDF page as rendered at limits.pdf_dpi)")
+    confidence: float | None = Field(None, description="0..1, when the engine gives one")
+    category: str | None = Field(None, description="Layout category (Title, Table, ...), when the model gives one")
+    page: int = Field(0, description="0-based page (PDF page or TIFF frame)")
+    reading_order: int = Field(0, description="0-based position of the block in its page's reading order")
+
+
+class PageResult(BaseModel):
+    page: int = Field(description="0-based page index")
+    text: str
+    blocks: list[Block] = []
+    image_size: list[int] = Field(description="[width, height] of the page in original pixels")
 
 
 class OcrResponse(BaseModel):
-    text: str
+    text: str = Field(description="The text of all pages, joined by blank lines")
     model: str = Field(description="The model that actually served the request")
     processing_time: float
-    image_size: list[int] = Field(description="[width, height] of the uploaded image as displayed")
+    image_size: list[int] = Field(description="[width, height] of the uploaded image as displayed "
+                                  "(of the first page for a multi-page document)")
     language: str | None
-    pages: int = 1
+    pages: int = Field(1, description="Number of pages read")
     blocks: list[Block] = []
+    format: Literal["text", "markdown", "json"] = "text"
+    markdown: str | None = Field(None, description="The document as markdown (format=markdown)")
+    page_results: list[PageResult] | None = Field(None, description="One result per page "
+                                                  "(multi-page input or format=json)")
 
 
 class ChatUsage(BaseModel):
@@ -111,6 +125,9 @@ class BatchItemResponse(BaseModel):
     model: str | None = None
     image_size: list[int] | None = None
     blocks: list[Block] = []
+    pages: int | None = None
+    markdown: str | None = None
+    page_results: list[PageResult] | None = None
     error: str | None = None
     code: str | None = None
 
@@ -130,8 +147,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 
 _DESCRIPTIONS = {
-    400: "Bad parameters", 404: "Unknown model", 413: "File or request too large",
-    415: "Unsupported image format", 422: "Validation error",
+    400: "Bad parameters, or an undecodable image or PDF (INVALID_PDF, PDF_ENCRYPTED)", 404: "Unknown model", 413: "File, image or PDF page too large, or too many pages",
+    415: "Unsupported image format", 422: "Validation error (a bad format, region or page)",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The request deadline passed",
 }

@@ -119,7 +119,8 @@ def test_completions_use_the_raw_prompt(client):
 
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
-    assert ids[0] == TEXT and {TEXT, VLM, "qwen2_5_vl_3b", "qwen3_vl_2b"} == set(ids)  # installed, can generate
+    assert ids[0] == TEXT and {TEXT, VLM, "qwen2_5_vl_3b", "qwen3_vl_2b", "got_ocr",
+                                 "dots_ocr"} == set(ids)  # installed, can generate
     m = client.models.retrieve(VLM)
     assert (m.id, m.object, m.owned_by) == (VLM, "model", "chatvlm") and m.created > 0
     for missing in ("no-such-model", "rapidocr", "qwen3_vl_8b"):  # unknown, OCR only, not installed

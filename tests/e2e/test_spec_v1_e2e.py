@@ -130,7 +130,7 @@ def test_models_load_unload(tiny_server):
     text = models["qwen2_5_0_5b"]
     assert text["format"] == "safetensors" and text["size"] and text["installed"] and "generate" in text["tasks"]
     assert {"name", "format", "size", "loaded", "memory_usage"} <= set(text)
-    assert not models["got_ocr"]["installed"] and models["got_ocr"]["reason"]
+    assert not models["qwen3_vl_8b"]["installed"] and models["qwen3_vl_8b"]["reason"]
 
     err = assert_error(requests.post(v1(tiny_server, "/models/qwen_vl_2b/load"),
                                      json={"quantization": "q4_0", "prefer_gpu": False}, timeout=10),
@@ -150,7 +150,7 @@ def test_models_load_unload(tiny_server):
     assert listed["qwen_vl_2b"]["loaded"] is False
 
     assert_error(requests.post(v1(tiny_server, "/models/llama-2-7b-chat/load"), timeout=10), 404, "MODEL_NOT_FOUND")
-    assert_error(requests.post(v1(tiny_server, "/models/got_ocr/load"), json={}, timeout=10), 503,
+    assert_error(requests.post(v1(tiny_server, "/models/qwen3_vl_8b/load"), json={}, timeout=10), 503,
                  "MODEL_NOT_INSTALLED")
 
 

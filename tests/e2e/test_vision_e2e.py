@@ -78,7 +78,7 @@ def test_cpu_server_errors(cpu_server):
     assert err.value.status == 404
     models = {m["id"]: m for m in client.models()["available"]}
     assert models["rapidocr"]["installed"] and models["tesseract"]["installed"]
-    assert not models["got_ocr"]["installed"] and "not implemented" in models["got_ocr"]["reason"]
+    assert not models["got_ocr"]["installed"] and "no weights" in models["got_ocr"]["reason"]
     assert not models["qwen3_vl_2b"]["installed"] and "no weights" in models["qwen3_vl_2b"]["reason"]
 
 

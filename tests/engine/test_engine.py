@@ -300,6 +300,20 @@ def test_fast_tokens_are_coalesced_but_the_first_goes_at_once():
     assert text == "coalesce these forty characters please!!" and len(pieces) <= 2
 
 
+def test_repetition_stop_ends_a_looping_reply():
+    async def main(max_repeat):
+        async with engine_over(FakeBackend()) as engine:
+            engine.start()
+            handle = echo(engine, "Total" + "." * 100 + " 42", GenerationParams(max_new_tokens=300,
+                                                                               max_repeat=max_repeat))
+            text, _ = await collect(handle)
+            return text, handle.finish_reason
+
+    assert asyncio.run(main(0)) == ("Total" + "." * 100 + " 42", "stop")  # off: runs to the end
+    text, reason = asyncio.run(main(64))
+    assert reason == "stop" and text == "Total" + "." * 64  # stopped once the run reached 64
+
+
 @pytest.mark.parametrize("prompt, stops, expected", [
     ("abc STOP def", ("STOP",), "abc "),
     ("abc STx de STOP more", ("STOP",), "abc STx de "),     # a near miss is released, not eaten

@@ -1,0 +1,122 @@
+"""The page model shared by images, multi-frame TIFFs and PDFs, and the decoding of uploads into it.
+
+A document is a list of pages. Each page holds the image the model reads (scaled to the
+model's pixel budget) and its original size: the upload's pixels as displayed for an
+image, the rendering at ``limits.pdf_dpi`` for a PDF page. Boxes and regions are in
+original pixels; ``Page.scale`` converts from the model's pixels.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from core.config import LimitsSettings
+from core.errors import InvalidParameter, PayloadTooLarge
+from core.imaging import DecodedImage, decode_image, sniff_format
+from core.types import OcrBlock
+from ocr import pdf
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class Page:
+    image: Image.Image              # what the model reads
+    original_size: tuple[int, int]  # what the client's coordinates refer to
+
+    @property
+    def scale(self) -> float:
+        """Original pixels per model pixel."""
+        return self.original_size[0] / self.image.width
+
+
+@dataclass
+class Document:
+    pages: list[Page]
+    format: str            # "PDF", "PNG", "TIFF", ...
+    first_page: int = 0    # index of pages[0] in the source (non-zero when one page was asked for)
+
+
+class ImageDecoder:
+    """Decodes uploads on worker threads, a bounded number at a time."""
+
+    def __init__(self, limits: LimitsSettings) -> None:
+        self.limits = limits
+        self._slots = asyncio.Semaphore(limits.decode_concurrency)
+
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self.limits.max_file_bytes:
+            raise PayloadTooLarge(f"file is larger than {self.limits.max_file_mb:g} MB", param="file",
+                                  code="FILE_TOO_LARGE")
+
+    async def decode(self, data: bytes, *, target_max_pixels: int | None, all_frames: bool) -> DecodedImage:
+        """An image upload (never a PDF) as RGB pages."""
+        self._check_size(data)
+        async with self._slots:
+            return await asyncio.to_thread(
+                decode_image, data, allowed_formats=tuple(self.limits.allowed_formats),
+                max_pixels=self.limits.max_image_pixels, max_frames=self.limits.max_image_frames,
+                target_max_pixels=target_max_pixels, all_frames=all_frames)
+
+    async def decode_pages(self, data: bytes, *, target_max_pixels: int | None,
+                           only_page: int | None = None) -> Document:
+        """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages."""
+        self._check_size(data)
+        if sniff_format(data) == "PDF" and "PDF" in self.limits.allowed_formats:
+            async with self._slots:
+                rendered = await asyncio.to_thread(
+                    pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=self.limits.max_pdf_pages,
+                    max_pixels=self.limits.max_image_pixels, target_max_pixels=target_max_pixels,
+                    only_page=only_page)
+            return Document([Page(r.image, r.original_size) for r in rendered], "PDF", only_page or 0)
+        image = await self.decode(data, target_max_pixels=target_max_pixels, all_frames=True)
+        # decode_image reports the first frame's displayed size; other frames of another size get theirs
+        # estimated from the common scale (within a pixel).
+        first = image.pages[0].size
+        pages = [Page(img, image.original_size if img.size == first else _scaled(img.size, image.scale))
+                 for img in image.pages]
+        if only_page is None:
+            return Document(pages, image.format)
+        if not 0 <= only_page < len(pages):
+            raise InvalidParameter(f"page {only_page} does not exist; the image has {len(pages)} page(s), "
+                                   "numbered from 0", param="page", code="PAGE_OUT_OF_RANGE")
+        return Document([pages[only_page]], image.format, only_page)
+
+
+def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def region_on(page: Page, region: Box) -> Box | None:
+    """The region (original pixels) clipped to the page, in the model image's pixels; None if empty."""
+    w, h = page.original_size
+    x1, y1, x2, y2 = max(0, region[0]), max(0, region[1]), min(w, region[2]), min(h, region[3])
+    if x2 <= x1 or y2 <= y1:
+        return None
+    s = page.scale
+    iw, ih = page.image.size
+    box = (int(x1 / s), int(y1 / s), min(iw, int(round(x2 / s + 0.499))), min(ih, int(round(y2 / s + 0.499))))
+    return box if box[2] > box[0] and box[3] > box[1] else None
+
+
+def to_original(block: OcrBlock, page: Page, page_index: int, offset: tuple[int, int] = (0, 0)) -> OcrBlock:
+    """A block read from the model's image (or a crop at ``offset`` in it) in original page pixels."""
+    box = block.box
+    if box is not None:
+        s, (ox, oy) = page.scale, offset
+        w, h = page.original_size
+        x1, y1, x2, y2 = box[0] + ox, box[1] + oy, box[2] + ox, box[3] + oy
+        box = (min(w, max(0, round(x1 * s))), min(h, max(0, round(y1 * s))),
+               min(w, max(0, round(x2 * s))), min(h, max(0, round(y2 * s))))
+    return replace(block, box=box, page=page_index)
+
+
+async def original_page(decoder: ImageDecoder, data: bytes, doc: Document, index: int) -> Image.Image:
+    """The page at its original size, for drawing on (decoded again only when the model's was scaled)."""
+    page = doc.pages[index - doc.first_page]
+    if page.image.size == page.original_size:
+        return page.image
+    full = await decoder.decode_pages(data, target_max_pixels=None, only_page=index)
+    return full.pages[0].image

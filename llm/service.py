@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from core.config import LimitsSettings
-from core.errors import CapabilityMissing, ChatVLMError, DeadlineExceeded
+from core.errors import CapabilityMissing, DeadlineExceeded
 from core.types import CancelToken, Capability, GenerationParams
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart, StreamDelta, Usage
 from models.manager import ModelManager

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
-from core.errors import ModelLoadFailed
+from core.errors import ModelLoadFailed, ModelNotInstalled
 from models.adapter import InstallState, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def weights_install_state(spec: ModelSpec, any_of_files: tuple[str, ...]) -> InstallState:
@@ -73,3 +76,49 @@ class TorchModelAdapter:
 
     def supports_language(self, language: str | None) -> bool:
         return True  # generative models read any language they were trained on
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+class ProcessorModelAdapter(TorchModelAdapter):
+    """Image-text models loaded as an AutoProcessor plus AutoModelForImageTextToText from a
+    local snapshot. Subclasses say which attention each part takes and check the family."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.processor: Any = None
+
+    def _forget(self) -> None:
+        self.model = self.processor = None
+
+    @classmethod
+    def check_installed(cls, spec: ModelSpec) -> InstallState:
+        return weights_install_state(spec, PROCESSOR_FILES)
+
+    def _attention(self, attn: str) -> Any:
+        """The ``attn_implementation`` argument (a name, or a dict per sub-config)."""
+        return attn
+
+    def _check_family(self, processor: Any, model: Any) -> None:
+        """Raise when the folder holds another model family's checkpoint."""
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        if not self.check_installed(self.spec).installed:
+            raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device, dtype, attn = resolve_device_dtype(self.spec)
+        try:
+            processor = AutoProcessor.from_pretrained(self.spec.path, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(
+                self.spec.path, local_files_only=True, dtype=dtype, attn_implementation=self._attention(attn))
+            self._check_family(processor, model)
+            model.to(device).eval()
+        except Exception:
+            log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
+            raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
+        self.processor, self.model = processor, model
+        log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, dtype, attn, self.memory_bytes() / 2**20)

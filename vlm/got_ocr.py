@@ -8,27 +8,22 @@ torch and transformers are imported in ``load`` only.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from PIL import Image
 
-from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
+from core.errors import BadRequest, ModelUnavailable
 from core.types import Capability, OcrBlock, OcrResult
 from llm.causal import text_of
-from models.adapter import InstallState, ModelSpec, OcrOptions
-from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
+from models.adapter import OcrOptions
+from models.hf import ProcessorModelAdapter
 
-log = logging.getLogger(__name__)
 
 STOP = "<|im_end|>"  # GOT closes its answer with the ChatML end of turn
 FORMATS = ("text", "markdown", "json")
 DEFAULT_MAX_CROPS = 6  # tiles per page in multi-crop mode (a thumbnail is added on top)
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json",
-                    "tokenizer.json", "tokenizer_config.json")
 
-
-class GotOcrAdapter(TorchModelAdapter):
+class GotOcrAdapter(ProcessorModelAdapter):
     """Plain, formatted (markdown/LaTeX) and region OCR with GOT-OCR 2.0.
 
     ``spec.options``: ``multi_crop`` (default true) reads a page larger than the model's
@@ -40,43 +35,14 @@ class GotOcrAdapter(TorchModelAdapter):
 
     capabilities = frozenset({Capability.OCR, Capability.GENERATE})
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
-        self.processor: Any = None
-
-    def _forget(self) -> None:
-        self.model = self.processor = None
-
-    @classmethod
-    def check_installed(cls, spec: ModelSpec) -> InstallState:
-        return weights_install_state(spec, _PROCESSOR_FILES)
-
-    # ---- lifecycle ---------------------------------------------------------------
-
-    def load(self) -> None:
-        if self.model is not None:
-            return
-        if not self.check_installed(self.spec).installed:
-            raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        device, dtype, attn = resolve_device_dtype(self.spec)
+    def _attention(self, attn: str):
         # The GOT wrapper and its SAM-style vision tower only have eager attention; the Qwen2
         # decoder takes sdpa (or flash-attn on CUDA).
-        attn_impl = {"": "eager", "vision_config": "eager", "text_config": attn}
-        try:
-            processor = AutoProcessor.from_pretrained(self.spec.path, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(
-                self.spec.path, local_files_only=True, dtype=dtype, attn_implementation=attn_impl)
-            if model.config.model_type != "got_ocr2" or not hasattr(processor, "image_processor"):
-                raise TypeError(f"not a GOT-OCR 2.0 checkpoint: {model.config.model_type}")
-            model.to(device).eval()
-        except Exception:
-            log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
-            raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self.processor, self.model = processor, model
-        log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, dtype, attn,
-                 self.memory_bytes() / 2**20)
+        return {"": "eager", "vision_config": "eager", "text_config": attn}
+
+    def _check_family(self, processor, model) -> None:
+        if model.config.model_type != "got_ocr2" or not hasattr(processor, "image_processor"):
+            raise TypeError(f"not a GOT-OCR 2.0 checkpoint: {model.config.model_type}")
 
     # ---- the engine's view -------------------------------------------------------------
 

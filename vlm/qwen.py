@@ -6,24 +6,19 @@ the registry imports this module just to list models and check installation.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from PIL import Image
 
-from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
+from core.errors import BadRequest, ModelUnavailable
 from core.types import Capability, OcrResult
 from llm.types import ChatMessage, ImagePart
-from models.adapter import InstallState, ModelSpec, OcrOptions
-from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
+from models.adapter import OcrOptions
+from models.hf import ProcessorModelAdapter
 from ocr.languages import normalize_language
 
-log = logging.getLogger(__name__)
 
 OCR_PROMPT = "Read all the text in this image. Output only the text, preserving line breaks."
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json",
-                    "tokenizer.json", "tokenizer_config.json")
-
 
 def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """RGB copy scaled (aspect kept) so that min_pixels <= w*h <= max_pixels."""
@@ -42,41 +37,8 @@ def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Im
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-class QwenVLAdapter(TorchModelAdapter):
+class QwenVLAdapter(ProcessorModelAdapter):
     capabilities = frozenset({Capability.OCR, Capability.CHAT, Capability.GENERATE})
-
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
-        self.processor: Any = None
-
-    def _forget(self) -> None:
-        self.model = self.processor = None
-
-    @classmethod
-    def check_installed(cls, spec: ModelSpec) -> InstallState:
-        return weights_install_state(spec, _PROCESSOR_FILES)
-
-    # ---- lifecycle ---------------------------------------------------------------
-
-    def load(self) -> None:
-        if self.model is not None:
-            return
-        if not self.check_installed(self.spec).installed:
-            raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        device, dtype, attn = resolve_device_dtype(self.spec)
-        try:
-            processor = AutoProcessor.from_pretrained(self.spec.path, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(
-                self.spec.path, local_files_only=True, dtype=dtype, attn_implementation=attn)
-            model.to(device).eval()
-        except Exception:
-            log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
-            raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self.processor, self.model = processor, model
-        log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, dtype, attn,
-                 self.memory_bytes() / 2**20)
 
     # ---- the engine's view -------------------------------------------------------------
 

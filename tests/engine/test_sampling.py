@@ -1,7 +1,6 @@
 """Per-row token choice: every row of a batch keeps its own parameters and RNG."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from core.types import GenerationParams

@@ -12,7 +12,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 import weakref
 from pathlib import Path
 

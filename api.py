@@ -48,18 +48,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _public_bind_refusal(settings: Settings) -> str | None:
+    """Why the server must not start: no API keys on a non-loopback host, unless allowed."""
+    host = settings.server.host
+    if settings.auth.enabled or _is_loopback(host) or settings.server.allow_unauthenticated_public:
+        return None
+    return (f"refusing to serve {host} without authentication: anyone who can reach it could use it. "
+            "Set API keys (auth.api_keys in config.yaml, CHATVLM_API_KEYS=key1,key2 or "
+            "CHATVLM_AUTH__API_KEYS='[\"key\"]'), bind to 127.0.0.1, or pass "
+            "--allow-unauthenticated-public (server.allow_unauthenticated_public: true) to accept the risk.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ChatVLMLLM server")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--config", type=Path, default=os.environ.get("CHATVLM_CONFIG"))
     parser.add_argument("--models-dir", type=Path)
+    parser.add_argument("--allow-unauthenticated-public", action="store_true", default=None,
+                        help="serve a non-loopback host with no API keys configured (not advised)")
     args = parser.parse_args(argv)
-    server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    server = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                ("allow_unauthenticated_public", args.allow_unauthenticated_public))
+              if v is not None}
     try:
         settings = load_settings(args.config, models_dir=args.models_dir, server=server or None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if refusal := _public_bind_refusal(settings):
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,9 @@ Unknown keys and bad values stop start-up with a message that names the key.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +32,66 @@ class ServerSettings(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = []
+    # With no API keys, `python api.py` refuses a non-loopback host unless this is true.
+    allow_unauthenticated_public: bool = False
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class AuthSettings(_Strict):
+    """API keys. Plain keys are hashed at validation and never kept: only SHA-256 digests stay."""
+
+    # Input only: emptied at validation, each key moved into api_key_sha256 as its digest.
+    api_keys: list[str] = Field([], repr=False)
+    # Hex SHA-256 digests of accepted keys; may be written here directly to keep keys off disk.
+    api_key_sha256: list[str] = []
+    # true: /docs, /redoc, /openapi.json and their assets answer without a key.
+    public_docs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("api_keys"):
+            return data
+        keys = data["api_keys"]
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("auth.api_keys must be a list of strings")
+        digests = []
+        for key in keys:
+            key = key.strip()
+            if not key or any(c.isspace() for c in key):
+                raise ValueError("auth.api_keys: a key must be non-empty and hold no whitespace")
+            digests.append(hashlib.sha256(key.encode("utf-8")).hexdigest())
+        return {**data, "api_keys": [], "api_key_sha256": [*data.get("api_key_sha256", []), *digests]}
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digests(cls, v: list[str]) -> list[str]:
+        v = [d.strip().lower() for d in v]
+        if not all(_HEX_DIGEST.fullmatch(d) for d in v):
+            raise ValueError("each digest must be 64 hex characters (sha256sum of the key)")
+        return list(dict.fromkeys(v))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key_sha256)
+
+
+class RateLimitSettings(_Strict):
+    """Per API key (or per client address without auth), over a sliding minute. 0 = no limit."""
+
+    requests_per_minute: int = Field(0, ge=0, le=1_000_000)
+    # Uploaded files (multipart file parts) and images inside OpenAI chat messages.
+    images_per_minute: int = Field(0, ge=0, le=1_000_000)
+    # Memory bound: past this many clients tracked at once, all counters restart (fail open).
+    max_tracked_clients: int = Field(50_000, ge=100, le=10_000_000)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requests_per_minute or self.images_per_minute)
 
 
 class LimitsSettings(_Strict):
@@ -133,6 +196,8 @@ class Settings(BaseSettings):
     defaults: DefaultsSettings = DefaultsSettings()
     manager: ManagerSettings = ManagerSettings()
     routing: RoutingSettings = RoutingSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     models: dict[str, ModelConfig] = {}
     # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id.
     aliases: dict[str, str] = {}
@@ -143,7 +208,7 @@ class Settings(BaseSettings):
                                    env_settings: PydanticBaseSettingsSource,
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, env_settings, _ApiKeysEnvSource(settings_cls), _YamlSource(settings_cls))
 
     @model_validator(mode="after")
     def _references(self) -> "Settings":
@@ -182,6 +247,19 @@ class _YamlSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         return data
+
+
+class _ApiKeysEnvSource(PydanticBaseSettingsSource):
+    """``CHATVLM_API_KEYS=k1,k2``: a convenience spelling of auth.api_keys (below
+    ``CHATVLM_AUTH__API_KEYS``, above config.yaml)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does it all
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        raw = os.environ.get("CHATVLM_API_KEYS", "")
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+        return {"auth": {"api_keys": keys}} if keys else {}
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:

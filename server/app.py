@@ -4,15 +4,17 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from core.config import Settings
+from server.auth import AuthMiddleware, KeyRing
 from server.deps import build_services
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
 from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
+from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 
 log = logging.getLogger("chatvlm")
@@ -40,7 +42,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = services.metrics
     install_error_handlers(app)
     for surface in (system, vision, llama_local, spec_v1, openai_compat, easyviz):
-        app.include_router(surface.router)
+        # Images are counted once the body is parsed, on the surfaces that take images.
+        images = [Depends(charge_images)] if surface in (vision, openai_compat) else None
+        app.include_router(surface.router, dependencies=images)
     app.include_router(metrics_router)
 
     limits = settings.limits
@@ -51,6 +55,13 @@ def create_app(settings: Settings) -> FastAPI:
         # One file, as multipart or as base64 inside JSON (4 characters per 3 bytes).
         return limits.max_file_bytes * 4 // 3 + MULTIPART_OVERHEAD
 
+    # Added innermost first: metrics > connection counter > body limit > auth > rate limit > app.
+    if settings.rate_limit.enabled:
+        app.state.rate_limiter = RateLimiter(settings.rate_limit)
+        app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter)
+    if settings.auth.enabled:
+        app.add_middleware(AuthMiddleware, keys=KeyRing(settings.auth.api_key_sha256),
+                           public_docs=settings.auth.public_docs)
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(ConnectionCounter, stats=services.connections)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees 413s and whole streams

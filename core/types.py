@@ -29,6 +29,9 @@ class OcrResult:
     model: str = ""
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling parameters for one request. ``temperature == 0`` means greedy."""
@@ -47,7 +50,9 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Sampling at a vanishing temperature is argmax in the limit, and dividing logits by
+        # it overflows to inf (then NaN probabilities): treat it as greedy.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass

@@ -146,3 +146,10 @@ def test_the_penalty_does_not_touch_the_logits_of_other_rows():
     got = choose_tokens(logits, [sampler(prompt_ids=[1], repetition_penalty=3.0), sampler(prompt_ids=[1])])
     assert got == [2, 1]
     assert torch.equal(logits, before)  # the caller's logits are not modified in place
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.5]])
+    for temperature in (1e-38, 1.175494351e-38, 1e-6):
+        row = RowSampler(GenerationParams(temperature=temperature, seed=1), [], torch.device("cpu"))
+        assert choose_tokens(logits, [row]) == [1]

@@ -1,0 +1,1 @@
+"""Reliability suites: hostile uploads, schema fuzzing (quick subsets of scripts/)."""

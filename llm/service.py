@@ -71,6 +71,7 @@ class GenerationService:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
         state = await self.manager.ensure_loaded(model_id)
         state.touch()
+        self.manager.check_capacity(model_id)
         engine = state.engine
         if engine is None:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from core.errors import ModelLoadFailed, ModelNotFound, ModelNotInstalled
+from core.errors import ModelLoadFailed, ModelNotFound, ModelNotInstalled, Overloaded
 from core.types import CancelToken
 from models.adapter import ModelAdapter, adapter_class
 from models.registry import ModelRegistry, RegistryEntry, not_installed_message
@@ -123,7 +123,7 @@ class ModelManager:
             raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
                                   headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
         st.adapter = adapter
-        st.runner = ModelRunner(model_id, st.entry.spec.concurrency, self.max_queue)
+        st.runner = ModelRunner(model_id, st.entry.spec.concurrency, st.entry.spec.max_queue)
         backend = getattr(adapter, "engine_backend", None)
         if backend is not None:
             from engine.engine import Engine
@@ -168,6 +168,16 @@ class ModelManager:
             await asyncio.to_thread(_release, handles)
             log.info("unloaded model %s", model_id)
             return True
+
+    def check_capacity(self, model_id: str) -> None:
+        """Refuse at once (503 + Retry-After) when the model's queue is already full, before the
+        request spends time on image decoding or tokenizing."""
+        st = self.state(model_id)
+        runner, engine = st.runner, st.engine
+        engine_full = engine is not None and engine.waiting_count >= engine.max_queue
+        runner_full = runner is not None and runner.pending >= runner.concurrency + runner.max_queue
+        if engine_full or runner_full:
+            raise Overloaded(f"model '{model_id}' is at capacity; retry shortly", headers={"Retry-After": "1"})
 
     # ---- running ---------------------------------------------------------------
     async def run(self, model_id: str, method: str, *args: Any, cancel: CancelToken) -> Any:

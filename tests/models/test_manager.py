@@ -145,3 +145,27 @@ def test_a_caller_that_gives_up_does_not_cause_a_second_load(tmp_path, fake_kind
 
     asyncio.run(main())
     assert len(loads(fake_kind, "a")) == 1 and mgr.loaded_ids() == ["a"]
+
+
+def test_full_queue_is_refused_before_any_work(tmp_path, fake_kind):
+    from core.errors import Overloaded
+
+    mgr = manager_for(tmp_path, {"a": {"delay": 0.5}})
+
+    async def main():
+        from PIL import Image
+        from models.adapter import OcrOptions
+
+        await mgr.ensure_loaded("a")
+        runner = mgr.state("a").runner
+        runner.max_queue = 1  # concurrency 1 + 1 waiting
+        img = Image.new("RGB", (5, 5))
+        tasks = [asyncio.create_task(mgr.run("a", "ocr", img, OcrOptions(), cancel=CancelToken())) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded) as err:
+            mgr.check_capacity("a")
+        assert err.value.headers["Retry-After"]
+        await asyncio.gather(*tasks)
+        mgr.check_capacity("a")  # room again
+
+    asyncio.run(main())

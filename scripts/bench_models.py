@@ -21,13 +21,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.make_tiny_models import (  # noqa: E402
-    _QWEN_SPLIT_REGEX,
-    QWEN_SPECIAL_TOKENS,
     SEED,
     _qwen_text_config,
     _save,
     _shape_output_head,
     qwen_tokenizer,
+    train_bpe_json,
 )
 
 SMALL_ID = "qwen2_5_0_5b"
@@ -66,23 +65,7 @@ def _corpus(rng: random.Random, n_words: int = 6000, n_lines: int = 12000) -> li
 
 @functools.lru_cache(maxsize=1)
 def _small_bpe_json() -> str:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=SMALL_VOCAB,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(random.Random(SEED)), trainer=trainer)
-    return tok.to_str()
+    return train_bpe_json(_corpus(random.Random(SEED)), SMALL_VOCAB)
 
 
 def small_tokenizer():

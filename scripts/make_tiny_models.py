@@ -72,6 +72,11 @@ MAX_PIXELS = 224 * 224
 @functools.lru_cache(maxsize=1)
 def _trained_bpe_json() -> str:
     """Train once per process; the JSON string is immutable, so callers get fresh copies."""
+    return train_bpe_json(_CORPUS.splitlines() * 4, VOCAB_SIZE)
+
+
+def train_bpe_json(lines, vocab_size: int) -> str:
+    """A byte-level BPE with Qwen's pre-tokenisation and special tokens, trained on ``lines``."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -82,12 +87,12 @@ def _trained_bpe_json() -> str:
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=QWEN_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     return tok.to_str()
 
 

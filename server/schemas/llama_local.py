@@ -19,17 +19,11 @@ def default_to_none(model: str | None) -> str | None:
     return None if model is None or model.strip() in ("", "default") else model
 
 
-class GenerateRequest(BaseModel):
-    """Seed 000's ``POST /generate`` body; unset parameters take the model's configured defaults."""
+class UserPrompt(BaseModel):
+    """A prompt sent to the model as one user turn (its chat template applied), and the model."""
 
     prompt: str = Field(min_length=1, description="The user's message; the model's chat template is applied")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
-    max_tokens: int | None = Field(None, ge=1, le=4096, description="Upper bound on generated tokens")
-    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling")
-    top_k: int | None = Field(None, ge=1, le=100, description="Top-K sampling")
-    repeat_penalty: float | None = Field(None, ge=1.0, le=2.0, description="Repetition penalty (1.0: none)")
-    stream: bool = Field(True, description="Server-Sent Events (default) or one JSON answer")
-    model: str | None = Field(None, description="Model id (extension; default: the configured text model)")
+    model: str | None = Field(None, description='Model id; none or "default": the configured text model')
 
     @field_validator("model")
     @classmethod
@@ -38,6 +32,17 @@ class GenerateRequest(BaseModel):
 
     def messages(self) -> list[ChatMessage]:
         return [ChatMessage("user", self.prompt)]
+
+
+class GenerateRequest(UserPrompt):
+    """Seed 000's ``POST /generate`` body; unset parameters take the model's configured defaults."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
+    max_tokens: int | None = Field(None, ge=1, le=4096, description="Upper bound on generated tokens")
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling")
+    top_k: int | None = Field(None, ge=1, le=100, description="Top-K sampling")
+    repeat_penalty: float | None = Field(None, ge=1.0, le=2.0, description="Repetition penalty (1.0: none)")
+    stream: bool = Field(True, description="Server-Sent Events (default) or one JSON answer")
 
     def param_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``GenerationService.params_for`` (None: the model's default)."""

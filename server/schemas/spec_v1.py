@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, Field, StringConstraints, ValidationError
 
 from core.errors import BadRequest, ChatVLMError, InvalidParameter
-from llm.types import ChatMessage, StreamDelta
-from server.schemas.llama_local import UsageBody, default_to_none
+from llm.types import StreamDelta
+from server.schemas.llama_local import UsageBody, UserPrompt
 
 MAX_BATCH = 32
 MAX_STOP = 16
@@ -17,11 +17,9 @@ MAX_STOP = 16
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
-class GenerationFields(BaseModel):
+class GenerationFields(UserPrompt):
     """A prompt and its sampling parameters; unset parameters take the model's configured defaults."""
 
-    prompt: str = Field(min_length=1, description="The user's message; the model's chat template is applied")
-    model: str | None = Field(None, description='Model id; none or "default": the configured text model')
     max_tokens: int | None = Field(None, ge=1, le=32768, description="Upper bound on generated tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -31,14 +29,6 @@ class GenerationFields(BaseModel):
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description="Text(s) that end the reply; not included in it")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
-
-    @field_validator("model")
-    @classmethod
-    def _default_model(cls, v: str | None) -> str | None:
-        return default_to_none(v)
-
-    def messages(self) -> list[ChatMessage]:
-        return [ChatMessage("user", self.prompt)]
 
     def param_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``GenerationService.params_for`` (None: the model's default)."""

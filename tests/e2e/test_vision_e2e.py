@@ -167,16 +167,20 @@ def test_health_answers_while_a_model_generates(tiny_server):
     requests.post(f"{url}/models/qwen3_vl_2b/load").raise_for_status()
     done = threading.Event()
 
+    result = {}
+
     def long_chat():
+        # Greedy: the tiny checkpoints never pick an end token greedily, so this runs the full length
+        # (sampling can end it early by chance, before /health is measured).
         with open(RECEIPT_EN, "rb") as f:
-            requests.post(f"{url}/chat", files={"file": f},
-                          data={"prompt": "Tell a long story", "model": "qwen3_vl_2b", "max_tokens": 2000,
-                                "temperature": 1.0})
+            result["r"] = requests.post(f"{url}/chat", files={"file": f},
+                                        data={"prompt": "Tell a long story", "model": "qwen3_vl_2b",
+                                              "max_tokens": 3000, "temperature": 0})
         done.set()
 
     worker = threading.Thread(target=long_chat)
     worker.start()
-    time.sleep(0.3)
+    time.sleep(0.1)
     latencies = []
     while not done.is_set() and len(latencies) < 20:
         t = time.perf_counter()
@@ -184,5 +188,6 @@ def test_health_answers_while_a_model_generates(tiny_server):
         latencies.append(time.perf_counter() - t)
         time.sleep(0.05)
     worker.join()
+    assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 3000
     assert latencies, "the generation finished before /health could be measured"
     assert max(latencies) < 1.0, latencies

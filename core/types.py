@@ -55,15 +55,6 @@ class GenerationParams:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
-    model: str = ""
-
-
 class CancelToken:
     """Set by the caller when the client leaves or the deadline passes; polled by model code."""
 

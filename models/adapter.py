@@ -47,11 +47,6 @@ class OcrOptions:
     region: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in the page's pixels
 
 
-class Installation(Protocol):
-    installed: bool
-    reason: str
-
-
 @dataclass(frozen=True)
 class InstallState:
     installed: bool

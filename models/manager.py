@@ -55,13 +55,12 @@ class ModelState:
 
 class ModelManager:
     def __init__(self, registry: ModelRegistry, *, memory_budget_mb: float = 0,
-                 idle_unload_s: float = 0, idle_check_s: float = 30, max_queue: int = 64,
+                 idle_unload_s: float = 0, idle_check_s: float = 30,
                  metrics: Any = None) -> None:
         self.registry = registry
         self.memory_budget = int(memory_budget_mb * 1024 * 1024)
         self.idle_unload_s = idle_unload_s
         self.idle_check_s = idle_check_s
-        self.max_queue = max_queue
         self.metrics = metrics
         self._states = {e.id: ModelState(e) for e in registry.entries()}
         self._idle_task: asyncio.Task | None = None

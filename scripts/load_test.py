@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import shutil
 import statistics

@@ -10,9 +10,11 @@ import ipaddress
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from core.config import ConfigError, Settings, load_settings
+from core.memory import limit_arenas
 
 
 def _prepare_environment(settings: Settings) -> None:
@@ -81,17 +83,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.server.malloc_arena_max:
+        limit_arenas(settings.server.malloc_arena_max)  # before any worker thread allocates
     import uvicorn
 
     app = create_app(settings)
 
+    announce = settings.server.drain_announce_s
+
     class DrainingServer(uvicorn.Server):
+        announcing: threading.Timer | None = None
+
         def handle_exit(self, sig, frame) -> None:
-            app.state.services.draining = True  # /readyz turns 503 at once, before connections close
+            services = app.state.services
+            if announce > 0 and not services.draining:
+                # /readyz answers 503 while everything else still serves; then stop accepting.
+                services.draining = True
+                self.announcing = threading.Timer(announce, super().handle_exit, (sig, frame))
+                self.announcing.daemon = True
+                self.announcing.start()
+                return
+            if self.announcing is not None:
+                self.announcing.cancel()  # a second signal: stop now
+            services.draining = True  # /readyz turns 503 at once, before connections close
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
-                            log_level=settings.server.log_level, timeout_graceful_shutdown=10)
+                            log_level=settings.server.log_level,
+                            timeout_graceful_shutdown=settings.server.graceful_timeout_s)
     DrainingServer(config).run()
     return 0
 

@@ -34,6 +34,17 @@ class ServerSettings(_Strict):
     cors_origins: list[str] = []
     # With no API keys, `python api.py` refuses a non-loopback host unless this is true.
     allow_unauthenticated_public: bool = False
+    # On SIGTERM, keep serving this many seconds with /readyz answering 503 before new
+    # connections are refused (lets a load balancer see "not ready" and stop routing first);
+    # in-flight requests then get up to `graceful_timeout_s` to finish. 0: stop accepting at once.
+    drain_announce_s: float = Field(0, ge=0, le=300)
+    graceful_timeout_s: float = Field(10, ge=0, le=3600)
+    # Give freed heap memory back to the OS this many seconds after the server goes idle
+    # (glibc malloc_trim; 0: never). Keeps RSS from ratcheting up over bursts of uploads.
+    idle_trim_s: float = Field(2.0, ge=0, le=3600)
+    # Cap glibc's malloc arenas at start-up (0: glibc's default of 8 per core). Fewer arenas
+    # strand less free memory between threads, at some cost in allocation contention.
+    malloc_arena_max: int = Field(0, ge=0, le=1024)
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -119,6 +130,32 @@ class LimitsSettings(_Strict):
         return int(self.max_file_mb * 1024 * 1024)
 
 
+class ImageUrlSettings(_Strict):
+    """http(s) image URLs inside requests (OpenAI `image_url` parts). Off by default: only
+    `data:` URLs are read. When on: https only, hosts on the allow-list only, no private,
+    loopback, link-local, multicast or metadata addresses (checked on the resolved address of
+    every hop, redirects included), a timeout and a byte cap."""
+
+    enabled: bool = False
+    # Exact host names ("images.example.com") or a leading wildcard ("*.example.com": any
+    # subdomain, not the bare domain). Required when enabled.
+    allowed_domains: list[str] = []
+    timeout_s: float = Field(10, gt=0, le=120)          # whole fetch, redirects included
+    max_redirects: int = Field(3, ge=0, le=10)
+    # Byte cap of one fetched image; 0 = limits.max_file_mb.
+    max_mb: float = Field(0, ge=0, le=1024)
+
+    @model_validator(mode="after")
+    def _allow_list(self) -> "ImageUrlSettings":
+        if self.enabled and not self.allowed_domains:
+            raise ValueError("image_urls.enabled needs image_urls.allowed_domains (a list of host names)")
+        for d in self.allowed_domains:
+            host = d[2:] if d.startswith("*.") else d
+            if not host or "*" in host or "/" in host or ":" in host:
+                raise ValueError(f"image_urls.allowed_domains: '{d}' is not a host name or '*.domain'")
+        return self
+
+
 class GenerationDefaults(_Strict):
     max_new_tokens: int = Field(512, ge=1, le=32768)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -198,6 +235,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = RoutingSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    image_urls: ImageUrlSettings = ImageUrlSettings()
     models: dict[str, ModelConfig] = {}
     # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id.
     aliases: dict[str, str] = {}

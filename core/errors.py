@@ -102,9 +102,11 @@ class ModelLoadFailed(ModelUnavailable):
 
 
 class CapabilityMissing(ClientError):
-    """The named model exists but cannot do what was asked (e.g. chat with an OCR engine)."""
+    """The named model exists but cannot do what was asked (e.g. chat with an OCR engine).
+    404: no model of that name serves this task (OpenAI answers a model that does not serve
+    an endpoint with 404 too)."""
 
-    status_code = 400
+    status_code = 404
     code = "MODEL_CAPABILITY_MISSING"
 
 

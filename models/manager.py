@@ -75,6 +75,10 @@ class ModelManager:
     def loaded_ids(self) -> list[str]:
         return [m for m, s in self._states.items() if s.status == "loaded"]
 
+    def any_busy(self) -> bool:
+        """Any model with work in flight or queued."""
+        return any(s.busy for s in self._states.values())
+
     def failed_ids(self) -> list[str]:
         return [m for m, s in self._states.items() if s.status == "failed"]
 
@@ -168,15 +172,15 @@ class ModelManager:
             log.info("unloaded model %s", model_id)
             return True
 
-    def check_capacity(self, model_id: str) -> None:
-        """Refuse at once (503 + Retry-After) when the model's queue is already full, before the
-        request spends time on image decoding or tokenizing."""
+    def check_capacity(self, model_id: str, deadline: float | None = None) -> None:
+        """Refuse at once (503 + Retry-After) when the model's queue is already full, or too long
+        to start before ``deadline``, before the request spends time on decoding or tokenizing."""
         st = self.state(model_id)
         runner, engine = st.runner, st.engine
-        engine_full = engine is not None and engine.waiting_count >= engine.max_queue
-        runner_full = runner is not None and runner.pending >= runner.concurrency + runner.max_queue
-        if engine_full or runner_full:
+        if engine is not None and engine.waiting_count >= engine.max_queue:
             raise Overloaded(f"model '{model_id}' is at capacity; retry shortly", headers={"Retry-After": "1"})
+        if runner is not None:
+            runner.admit(deadline)
 
     # ---- running ---------------------------------------------------------------
     async def run(self, model_id: str, method: str, *args: Any, cancel: CancelToken) -> Any:

@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="engine max_batch_size of the two tiny models")
     p.add_argument("--models-dir", type=Path, help="tiny models (built into a temp dir when absent)")
     p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the server, e.g. CHATVLM_SERVER__IDLE_TRIM_S=0 (repeatable)")
     args = p.parse_args(argv)
     args.high = max(1, min(args.high, 500))
     args.low = max(1, min(args.low, 500))
@@ -352,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     for mid in (TEXT_MODEL, VLM):
         env[f"CHATVLM_MODELS__{mid.upper()}__MAX_QUEUE"] = str(args.queue)
         env[f"CHATVLM_MODELS__{mid.upper()}__MAX_BATCH_SIZE"] = str(args.batch)
+    env.update(kv.split("=", 1) for kv in args.server_env)
     images = _images()
     t_start = time.monotonic()
     server = RemoteServer(models_dir=models_dir, env=env)
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     report = {
-        "config": {"low_clients": args.low, "high_clients": args.high, "engine_max_queue": args.queue,
+        "config": {"server_env": args.server_env, "low_clients": args.low, "high_clients": args.high, "engine_max_queue": args.queue,
                    "engine_max_batch_size": args.batch, "ocr_runner_queue": "concurrency 2 + 64 (fixed)"},
         "below": summarize(below), "above": summarize(above),
         "health_below": health_summary(h_below), "health_above": health_summary(h_above),

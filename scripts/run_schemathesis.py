@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ST = Path(sys.executable).with_name("schemathesis")
+HOOKS = ROOT / "scripts" / "schemathesis_hooks.py"  # real image/PDF bytes for the declared file media types
+CONFIG = ROOT / "scripts" / "schemathesis.toml"  # the rules JSON Schema cannot state, each with its reason
+# Registry models without a tiny builder are installed as a tiny copy of their family, so the
+# server under test has every model of its registry (no 503 MODEL_NOT_INSTALLED by design).
+STAND_INS = {"qwen_vl_7b": "qwen_vl_2b", "qwen3_vl_4b": "qwen3_vl_2b", "qwen3_vl_8b": "qwen3_vl_2b"}
 # Failure codes that are schema violations (statuses, headers, bodies, SSE events, acceptance).
 VIOLATIONS = {"ST103", "ST104", "ST105", "ST106", "ST107", "ST108", "ST201", "ST202", "ST203"}
 
@@ -28,15 +34,23 @@ def run(url: str, *, max_examples: int = 10, max_time: float = 600, phases: str 
     """Run the CLI, return a summary dict (and the raw text under 'output')."""
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         raise SystemExit("schemathesis runs go to loopback only")
-    args = [str(ST), "run", url.rstrip("/") + "/openapi.json", "-n", str(max_examples),
+    args = [str(ST), "--config-file", str(CONFIG), "run", url.rstrip("/") + "/openapi.json", "-n", str(max_examples),
             "--checks", checks, "--mode", mode, "--seed", str(seed), "--no-color",
             "--request-timeout", str(request_timeout), "--max-time", str(int(max_time)),
             "--workers", str(workers), "--output-truncate", "false", *(extra or [])]
     if phases:
         args += ["--phases", phases]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=max_time + 120, cwd=ROOT)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=max_time + 120, cwd=ROOT, env=env)
     out = proc.stdout + proc.stderr
     return summarize(out) | {"exit_code": proc.returncode, "output": out}
+
+
+def install_stand_ins(models_dir: Path) -> None:
+    for model_id, source in STAND_INS.items():
+        target = models_dir / model_id
+        if not target.exists():
+            target.symlink_to(models_dir / source, target_is_directory=True)
 
 
 def summarize(out: str) -> dict:
@@ -81,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from tests.server_process import RemoteServer
         tiny = Path(tempfile.mkdtemp(prefix="schema-tiny-"))
         build_tiny_models(tiny)
+        install_stand_ins(tiny)
         server = RemoteServer(models_dir=tiny)
         url = server.url
     elif args.url:

@@ -8,13 +8,16 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from core.config import Settings
+from core.memory import IdleTrimmer
 from server.auth import AuthMiddleware, KeyRing
 from server.deps import build_services
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
 from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
+from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
+from server.uploads import upload_form_limits
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 
 log = logging.getLogger("chatvlm")
@@ -28,14 +31,23 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await services.manager.start(settings.manager.preload)
+        trimmer = IdleTrimmer(lambda: services.connections.active > 0 or services.manager.any_busy(),
+                              settings.server.idle_trim_s)
+        trimmer.start()
         try:
             yield
         finally:
             services.draining = True
-            await services.manager.shutdown()
+            await trimmer.stop()
+            try:
+                await services.manager.shutdown()
+            finally:
+                await services.image_fetcher.close()
 
     # Swagger UI and ReDoc assets come from a package, not a CDN: the docs work offline.
     app = FastAPIOffline(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,
+                         # multipart part caps; single-file routes lower max_files to 1
+                         form_limits=upload_form_limits(settings.limits.max_batch_files),
                   description="OCR and visual question answering with vision-language models, "
                               "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
     app.state.services = services
@@ -46,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
         images = [Depends(charge_images)] if surface in (vision, openai_compat) else None
         app.include_router(surface.router, dependencies=images)
     app.include_router(metrics_router)
+    install_openapi(app, settings)
 
     limits = settings.limits
 

@@ -8,6 +8,7 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from core.config import Settings
+from core.remote_images import ImageFetcher
 from llm.service import GenerationService
 from models.manager import ModelManager
 from models.registry import ModelRegistry
@@ -30,6 +31,7 @@ class Services:
     llm: GenerationService
     connections: ConnectionStats
     metrics: Metrics
+    image_fetcher: ImageFetcher
     draining: bool = False  # set when shutdown starts: /readyz answers 503
 
 
@@ -47,13 +49,19 @@ def build_services(settings: Settings) -> Services:
     selector = ModelSelector(registry, ocr_fallback=settings.routing.ocr_fallback)
     decoder = ImageDecoder(settings.limits)
     llm = GenerationService(selector, manager, decoder, settings.limits)
+    image_urls = settings.image_urls
+    image_fetcher = ImageFetcher(image_urls, int(image_urls.max_mb * 2**20) if image_urls.max_mb
+                                 else settings.limits.max_file_bytes)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=OcrService(selector, manager, decoder, settings.limits, llm),
                     chat=ChatService(selector, llm, decoder, settings.limits),
-                    llm=llm, connections=connections, metrics=metrics)
+                    llm=llm, connections=connections, metrics=metrics,
+                    image_fetcher=image_fetcher)
 
 
-def _services(conn: HTTPConnection) -> Services:
+# Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread
+# pool, one hop per request, which under load waits behind every other request's hops.
+async def _services(conn: HTTPConnection) -> Services:
     return conn.app.state.services
 
 

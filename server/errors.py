@@ -39,6 +39,10 @@ _HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "
                405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE", 413: "PAYLOAD_TOO_LARGE",
                415: "UNSUPPORTED_MEDIA_TYPE", 422: "VALIDATION_ERROR", 429: "RATE_LIMITED"}
 
+# Starlette's multipart parser refuses a form past its caps with a 400 and these messages.
+_MULTIPART_CAPS = (("Too many files", "TOO_MANY_FILES"), ("Too many fields", "TOO_MANY_FIELDS"),
+                   ("Part exceeded maximum size", "FIELD_TOO_LARGE"))
+
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
                  422: "invalid_request_error", 429: "rate_limit_error"}
@@ -100,6 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+        if exc.status_code == 400 and isinstance(exc.detail, str):  # the multipart parser's part caps
+            code = next((c for prefix, c in _MULTIPART_CAPS if exc.detail.startswith(prefix)), code)
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ").lower()
         return error_response(request.url.path, exc.status_code, code, message, headers=exc.headers)
 

@@ -1,53 +1,76 @@
 """Vision core surface (seed 003): OCR, chat about an image, and batch OCR."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
-from core.errors import BadRequest, InvalidParameter, PayloadTooLarge
+from core.errors import InvalidParameter, PayloadTooLarge
 from ocr import formats
 from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
                                    OcrResponse, PageResult, error_responses)
-from server.uploads import LanguageParam, ModelParam, filename_of, read_upload
+from server.uploads import LanguageParam, ModelParam, UploadRoute, filename_of, read_upload, upload_form_limits
 
-router = APIRouter(tags=["vision"])
+# Every route here takes a multipart upload: other bodies get 415 before they are read.
+# One file per request except /batch/ocr, whose file cap is the app's (limits.max_batch_files).
+router = APIRouter(tags=["vision"], route_class=UploadRoute)
+_ONE_FILE = upload_form_limits(max_files=1)
+
+
+def _accepts(part: str, *, pdf: bool, text: tuple[str, ...] = ("language",)) -> dict:
+    """OpenAPI: the media types a file part may hold (the server sniffs the bytes; the
+    limits.allowed_formats filter and the size caps are applied in server/openapi.py), and
+    the free-text parts, which are plain text whatever they look like."""
+    types = "image/jpeg, image/png, image/bmp, image/tiff" + (", application/pdf" if pdf else "")
+    encoding = {part: {"contentType": types}} | {name: {"contentType": "text/plain"} for name in text}
+    return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 _OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
 _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 
 
 # ---- format, region and page: query parameters or form fields, like model and language ----
+# The schema states exactly what the parsers accept (an empty value means "not given").
+_NUM = "([0-9]{1,9}(?:[.][0-9]{1,6})?)"
+REGION_PATTERN = rf"^$|^ *[\[(]? *{_NUM} *, *{_NUM} *, *{_NUM} *, *{_NUM} *[\])]? *$"
+_REGION_RE = re.compile(REGION_PATTERN)
+
+
 def _pick(query: str | None, form: str | None) -> str | None:
     value = form if form not in (None, "") else query
-    return value.strip() if value and value.strip() else None
+    return value if value else None
 
 
-def _format(q: Annotated[str | None, Query(alias="format", max_length=16,
-                                           description="text (default), markdown or json")] = None,
-            f: Annotated[str | None, Form(alias="format", max_length=16)] = None) -> str:
-    return (_pick(q, f) or "text").lower()
+_FORMAT_DOC = {"description": "text (default), markdown or json", "json_schema_extra": {"enum": [*formats.FORMATS, ""]}}
+_REGION_DOC = {"description": "x1,y1,x2,y2 in original pixels: read only this box",
+               "json_schema_extra": {"pattern": REGION_PATTERN}}
 
 
-def _region(q: Annotated[str | None, Query(alias="region", max_length=100,
-                                           description="x1,y1,x2,y2 in original pixels: read only this box")] = None,
-            f: Annotated[str | None, Form(alias="region", max_length=100)] = None) -> tuple[int, int, int, int] | None:
+async def _format(q: Annotated[str | None, Query(alias="format", max_length=16, **_FORMAT_DOC)] = None,
+            f: Annotated[str | None, Form(alias="format", max_length=16, **_FORMAT_DOC)] = None) -> str:
+    value = _pick(q, f) or "text"
+    if value not in formats.FORMATS:
+        raise InvalidParameter(f"format must be one of {', '.join(formats.FORMATS)}", param="format", code="INVALID_FORMAT")
+    return value
+
+
+async def _region(q: Annotated[str | None, Query(alias="region", max_length=100, **_REGION_DOC)] = None,
+            f: Annotated[str | None, Form(alias="region", max_length=100, **_REGION_DOC)] = None
+            ) -> tuple[int, int, int, int] | None:
     value = _pick(q, f)
     if value is None:
         return None
-    try:
-        box = tuple(int(round(float(v))) for v in value.strip("[]() ").split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
+    m = _REGION_RE.match(value)
+    if m is None or m.lastindex != 4:
         raise InvalidParameter("region must be four numbers: x1,y1,x2,y2", param="region", code="INVALID_REGION")
-    return box  # type: ignore[return-value]
+    return tuple(int(round(float(v))) for v in m.groups())  # type: ignore[return-value]
 
 
-def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
+async def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
                                          description="0-based page (PDF page or TIFF frame) to draw")] = None,
           f: Annotated[int | None, Form(alias="page", ge=0, le=100_000)] = None) -> int:
     return f if f is not None else (q or 0)
@@ -77,7 +100,8 @@ def _structured(o: OcrOutcome) -> dict:
             "markdown": formats.document_markdown(o) if o.format == "markdown" else None}
 
 
-@router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS)
+@router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
+             openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
               model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam) -> OcrResponse:
     """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
@@ -94,7 +118,8 @@ _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "
               "description": "The page (original size) with the blocks' boxes drawn, numbered in reading order"}}
 
 
-@router.post("/ocr/annotate", response_class=Response, responses={**_PNG, **_OCR_ERRORS})
+@router.post("/ocr/annotate", response_class=Response, responses={**_PNG, **_OCR_ERRORS}, form_limits=_ONE_FILE,
+             openapi_extra=_accepts("file", pdf=True))
 async def ocr_annotate(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
                        model: ModelParam, language: LanguageParam, region: RegionParam, page: PageParam) -> Response:
     """OCR one page and answer it as a PNG with each block's box drawn (coloured by category) and
@@ -105,7 +130,8 @@ async def ocr_annotate(services: ServicesDep, file: Annotated[UploadFile, File(d
     return Response(content=png, media_type="image/png")
 
 
-@router.post("/chat", response_model=ChatResponse, responses=_OCR_ERRORS)
+@router.post("/chat", response_model=ChatResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
+             openapi_extra=_accepts("file", pdf=False, text=("prompt",)))
 async def chat(services: ServicesDep, file: Annotated[UploadFile, File(description="The image to talk about")],
                model: ModelParam,
                prompt: Annotated[str | None, Form(max_length=8000, description="Question (default: Describe this image)")] = None,
@@ -123,18 +149,14 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
                                         total_tokens=u.total_tokens))
 
 
-@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS)
+@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS,
+             openapi_extra=_accepts("files", pdf=True))
 async def batch_ocr(services: ServicesDep,
                     files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],
                     model: ModelParam, language: LanguageParam, format: FormatParam,
                     region: RegionParam) -> BatchOcrResponse:
     """OCR several images or PDFs at once. A bad file becomes an error item; the others still succeed."""
-    limits = services.settings.limits
-    if len(files) > limits.max_batch_files:
-        for f in files:
-            await f.close()
-        raise BadRequest(f"at most {limits.max_batch_files} files per batch, got {len(files)}",
-                         param="files", code="TOO_MANY_FILES")
+    limits = services.settings.limits  # the parser already refused more than limits.max_batch_files files
     started = time.perf_counter()
     uploads = []
     for f in files:

@@ -156,7 +156,7 @@ def test_errors_map_to_sdk_exceptions(client):
     e = _bad(client, openai.BadRequestError, "IMAGE_URL_NOT_ALLOWED", model=VLM,
              messages=image_message("https://example.com/cat.png"))
     assert "data:" in e.body["message"]
-    _bad(client, openai.BadRequestError, "MODEL_CAPABILITY_MISSING", messages=image_message(png_data_url()))
+    _bad(client, openai.NotFoundError, "MODEL_CAPABILITY_MISSING", messages=image_message(png_data_url()))
     not_an_image = "data:image/png;base64," + base64.b64encode(b"plain text, not pixels").decode()
     assert _bad(client, openai.APIStatusError, model=VLM, messages=image_message(not_an_image)).status_code == 415
     # Malformed values fail schema validation: 422 (see server/errors.py).

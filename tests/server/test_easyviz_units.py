@@ -169,7 +169,7 @@ def test_model_detail_load_unload(client):
 @pytest.mark.parametrize("method,path,status,code", [
     ("get", "/api/v1/llm/models/nope/", 404, "MODEL_NOT_FOUND"),
     ("post", "/api/v1/llm/models/nope/load/", 404, "MODEL_NOT_FOUND"),
-    ("get", "/api/v1/llm/models/ocr_only/", 400, "MODEL_CAPABILITY_MISSING"),
+    ("get", "/api/v1/llm/models/ocr_only/", 404, "MODEL_CAPABILITY_MISSING"),
     ("post", "/api/v1/llm/models/absent/load/", 503, "MODEL_NOT_INSTALLED"),
 ])
 def test_model_errors_have_the_seed_shape(client, method, path, status, code):

@@ -83,8 +83,31 @@ def test_ocr_errors(client):
     r = client.post("/ocr", files={"file": ("a.png", png()[:40])})
     assert r.status_code == 400
     assert_clean_error(r.json(), "INVALID_IMAGE")
-    r = client.post("/ocr")
+    r = client.post("/ocr", files={"model": (None, "fast")})  # multipart without the file part
     assert r.status_code == 422 and r.json()["code"] == "VALIDATION_ERROR" and r.json()["param"] == "file"
+
+
+@pytest.mark.parametrize("path", ["/ocr", "/ocr/annotate", "/chat", "/batch/ocr"])
+@pytest.mark.parametrize("kwargs, named", [
+    ({"data": {"model": "fast"}}, "application/x-www-form-urlencoded"),
+    ({"json": {"file": "aGVsbG8="}}, "application/json"),
+    ({"content": b"\x89PNG rest of the bytes"}, "without a Content-Type"),
+])
+def test_upload_routes_take_multipart_only(client, path, kwargs, named):
+    r = client.post(path, **kwargs)
+    assert r.status_code == 415 and named in r.json()["detail"]
+    assert_clean_error(r.json(), "MULTIPART_REQUIRED")
+
+
+def test_multipart_part_caps(client):
+    two = [("file", ("a.png", png())), ("file", ("b.png", png()))]
+    r = client.post("/ocr", files=two)
+    assert r.status_code == 400 and r.json()["code"] == "TOO_MANY_FILES"
+    fields = [("file", ("a.png", png()))] + [(f"x{i}", (None, "v")) for i in range(17)]
+    r = client.post("/chat", files=fields)
+    assert r.status_code == 400 and r.json()["code"] == "TOO_MANY_FIELDS"
+    r = client.post("/ocr", files=[("file", ("a.png", png())), ("prompt", (None, "x" * (2 * 1024 * 1024)))])
+    assert r.status_code == 400 and r.json()["code"] == "FIELD_TOO_LARGE"
 
 
 def test_file_size_limits(tmp_path, fake_kind):
@@ -230,3 +253,21 @@ def test_liveness_and_readiness(tmp_path, fake_kind):
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "not_ready"
         assert c.get("/healthz").status_code == 200
+
+
+def test_file_part_without_filename_is_a_file(client):
+    """RFC 7578 makes the filename optional (aiohttp's FormData sends bytes without one): a part
+    with a non-text Content-Type is read as a file, its bytes intact."""
+    boundary = "b0undary"
+    parts = [png(24, 12), png(30, 10)]
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"\r\n"
+                    f"Content-Type: image/png\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    body += f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nfast\r\n--{boundary}--\r\n".encode()
+    r = client.post("/batch/ocr", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert [i["text"] for i in r.json()["results"]] == ["fast 24x12", "fast 30x10"]
+    # a text part stays a field
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Type: text/plain\r\n\r\n"
+            f"hello\r\n--{boundary}--\r\n").encode()
+    r = client.post("/ocr", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 422 and r.json()["param"] == "file"

@@ -44,10 +44,11 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
             picked = scores[row.seen]
             scores = scores.clone()
             scores[row.seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+            scores = _finite(scores)  # a tiny penalty overflows: the limit is "those tokens win"
         if p.greedy:
             out.append(int(scores.argmax()))
             continue
-        scores = scores / p.temperature
+        scores = _finite(scores / p.temperature)
         if 0 < p.top_k < scores.numel():
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -55,7 +56,16 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
             sorted_scores, order = torch.sort(scores, descending=True)
             cumulative = sorted_scores.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+            drop[0] = False  # the most likely token always stays (top_p 0 means: only it)
             scores = scores.index_fill(0, order[drop], float("-inf"))
         probs = scores.softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            out.append(int(scores.argmax()))  # no usable distribution left: its limit is greedy
+            continue
         out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
     return out
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """Scores without NaN or +inf (-inf stays: it means "never"), so softmax stays defined."""
+    return scores.nan_to_num(nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)

@@ -153,3 +153,19 @@ def test_vanishing_temperature_is_greedy_not_nan():
     for temperature in (1e-38, 1.175494351e-38, 1e-6):
         row = RowSampler(GenerationParams(temperature=temperature, seed=1), [], torch.device("cpu"))
         assert choose_tokens(logits, [row]) == [1]
+
+
+def test_extreme_values_inside_the_schema_still_give_a_token():
+    """Found by schemathesis: repetition_penalty 5e-324 made seen positive logits +inf, softmax
+    NaN and the whole batch fail. Extremes now take their limits (and one row never fails others)."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [1.0, 3.0, 2.0, -1.0]])
+    tiny = 5e-324
+    rows = [sampler(prompt_ids=[0, 2], repetition_penalty=tiny, temperature=2.0, top_p=0.0, seed=1),
+            sampler(prompt_ids=[0, 2], repetition_penalty=tiny, temperature=2.0, seed=2)]
+    for _ in range(5):
+        got = choose_tokens(logits, rows)
+        assert got[0] in (0, 2) and got[1] in (0, 2)  # seen positive logits grow without bound: they win
+    greedy = sampler(prompt_ids=[0, 2], repetition_penalty=tiny)
+    assert choose_tokens(logits[:1], [greedy])[0] in (0, 2)
+    # top_p 0 keeps only the most likely token
+    assert choose_tokens(logits[:1], [sampler(temperature=1.0, top_p=0.0, seed=4)]) == [1]

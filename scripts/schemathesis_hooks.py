@@ -11,6 +11,7 @@ Loaded by scripts/run_schemathesis.py through SCHEMATHESIS_HOOKS (with scripts/s
 """
 from __future__ import annotations
 
+import base64
 import io
 
 import schemathesis
@@ -61,3 +62,7 @@ schemathesis.openapi.media_type("application/pdf", _picture().map(_pdf))
 # Free-text multipart fields (prompt, language): any short text. A multipart part is text by
 # nature, so "a JSON array in the prompt field" is text too, not a type violation.
 schemathesis.openapi.media_type("text/plain", st.text(max_size=64).map(lambda t: t.encode("utf-8")))
+
+# OpenAI image_url.url declares the custom format "image-url": a data: URL of a real image.
+schemathesis.openapi.format("image-url", _encoded("PNG").map(
+    lambda data: "data:image/png;base64," + base64.b64encode(data).decode("ascii")))

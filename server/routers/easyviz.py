@@ -38,7 +38,7 @@ from server.errors import Surface, error_body
 from server.schemas.easyviz import (MAX_CHAT_MESSAGE_CHARS, ChatMessageFrame, GenerationParameters,
                                     LlmGenerateRequest, LlmGenerateResponse, LlmHealthResponse,
                                     LlmModelActionResponse, LlmModelConfig, LlmModelDetailResponse,
-                                    LlmModelsResponse, LlmModelSummary, LlmStreamEvent, LlmUsage, ModelSwitchFrame,
+                                    LlmModelsResponse, LlmModelSummary, LlmUsage, ModelSwitchFrame, STREAM_DOC,
                                     error_responses)
 from server.sse import sse_response
 
@@ -56,7 +56,7 @@ def _route(method: str, path: str, **kwargs: Any):
     return register
 
 
-def _sessions(conn: HTTPConnection) -> ChatSessionStore:
+async def _sessions(conn: HTTPConnection) -> ChatSessionStore:
     """The app's chat session store, created on first use (nothing is built at import)."""
     store = getattr(conn.app.state, "easyviz_sessions", None)
     if store is None:
@@ -185,11 +185,6 @@ def _error_data(exc: ChatVLMError) -> dict[str, Any]:
 
 
 _GENERATE_ERRORS = error_responses(400, 404, 413, 422, 503, 504)
-_STREAM_DOC = {200: {"description": "Server-sent events: `{\"chunk\"}` pieces, then `{\"done\": true}`; a failure "
-                                    "after the start is an `{\"error\", \"code\"}` event before `{\"done\": true}`",
-                     "content": {"text/event-stream": {"schema": LlmStreamEvent.model_json_schema(),
-                                                       "example": 'data: {"chunk":"你好！"}\n\n'
-                                                                  'data: {"done":true}\n\n'}}}}
 
 
 @_route("POST", "/api/v1/llm/generate/", response_model=LlmGenerateResponse, responses=_GENERATE_ERRORS)
@@ -202,7 +197,7 @@ async def generate(body: LlmGenerateRequest, services: ServicesDep) -> LlmGenera
 
 
 @_route("POST", "/api/v1/llm/generate/stream/", response_class=EventSourceResponse,
-        responses={**_STREAM_DOC, **_GENERATE_ERRORS})
+        responses={**STREAM_DOC, **_GENERATE_ERRORS})
 async def generate_stream(body: LlmGenerateRequest, services: ServicesDep) -> EventSourceResponse:
     """Generate a reply to the prompt as server-sent events."""
     _, deltas = await services.llm.stream(_input(services, [], body.prompt, body.model, body.parameters))

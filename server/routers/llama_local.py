@@ -9,21 +9,15 @@ from fastapi import APIRouter, Query
 from llm.types import GenerateInput
 from server.deps import ServicesDep
 from server.model_listing import resolved_device
-from server.schemas.llama_local import (STREAM_EXAMPLE, GenerateRequest, GenerateResponse, ModelInfoResponse,
-                                        UsageBody, default_to_none, delta_events, end_events, error_events)
+from server.schemas.llama_local import (STREAM_DOC, GenerateRequest, GenerateResponse, ModelInfoResponse, UsageBody,
+                                        default_to_none, delta_events, end_events, error_events)
 from server.schemas.vision import error_responses
 from server.sse import sse_response
 
 router = APIRouter(tags=["llama-local"])
 
-_STREAMED = {200: {"description": "With `stream: true` (the default): `data: <text piece>` events, then "
-                                  "`data: [DONE]`; a failure mid-stream sends `data: [ERROR] <message>` first. "
-                                  "With `stream: false`: one JSON answer.",
-                   "content": {"text/event-stream": {"schema": {"type": "string"}, "example": STREAM_EXAMPLE}}}}
-
-
 @router.post("/generate", response_model=GenerateResponse,
-             responses={**_STREAMED, **error_responses(400, 404, 422, 503, 504)})
+             responses={**STREAM_DOC, **error_responses(400, 404, 422, 503, 504)})
 async def generate(req: GenerateRequest, services: ServicesDep):
     """Reply to a prompt, streamed as plain-text SSE pieces (default) or as one JSON answer."""
     llm = services.llm

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from core.errors import NotFound
+from core.errors import BadRequest, NotFound
 from core.types import Capability
 from models.registry import RegistryEntry, not_installed_message
-from server.deps import ServicesDep
-from server.schemas.openai_compat import (ChatChunks, ChatCompletion, ChatCompletionRequest, Completion,
-                                          CompletionChunks, CompletionRequest, OpenAIModel, OpenAIModelList,
-                                          chat_completion, completion, error_responses, stream_response_doc)
+from server.deps import Services, ServicesDep
+from server.schemas.openai_compat import (ChatChunks, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                                          Completion, CompletionChunk, CompletionChunks, CompletionRequest,
+                                          OpenAIModel, OpenAIModelList, chat_completion, completion, error_responses,
+                                          stream_response_doc)
 from server.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -26,10 +27,13 @@ _TEXT_CAPABILITIES = {Capability.GENERATE, Capability.CHAT}
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={
-    **stream_response_doc("chat.completion.chunk", _CHAT_EXAMPLE), **_GENERATE_ERRORS})
+    **stream_response_doc(ChatCompletionChunk, _CHAT_EXAMPLE), **_GENERATE_ERRORS})
 async def chat_completions(req: ChatCompletionRequest, services: ServicesDep):
-    """Chat with a text or vision-language model; images come as data: URLs in image_url parts."""
-    inp = req.to_generate_input(services.llm, max_image_bytes=services.settings.limits.max_file_bytes)
+    """Chat with a text or vision-language model; images come as data: URLs in image_url parts
+    (or https URLs, when the server enables them)."""
+    fetched = await _fetch_images(req, services)
+    inp = req.to_generate_input(services.llm, max_image_bytes=services.settings.limits.max_file_bytes,
+                                fetched=fetched)
     if req.stream:
         model_id, deltas = await services.llm.stream(inp)
         chunks = ChatChunks(model_id, include_usage=req.include_usage)
@@ -37,8 +41,22 @@ async def chat_completions(req: ChatCompletionRequest, services: ServicesDep):
     return chat_completion(await services.llm.generate(inp))
 
 
+async def _fetch_images(req: ChatCompletionRequest, services: Services) -> dict[str, bytes]:
+    """The bytes of the request's http(s) image URLs, fetched concurrently; none when image URLs
+    are off (the conversion then refuses them with 400 IMAGE_URL_NOT_ALLOWED)."""
+    fetcher = services.image_fetcher
+    urls = req.remote_image_urls() if fetcher.enabled else []
+    if not urls:
+        return {}
+    limit = services.settings.limits.max_batch_files
+    if len(urls) > limit:
+        raise BadRequest(f"at most {limit} image URLs are fetched per request", param="messages",
+                         code="TOO_MANY_IMAGE_URLS")
+    return await fetcher.fetch_all(urls)
+
+
 @router.post("/completions", response_model=Completion, responses={
-    **stream_response_doc("text_completion", _COMPLETION_EXAMPLE), **_GENERATE_ERRORS})
+    **stream_response_doc(CompletionChunk, _COMPLETION_EXAMPLE), **_GENERATE_ERRORS})
 async def completions(req: CompletionRequest, services: ServicesDep):
     """Continue a raw prompt (no chat template)."""
     inp = req.to_generate_input(services.llm)

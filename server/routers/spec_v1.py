@@ -65,12 +65,11 @@ async def generate_stream(req: GenerationFields, services: ServicesDep):
 
 @router.post("/batch/generate", response_model=BatchResponse, responses=error_responses(422))
 async def batch_generate(req: BatchRequest, services: ServicesDep) -> BatchResponse:
-    """Run up to 32 prompts concurrently (the engine batches them); a failing item fails alone."""
+    """Run up to 32 prompts concurrently (the engine batches them). An invalid item fails the whole request
+    (422 naming it); an item that fails at run time (unknown model, overload, deadline) fails alone."""
     llm = services.llm
 
-    async def one(item: GenerationFields | ChatVLMError) -> BatchResult | BatchError:
-        if isinstance(item, ChatVLMError):
-            return BatchError(error=ErrorInfo.of(item))
+    async def one(item: GenerationFields) -> BatchResult | BatchError:
         try:
             out = await llm.generate(_input(llm, item))
         except ChatVLMError as exc:
@@ -81,7 +80,7 @@ async def batch_generate(req: BatchRequest, services: ServicesDep) -> BatchRespo
         return BatchResult(text=out.text, usage=UsageBody.of(out.usage), finish_reason=out.finish_reason,
                            latency=round(out.latency, 3), model=out.model)
 
-    results = await asyncio.gather(*(one(item) for item in req.parse_items()))
+    results = await asyncio.gather(*(one(item) for item in req.requests))
     failed = sum(isinstance(r, BatchError) for r in results)
     return BatchResponse(results=list(results), total=len(results), successful=len(results) - failed, failed=failed)
 

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.types import GenerationParams
+from server.schemas.json_types import JsonBool, JsonFloat, Seed, json_int
+from server.schemas.sse_doc import json_data, sse_response
 
 SEED_SAMPLING_TEMPERATURE = 0.7  # the seed's default when sampling is asked for with no temperature
 MAX_PROMPT_CHARS = 200_000
@@ -23,13 +25,13 @@ class GenerationParameters(BaseModel):
     """The seed's parameters, plus the engine's other sampling controls. Unset values take
     the model's configured defaults."""
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Randomness; 0 means greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling")
-    max_length: int | None = Field(None, ge=1, le=4096, description="Maximum number of generated tokens")
-    do_sample: bool | None = Field(None, description="false forces greedy decoding")
-    top_k: int | None = Field(None, ge=0, le=1000, description="0 turns top-k off")
-    repetition_penalty: float | None = Field(None, ge=0.5, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="Randomness; 0 means greedy")
+    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling")
+    max_length: json_int(ge=1, le=4096) | None = Field(None, description="Maximum number of generated tokens")
+    do_sample: JsonBool | None = Field(None, description="false forces greedy decoding")
+    top_k: json_int(ge=0, le=1000) | None = Field(None, description="0 turns top-k off")
+    repetition_penalty: JsonFloat | None = Field(None, ge=0.5, le=2.0)
+    seed: Seed | None = Field(None, description="Makes sampling reproducible (any size: taken modulo 2**63)")
     stop: list[str] | None = Field(None, max_length=4, description="Generation ends before any of these")
 
     def apply(self, base: GenerationParams) -> GenerationParams:
@@ -70,14 +72,19 @@ class LlmGenerateResponse(BaseModel):
     processing_time: float = Field(description="Seconds from submission to the last token")
 
 
-class LlmStreamEvent(BaseModel):
-    """One `data:` event of the stream. Events: `{"chunk": "..."}` pieces, then `{"done": true}`;
-    a failure after the stream started is `{"error": "...", "code": "..."}` before `{"done": true}`."""
+class LlmChunkEvent(BaseModel):
+    chunk: str = Field(description="The next piece of the reply")
 
-    chunk: str | None = None
-    done: bool | None = None
-    error: str | None = None
-    code: str | None = None
+
+class LlmDoneEvent(BaseModel):
+    done: Literal[True]
+
+
+STREAM_DOC = sse_response(
+    "Server-sent events: `{\"chunk\"}` pieces, then `{\"done\": true}`; a failure after the start is an "
+    "`{\"error\", \"code\"}` event before `{\"done\": true}`",
+    json_data(LlmChunkEvent, LlmDoneEvent, LlmError), title="LlmStreamEvent",
+    example='data: {"chunk":"你好！"}\n\ndata: {"done":true}\n\n')
 
 
 # ---- health and models --------------------------------------------------------------------
@@ -147,7 +154,7 @@ class ChatMessageFrame(BaseModel):
     type: Literal["chat_message"]
     message: str = Field(description="The user's message; must not be blank")
     model: str | None = Field(None, description="For this message only; the session's model when absent")
-    stream: bool = Field(True, description="false: no assistant_chunk frames, only the end frame")
+    stream: JsonBool = Field(True, description="false: no assistant_chunk frames, only the end frame")
     timestamp: str | None = None
     parameters: GenerationParameters = GenerationParameters()
 
@@ -196,8 +203,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 
 _DESCRIPTIONS = {
-    400: "Bad parameters, prompt longer than the model's context, or not a text model",
-    404: "Unknown model", 413: "Request too large", 422: "Validation error",
+    400: "Bad parameters, or a prompt longer than the model's context",
+    404: "Unknown model, or not a text model (MODEL_CAPABILITY_MISSING)", 413: "Request too large",
+    422: "Validation error",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The generation deadline passed",
 }

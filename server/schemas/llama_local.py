@@ -10,6 +10,8 @@ from core.errors import ChatVLMError
 from llm.service import ModelInfo
 from llm.types import ChatMessage, StreamDelta, Usage
 from models.adapter import ModelSpec
+from server.schemas.json_types import JsonBool, JsonFloat, json_int
+from server.schemas.sse_doc import marker, sse_response
 
 DONE = "[DONE]"
 
@@ -37,12 +39,12 @@ class UserPrompt(BaseModel):
 class GenerateRequest(UserPrompt):
     """Seed 000's ``POST /generate`` body; unset parameters take the model's configured defaults."""
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
-    max_tokens: int | None = Field(None, ge=1, le=4096, description="Upper bound on generated tokens")
-    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling")
-    top_k: int | None = Field(None, ge=1, le=100, description="Top-K sampling")
-    repeat_penalty: float | None = Field(None, ge=1.0, le=2.0, description="Repetition penalty (1.0: none)")
-    stream: bool = Field(True, description="Server-Sent Events (default) or one JSON answer")
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
+    max_tokens: json_int(ge=1, le=4096) | None = Field(None, description="Upper bound on generated tokens")
+    top_p: JsonFloat | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling")
+    top_k: json_int(ge=1, le=100) | None = Field(None, description="Top-K sampling")
+    repeat_penalty: JsonFloat | None = Field(None, ge=1.0, le=2.0, description="Repetition penalty (1.0: none)")
+    stream: JsonBool = Field(True, description="Server-Sent Events (default) or one JSON answer")
 
     def param_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``GenerationService.params_for`` (None: the model's default)."""
@@ -108,3 +110,13 @@ def end_events() -> list[str]:
 
 
 STREAM_EXAMPLE = "data: Машинное\n\ndata:  обучение\n\ndata:  -\n\ndata:  это\n\ndata: [DONE]\n\n"
+
+STREAM_DOC = sse_response(
+    "With `stream: true` (the default): `data: <text piece>` events, then `data: [DONE]`; a failure "
+    "mid-stream sends `data: [ERROR] <message>` first. With `stream: false`: one JSON answer.",
+    marker(DONE, "End of the stream"),
+    {"type": "string", "pattern": r"^\[ERROR\] ", "description": "A failure after the stream started; "
+     "`[DONE]` follows"},
+    {"type": "string", "description": "A piece of the reply, as plain text (a piece with newlines is "
+     "sent as several `data:` lines of one event)"},
+    example=STREAM_EXAMPLE, title="LlamaLocalStreamEvent")

@@ -2,9 +2,14 @@
 
 Requests own their validation and their conversion to a ``GenerateInput``. Malformed values
 (wrong type, out of range) fail pydantic validation (400 VALIDATION_ERROR, as OpenAI answers); well-formed values this server
-cannot honour (n > 1, tools, logprobs, penalties, JSON mode, http image URLs) raise
-``BadRequest`` (400) in the conversion, with a stable code and the offending parameter.
+cannot honour (n > 1, tools, logprobs, penalties, JSON mode) raise ``BadRequest`` (400) in the
+conversion, with a stable code and the offending parameter.
 Unknown fields are ignored: the SDK sends ``extra_body`` entries at the top level.
+
+Images: ``data:`` URLs are decoded here. http(s) URLs are refused (400 IMAGE_URL_NOT_ALLOWED)
+unless the operator enables ``image_urls``; then the router fetches the URLs the request lists
+(``ChatCompletionRequest.remote_image_urls``, through ``core.remote_images``) before the
+conversion and hands their bytes in, so the conversion stays synchronous.
 """
 from __future__ import annotations
 
@@ -12,17 +17,30 @@ import base64
 import binascii
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Protocol, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
 
 from core.errors import BadRequest, ChatVLMError, PayloadTooLarge
 from core.types import GenerationParams
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart, Part, StreamDelta, Usage
 from server.errors import Surface, error_body
+from server.schemas.json_types import JsonBool, JsonFloat, SignedSeed, json_int
+from server.schemas.sse_doc import json_data, marker, model_schema, sse_response
 
 MAX_STOP = 4
 DEFAULT_MODEL_NAMES = ("", "default")
+
+
+def documented_as(schema: dict[str, Any]) -> WithJsonSchema:
+    """The schema OpenAPI shows for a field that parses more than it serves: values outside it
+    still parse (the SDK may send them) and are then refused with a specific 400 in OpenAI's shape."""
+    return WithJsonSchema(schema)
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
 
 
 class ModelResolver(Protocol):
@@ -38,9 +56,18 @@ def unsupported(param: str, message: str) -> BadRequest:
 
 
 # ---- images: data: URLs ------------------------------------------------------------------
+def url_scheme(url: str) -> str:
+    """The lower-case scheme of an image URL ("" when it has none)."""
+    return url.split(":", 1)[0].strip().lower() if ":" in url else ""
+
+
+def is_remote_image_url(url: str) -> bool:
+    return url_scheme(url) in ("http", "https")
+
+
 def image_bytes(url: str, *, max_bytes: int, param: str) -> bytes:
     """The bytes of a base64 ``data:`` URL. The encoded length is checked before decoding."""
-    scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    scheme = url_scheme(url)
     if scheme in ("http", "https"):
         raise BadRequest("image URLs (http/https) are not enabled on this server; send the image inline "
                          "as a data: URL (data:image/png;base64,...)", param=param, code="IMAGE_URL_NOT_ALLOWED")
@@ -73,7 +100,11 @@ class TextContent(BaseModel):
 
 
 class ImageURL(BaseModel):
-    url: str = Field(description="data:image/...;base64,... (http(s) URLs are not enabled)")
+    url: str = Field(description="data:image/...;base64,...; or an https URL when the server enables image URLs "
+                                 "(config image_urls: allow-listed hosts, public addresses only, timeout and "
+                                 "byte cap; otherwise 400 IMAGE_URL_NOT_ALLOWED)",
+                     # A custom format: "a URL of an image", which no JSON Schema keyword can state.
+                     json_schema_extra={"format": "image-url"})
     detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted and ignored: the model's "
                                                           "configured pixel budget applies")
 
@@ -99,16 +130,42 @@ ContentPart = Annotated[Union[Annotated[TextContent, Tag("text")], Annotated[Ima
                               Annotated[OtherContent, Tag("other")]], Discriminator(_part_tag)]
 
 
+def _message_schema(schema: dict[str, Any]) -> None:
+    # What to_chat_message refuses with a 400: no content in a non-assistant message, an image
+    # outside a user message.
+    role_is = lambda role: {"properties": {"role": {"const": role}}, "required": ["role"]}  # noqa: E731
+    schema["allOf"] = [
+        {"if": role_is("assistant"),
+         "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}},
+        {"if": role_is("user"), "else": {"properties": {"content": {"anyOf": [
+            {"not": {"type": "array"}}, {"type": "array", "items": {"properties": {"type": {"const": "text"}}}}]}}}},
+    ]
+
+
 class ChatRequestMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_message_schema)
 
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool", "function"],
+                    documented_as({"type": "string", "enum": ["system", "developer", "user", "assistant"]})] = Field(
         description="'developer' is treated as 'system'; 'tool' and 'function' are not supported (400)")
-    content: str | list[ContentPart] | None = None
+    content: Annotated[str | list[ContentPart] | None, documented_as(_nullable({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"anyOf": [model_schema(TextContent), model_schema(ImageContent)]}}]}))] = Field(
+        None, description="Required but in assistant messages; image_url parts only in user messages")
     name: str | None = Field(None, description="Accepted and ignored")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
+    tool_calls: Annotated[list[dict[str, Any]] | None, documented_as(_nullable({"type": "array", "maxItems": 0}))] = \
+        Field(None, description="Not supported (400 when not empty)")
 
-    def to_chat_message(self, index: int, *, max_image_bytes: int) -> ChatMessage:
+    def remote_image_urls(self, index: int) -> list[tuple[str, str]]:
+        """(param, url) of the http(s) image URLs of this message (user messages only take images)."""
+        if self.role != "user" or not isinstance(self.content, list):
+            return []
+        return [(f"messages.{index}.content.{j}.image_url.url", part.image_url.url)
+                for j, part in enumerate(self.content)
+                if isinstance(part, ImageContent) and is_remote_image_url(part.image_url.url)]
+
+    def to_chat_message(self, index: int, *, max_image_bytes: int,
+                        fetched: Mapping[str, bytes] | None = None) -> ChatMessage:
         where = f"messages.{index}"
         if self.role in ("tool", "function"):
             raise BadRequest(f"{where}: role '{self.role}' is not supported (this server does not call tools)",
@@ -131,8 +188,11 @@ class ChatRequestMessage(BaseModel):
                 if role != "user":
                     raise BadRequest(f"images are only accepted in user messages, not in {self.role} messages",
                                      param=param, code="UNSUPPORTED_CONTENT")
-                parts.append(ImagePart(image_bytes(part.image_url.url, max_bytes=max_image_bytes,
-                                                   param=f"{param}.image_url.url")))
+                url = part.image_url.url
+                data = fetched.get(url) if fetched else None
+                if data is None:
+                    data = image_bytes(url, max_bytes=max_image_bytes, param=f"{param}.image_url.url")
+                parts.append(ImagePart(data))
             else:
                 raise BadRequest(f"content part type '{part.type}' is not supported (use 'text' or 'image_url')",
                                  param=f"{param}.type", code="UNSUPPORTED_CONTENT")
@@ -143,12 +203,13 @@ class ChatRequestMessage(BaseModel):
 
 # ---- requests ----------------------------------------------------------------------------
 class StreamOptions(BaseModel):
-    include_usage: bool | None = Field(None, description="Send a last chunk with usage and no choices")
+    include_usage: JsonBool | None = Field(None, description="Send a last chunk with usage and no choices")
 
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str = Field(description="Only 'text' is supported")
+    type: Annotated[str, documented_as({"type": "string", "const": "text"})] = Field(
+        description="Only 'text' is supported")
 
 
 class _Sampling(BaseModel):
@@ -158,23 +219,31 @@ class _Sampling(BaseModel):
 
     model: str | None = Field(None, max_length=256, description="A model id from /v1/models; "
                               "'default' or empty: the first installed model of the text preference list")
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Most tokens to generate")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy; "
-                                      "omitted: the model's configured default")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Same seed, same sampled text")
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences; the reply ends before one")
-    n: int | None = Field(1, ge=1, le=128, description="Only 1 is supported")
-    stream: bool | None = False
+    max_tokens: json_int(ge=1, le=32768) | None = Field(None, description="Most tokens to generate")
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="0 means greedy; "
+                                          "omitted: the model's configured default")
+    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0)
+    seed: SignedSeed | None = Field(None, description="Same seed, same sampled text (any integer: taken modulo "
+                                                      "2**63)")
+    stop: Annotated[str | list[str] | None, documented_as(_nullable({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}]}))] = Field(
+        None, description=f"Up to {MAX_STOP} sequences; the reply ends before one")
+    n: Annotated[json_int(ge=1, le=128) | None, documented_as(_nullable({"type": "integer", "const": 1}))] = Field(
+        1, description="Only 1 is supported")
+    stream: JsonBool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (400 when not empty)")
+    presence_penalty: Annotated[JsonFloat | None, documented_as(_nullable({"type": "number", "const": 0}))] = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported")
+    frequency_penalty: Annotated[JsonFloat | None, documented_as(_nullable({"type": "number", "const": 0}))] = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported")
+    logit_bias: Annotated[dict[str, JsonFloat] | None,
+                          documented_as(_nullable({"type": "object", "maxProperties": 0}))] = Field(
+        None, description="Not supported (400 when not empty)")
     user: str | None = Field(None, description="Accepted and ignored")
     # vLLM-style extras (the SDK's extra_body)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    ignore_eos: bool | None = Field(None, description="Generate exactly max_tokens tokens")
+    top_k: json_int(ge=-1) | None = Field(None, description="0 or -1: off")
+    repetition_penalty: JsonFloat | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: JsonBool | None = Field(None, description="Generate exactly max_tokens tokens")
 
     @property
     def model_name(self) -> str | None:
@@ -219,13 +288,20 @@ class _Sampling(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatRequestMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768, description="Wins over max_tokens")
+    max_completion_tokens: json_int(ge=1, le=32768) | None = Field(None, description="Wins over max_tokens")
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}")
-    logprobs: bool | None = Field(None, description="Only false")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' or 'auto' without tools")
-    functions: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when not empty)")
+    logprobs: Annotated[JsonBool | None, documented_as(_nullable({"type": "boolean", "const": False}))] = Field(
+        None, description="Only false")
+    top_logprobs: Annotated[json_int(ge=0, le=20) | None, documented_as(_nullable({"type": "integer", "const": 0}))] \
+        = Field(None, description="Not supported (only 0)")
+    tools: Annotated[list[dict[str, Any]] | None, documented_as(_nullable({"type": "array", "maxItems": 0}))] = Field(
+        None, description="Not supported (400 when not empty)")
+    tool_choice: Annotated[str | dict[str, Any] | None,
+                           documented_as(_nullable({"type": "string", "enum": ["none", "auto"]}))] = Field(
+        None, description="Only 'none' or 'auto' without tools")
+    functions: Annotated[list[dict[str, Any]] | None,
+                         documented_as(_nullable({"type": "array", "maxItems": 0}))] = Field(
+        None, description="Not supported (400 when not empty)")
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -242,20 +318,34 @@ class ChatCompletionRequest(_Sampling):
         if self.logprobs or self.top_logprobs:
             raise unsupported("logprobs", "logprobs are not supported")
 
-    def to_generate_input(self, resolver: ModelResolver, *, max_image_bytes: int) -> GenerateInput:
-        """Check, decode inline images, choose the model and fill in its generation parameters."""
+    def remote_image_urls(self) -> list[tuple[str, str]]:
+        """(param, url) of every http(s) image URL the request holds, for the router to fetch."""
+        return [pair for i, m in enumerate(self.messages) for pair in m.remote_image_urls(i)]
+
+    def to_generate_input(self, resolver: ModelResolver, *, max_image_bytes: int,
+                          fetched: Mapping[str, bytes] | None = None) -> GenerateInput:
+        """Check, decode inline images (``fetched``: bytes of fetched URLs, by URL), choose the model
+        and fill in its generation parameters."""
         self._check_supported()
-        messages = [m.to_chat_message(i, max_image_bytes=max_image_bytes) for i, m in enumerate(self.messages)]
+        messages = [m.to_chat_message(i, max_image_bytes=max_image_bytes, fetched=fetched)
+                    for i, m in enumerate(self.messages)]
         return self._finish(GenerateInput(messages=messages, model=self.model_name), resolver)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A raw prompt (no chat template): a string, or a list of exactly one string")
-    echo: bool | None = Field(None, description="Only false")
-    best_of: int | None = Field(None, ge=1, le=128, description="Only 1")
-    suffix: str | None = Field(None, description="Not supported")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported")
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], documented_as({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})] = Field(
+        description="A raw prompt (no chat template): a non-empty string, or a list of exactly one "
+                    "(token ids: 400)")
+    echo: Annotated[JsonBool | None, documented_as(_nullable({"type": "boolean", "const": False}))] = Field(
+        None, description="Only false")
+    best_of: Annotated[json_int(ge=1, le=128) | None, documented_as(_nullable({"type": "integer", "const": 1}))] = \
+        Field(None, description="Only 1")
+    suffix: Annotated[str | None, documented_as(_nullable({"type": "string", "maxLength": 0}))] = Field(
+        None, description="Not supported")
+    logprobs: Annotated[json_int(ge=0, le=5) | None, documented_as(_nullable({"type": "integer", "const": 0}))] = \
+        Field(None, description="Not supported (only 0)")
 
     def _prompt(self) -> str:
         prompt = self.prompt
@@ -356,9 +446,11 @@ class OpenAIError(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Bad or unsupported parameters (code VALIDATION_ERROR, UNSUPPORTED_PARAMETER, INVALID_IMAGE_URL, ...)",
-    404: "Unknown model", 413: "Request or inline image too large", 415: "Unsupported image format",
-    503: "Model not installed, failed to load, or overloaded (see Retry-After)", 504: "The request deadline passed",
+    400: "Bad or unsupported parameters (code VALIDATION_ERROR, UNSUPPORTED_PARAMETER, INVALID_IMAGE_URL, "
+         "IMAGE_URL_NOT_ALLOWED, IMAGE_FETCH_FAILED, ...)",
+    404: "Unknown model", 413: "Request or image too large", 415: "Unsupported image format",
+    503: "Model not installed, failed to load, or overloaded (see Retry-After)",
+    504: "The request deadline passed, or fetching an image URL timed out",
 }
 
 
@@ -367,13 +459,61 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": OpenAIError, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
 
 
-def stream_response_doc(obj: str, example: str) -> dict[int | str, dict[str, Any]]:
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, description="In the first chunk only")
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta = Field(description="Empty in the chunk that carries finish_reason")
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat completion stream."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChunkChoice] = Field(description="Empty in the usage chunk")
+    usage: CompletionUsage | None = Field(None, description="With stream_options.include_usage: null but in the "
+                                                            "last chunk")
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a completion stream."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[CompletionChunkChoice] = Field(description="Empty in the usage chunk")
+    usage: CompletionUsage | None = Field(None, description="With stream_options.include_usage: null but in the "
+                                                            "last chunk")
+
+
+def stream_response_doc(chunk: type[BaseModel], example: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entry for the 200 answer: JSON, or Server-Sent Events with ``stream: true``."""
-    return {200: {"description": f"The completion; with `stream: true`, Server-Sent Events: one `{obj}` JSON object "
-                                 "per `data:` line, a last chunk with `finish_reason`, a usage chunk with empty "
-                                 "`choices` when `stream_options.include_usage`, then `data: [DONE]`. An error after "
-                                 "the stream started is a `data: {\"error\": {...}}` event, then `data: [DONE]`.",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}, "example": example}}}}
+    obj = chunk.model_fields["object"].annotation.__args__[0]
+    return sse_response(
+        f"The completion; with `stream: true`, Server-Sent Events: one `{obj}` JSON object per `data:` line, a last "
+        "chunk with `finish_reason`, a usage chunk with empty `choices` when `stream_options.include_usage`, then "
+        "`data: [DONE]`. An error after the stream started is a `data: {\"error\": {...}}` event, then "
+        "`data: [DONE]`.",
+        marker("[DONE]", "End of the stream"), json_data(chunk, OpenAIError), example=example,
+        title=f"{chunk.__name__}Event")
 
 
 # ---- domain -> wire ----------------------------------------------------------------------

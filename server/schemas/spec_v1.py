@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, StringConstraints, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, StringConstraints, WithJsonSchema
 
-from core.errors import BadRequest, ChatVLMError, InvalidParameter
+from core.errors import BadRequest, ChatVLMError
 from llm.types import StreamDelta
+from server.schemas.json_types import JsonBool, JsonFloat, Seed, json_int
 from server.schemas.llama_local import UsageBody, UserPrompt
+from server.schemas.sse_doc import json_data, sse_response
 
 MAX_BATCH = 32
 MAX_STOP = 16
@@ -20,15 +22,16 @@ StopText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 class GenerationFields(UserPrompt):
     """A prompt and its sampling parameters; unset parameters take the model's configured defaults."""
 
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Upper bound on generated tokens")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=1000, description="0 turns top-k sampling off")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="1.0: none (alias repeat_penalty)",
-                                             validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"))
+    max_tokens: json_int(ge=1, le=32768) | None = Field(None, description="Upper bound on generated tokens")
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: JsonFloat | None = Field(None, ge=0.0, le=1.0)
+    top_k: json_int(ge=0, le=1000) | None = Field(None, description="0 turns top-k sampling off")
+    repetition_penalty: JsonFloat | None = Field(None, gt=0.0, le=2.0, description="1.0: none (alias repeat_penalty)",
+                                                 validation_alias=AliasChoices("repetition_penalty",
+                                                                               "repeat_penalty"))
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description="Text(s) that end the reply; not included in it")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible")
+    seed: Seed | None = Field(None, description="Makes sampling reproducible (any size: taken modulo 2**63)")
 
     def param_overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``GenerationService.params_for`` (None: the model's default)."""
@@ -39,7 +42,7 @@ class GenerationFields(UserPrompt):
 
 
 class GenerateRequest(GenerationFields):
-    stream: bool = Field(False, description="true: answer the Server-Sent Events of /api/v1/generate/stream")
+    stream: JsonBool = Field(False, description="true: answer the Server-Sent Events of /api/v1/generate/stream")
 
 
 class GenerateResponse(BaseModel):
@@ -77,14 +80,38 @@ class V1StreamSerializer:
         return [] if self.finished else [{"token": "", "finished": True, "finish_reason": None, "usage": None}]
 
 
+class TokenEvent(BaseModel):
+    token: str = Field(description="The next piece of the reply (never empty)")
+    finished: Literal[False]
+
+
+class FinalEvent(BaseModel):
+    token: Literal[""]
+    finished: Literal[True]
+    finish_reason: str | None = Field(description='"stop" or "length"')
+    usage: UsageBody | None
+
+
+class StreamErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable error code")
+    message: str
+
+
+class ErrorEvent(BaseModel):
+    """The last event when generation fails after the stream started."""
+
+    error: StreamErrorInfo
+    finished: Literal[True]
+
+
 STREAM_EXAMPLE = ('data: {"token":"人","finished":false}\n\ndata: {"token":"工","finished":false}\n\n'
                   'data: {"token":"","finished":true,"finish_reason":"length",'
                   '"usage":{"prompt_tokens":15,"completion_tokens":2,"total_tokens":17}}\n\n')
 
 
 def streamed_200(what: str) -> dict[int | str, dict]:
-    return {200: {"description": what, "content": {"text/event-stream": {"schema": {"type": "string"},
-                                                                         "example": STREAM_EXAMPLE}}}}
+    return sse_response(what, json_data(TokenEvent, FinalEvent, ErrorEvent), example=STREAM_EXAMPLE,
+                        title="SpecV1StreamEvent")
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -106,16 +133,23 @@ class ModelsResponse(BaseModel):
     models: list[ModelItem]
 
 
+QUANTIZATIONS: list[str | None] = [None, "none"]
+
+
 class LoadRequest(BaseModel):
-    quantization: str | None = Field(None, description='Only null or "none": weights load at their stored dtype')
-    prefer_gpu: bool | None = Field(None, description="Ask for a GPU; without one the model loads on the CPU")
+    # Any string parses, so that a quantization the server lacks (the seed sends "q4_0") gets the
+    # specific 400 below rather than a generic validation error; the schema lists what works.
+    quantization: Annotated[str | None, WithJsonSchema({"enum": QUANTIZATIONS})] = Field(
+        None, description='Only null or "none": weights load at their stored dtype (anything else: 400 '
+                          "QUANTIZATION_UNSUPPORTED)")
+    prefer_gpu: JsonBool | None = Field(None, description="Ask for a GPU; without one the model loads on the CPU")
 
     def check(self) -> None:
         """Reject what cannot be honoured, before anything is loaded."""
-        if self.quantization is not None and self.quantization.strip().lower() not in ("", "none"):
+        if self.quantization not in QUANTIZATIONS:
             raise BadRequest(f"Quantization '{self.quantization}' is not supported: models load from "
                              "safetensors at their configured dtype", param="quantization",
-                             code="QUANTIZATION_UNSUPPORTED", details={"supported": [None, "none"]})
+                             code="QUANTIZATION_UNSUPPORTED", details={"supported": QUANTIZATIONS})
 
     def device_warning(self, model_id: str, device: str, configured: str, gpu_available: bool) -> str | None:
         """Say when the device the model runs on is not the one asked for."""
@@ -149,25 +183,10 @@ class UnloadResponse(BaseModel):
 
 # ---- batch -------------------------------------------------------------------------------------
 class BatchRequest(BaseModel):
-    # Items are validated one by one (parse_items) so that one bad item fails alone.
-    requests: list[Annotated[dict[str, Any], Field(json_schema_extra=GenerationFields.model_json_schema())]] = Field(
+    # The whole batch is validated up front: an invalid item is a 422 naming it (requests.<i>.<field>);
+    # per-item errors are left for what fails at run time (unknown model, overload, deadline, ...).
+    requests: list[GenerationFields] = Field(
         min_length=1, max_length=MAX_BATCH, description=f"1 to {MAX_BATCH} generation requests, run concurrently")
-
-    def parse_items(self) -> list[GenerationFields | ChatVLMError]:
-        items: list[GenerationFields | ChatVLMError] = []
-        for raw in self.requests:
-            try:
-                items.append(GenerationFields.model_validate(raw))
-            except ValidationError as exc:
-                items.append(invalid_item(exc))
-        return items
-
-
-def invalid_item(exc: ValidationError) -> InvalidParameter:
-    problems = [{"param": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]} for e in exc.errors()]
-    first = problems[0]
-    message = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
-    return InvalidParameter(message, param=first["param"], details=problems, code="VALIDATION_ERROR")
 
 
 class ErrorInfo(BaseModel):
@@ -205,8 +224,11 @@ class SpecError(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "Bad parameters (codes such as BAD_REQUEST, QUANTIZATION_UNSUPPORTED, MODEL_CAPABILITY_MISSING)",
-    404: "Unknown model (MODEL_NOT_FOUND)", 413: "Request too large", 422: "Validation error (VALIDATION_ERROR)",
+    400: "Bad parameters (codes such as BAD_REQUEST, QUANTIZATION_UNSUPPORTED), or a prompt longer than the "
+         "model's context",
+    404: "Unknown model (MODEL_NOT_FOUND), or a model that cannot do this task (MODEL_CAPABILITY_MISSING)",
+    413: "Request too large",
+    422: "Validation error (VALIDATION_ERROR; `param` names the field, e.g. requests.2.prompt in a batch)",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The request deadline passed",
 }

@@ -86,20 +86,22 @@ def test_batch_order_and_item_errors(tiny_server):
     reqs = [{"prompt": prompts[0], "max_tokens": 8, "temperature": 0},
             {"prompt": "x", "model": "llama-2-7b-chat"},
             {"prompt": prompts[1], "max_tokens": 8, "temperature": 0},
-            {"prompt": "x", "temperature": 7},
             {"prompt": prompts[2], "max_tokens": 8, "temperature": 0}]
     r = requests.post(v1(tiny_server, "/batch/generate"), json={"requests": reqs}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
     results = body["results"]
-    assert len(results) == 5 and (body["successful"], body["failed"]) == (3, 2)
-    assert [results[i]["text"] for i in (0, 2, 4)] == alone  # the same greedy text alone and in a batch
-    for i in (0, 2, 4):
+    assert len(results) == 4 and (body["successful"], body["failed"]) == (3, 1)
+    assert [results[i]["text"] for i in (0, 2, 3)] == alone  # the same greedy text alone and in a batch
+    for i in (0, 2, 3):
         assert results[i]["usage"]["completion_tokens"] == 8 and results[i]["finish_reason"] == "length"
         assert results[i]["latency"] > 0
-    assert results[1]["error"]["code"] == "MODEL_NOT_FOUND"
-    bad = results[3]["error"]
-    assert bad["code"] == "VALIDATION_ERROR" and bad["details"][0]["param"] == "temperature"
+    assert results[1]["error"]["code"] == "MODEL_NOT_FOUND"  # a run-time failure fails alone
+    # An invalid item fails the whole batch up front, naming the item.
+    r = requests.post(v1(tiny_server, "/batch/generate"), timeout=10,
+                      json={"requests": [reqs[0], {"prompt": "x", "temperature": 7}, {"max_tokens": 3}]})
+    error = assert_error(r, 422, "VALIDATION_ERROR")
+    assert [d["param"] for d in error["details"]] == ["requests.1.temperature", "requests.2.prompt"]
 
 
 def test_batch_limits(tiny_server):

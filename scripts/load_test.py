@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     report = {
         "config": {"server_env": args.server_env, "low_clients": args.low, "high_clients": args.high, "engine_max_queue": args.queue,
-                   "engine_max_batch_size": args.batch, "ocr_runner_queue": "concurrency 2 + 64 (fixed)"},
+                   "engine_max_batch_size": args.batch, "ocr_runner_queue": "rapidocr: concurrency 2, max_queue 64, refused when the expected wait misses the deadline"},
         "below": summarize(below), "above": summarize(above),
         "health_below": health_summary(h_below), "health_above": health_summary(h_above),
         "resources": {"before": before, "after": after, "after_idle_5s": idle},

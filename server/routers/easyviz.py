@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, WebSocket
+from fastapi import APIRouter, Depends, Path, WebSocket
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import HTTPConnection
@@ -35,7 +35,8 @@ from models.registry import RegistryEntry
 from server.chat_sessions import SESSION_ID, ChatSessionStore
 from server.deps import Services, ServicesDep
 from server.errors import Surface, error_body
-from server.schemas.easyviz import (MAX_CHAT_MESSAGE_CHARS, ChatMessageFrame, GenerationParameters,
+from server.schemas.easyviz import (MAX_CHAT_MESSAGE_CHARS, SEED_MAX_LENGTH, SEED_TEMPERATURE, SEED_TOP_P,
+                                    ChatMessageFrame, GenerationParameters,
                                     LlmGenerateRequest, LlmGenerateResponse, LlmHealthResponse,
                                     LlmModelActionResponse, LlmModelConfig, LlmModelDetailResponse,
                                     LlmModelsResponse, LlmModelSummary, LlmUsage, ModelSwitchFrame, STREAM_DOC,
@@ -124,9 +125,13 @@ async def list_models(services: ServicesDep) -> LlmModelsResponse:
                           models=summaries)
 
 
+ModelKey = Annotated[str, Path(description="A model key from /api/v1/llm/models/, or an alias such as 'qwen'",
+                               max_length=256, examples=["qwen"])]
+
+
 @_route("GET", "/api/v1/llm/models/{model_key}/", response_model=LlmModelDetailResponse,
         responses=error_responses(400, 404, 422))
-async def model_detail(model_key: str, services: ServicesDep) -> LlmModelDetailResponse:
+async def model_detail(model_key: ModelKey, services: ServicesDep) -> LlmModelDetailResponse:
     """One text model: whether it is loaded and its configuration."""
     entry = _text_entry(services, model_key)
     installed, status, reason = _reason(services, entry)
@@ -134,8 +139,9 @@ async def model_detail(model_key: str, services: ServicesDep) -> LlmModelDetailR
     spec, gen = entry.spec, info.defaults
     config = LlmModelConfig(name=spec.hf_repo or spec.name, display_name=spec.name,
                              model_path=spec.path.as_posix() if spec.path else None, type=spec.kind,
-                             device=spec.device, max_length=gen.max_new_tokens, temperature=gen.temperature,
-                             top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
+                             # this surface's defaults: the seed's for these three, the model's for the rest
+                             device=spec.device, max_length=SEED_MAX_LENGTH, temperature=SEED_TEMPERATURE,
+                             top_p=SEED_TOP_P, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
                              context_length=info.context_length)
     engine = services.manager.state(model_key).engine if info.loaded else None
     return LlmModelDetailResponse(name=model_key, loaded=info.loaded, installed=installed, status=status,
@@ -146,7 +152,7 @@ async def model_detail(model_key: str, services: ServicesDep) -> LlmModelDetailR
 
 @_route("POST", "/api/v1/llm/models/{model_key}/load/", response_model=LlmModelActionResponse,
         responses=error_responses(400, 404, 422, 503))
-async def load_model(model_key: str, services: ServicesDep) -> LlmModelActionResponse:
+async def load_model(model_key: ModelKey, services: ServicesDep) -> LlmModelActionResponse:
     """Load a text model now instead of on its first request."""
     _text_entry(services, model_key)
     state = await services.manager.ensure_loaded(model_key)
@@ -156,7 +162,7 @@ async def load_model(model_key: str, services: ServicesDep) -> LlmModelActionRes
 
 @_route("POST", "/api/v1/llm/models/{model_key}/unload/", response_model=LlmModelActionResponse,
         responses=error_responses(400, 404, 422))
-async def unload_model(model_key: str, services: ServicesDep) -> LlmModelActionResponse:
+async def unload_model(model_key: ModelKey, services: ServicesDep) -> LlmModelActionResponse:
     """Unload a text model and free its memory; the next request that needs it loads it again."""
     _text_entry(services, model_key)
     was_loaded = await services.manager.unload(model_key)

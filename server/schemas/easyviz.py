@@ -11,7 +11,12 @@ from core.types import GenerationParams
 from server.schemas.json_types import JsonBool, JsonFloat, Seed, json_int
 from server.schemas.sse_doc import json_data, sse_response
 
-SEED_SAMPLING_TEMPERATURE = 0.7  # the seed's default when sampling is asked for with no temperature
+# The seed's documented defaults ("参数说明"): sampling at temperature 0.7 and top_p 0.9, up to
+# 2048 tokens (clamped to the room left in the model's context). Other controls (top_k,
+# repetition penalty) keep the model's configured defaults.
+SEED_TEMPERATURE = 0.7
+SEED_TOP_P = 0.9
+SEED_MAX_LENGTH = 2048
 MAX_PROMPT_CHARS = 200_000
 
 
@@ -22,26 +27,28 @@ class LlmError(BaseModel):
 
 # ---- generation -------------------------------------------------------------------------
 class GenerationParameters(BaseModel):
-    """The seed's parameters, plus the engine's other sampling controls. Unset values take
-    the model's configured defaults."""
+    """The seed's parameters, plus the engine's other sampling controls. Unset temperature,
+    top_p and max_length take the seed's documented defaults (0.7, 0.9, 2048); the others
+    take the model's configured defaults."""
 
-    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0, description="Randomness; 0 means greedy")
-    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling")
-    max_length: json_int(ge=1, le=4096) | None = Field(None, description="Maximum number of generated tokens")
-    do_sample: JsonBool | None = Field(None, description="false forces greedy decoding")
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0,
+                                          description="Randomness; 0 means greedy (default 0.7)")
+    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling (default 0.9)")
+    max_length: json_int(ge=1, le=4096) | None = Field(
+        None, description="Maximum number of generated tokens (default 2048, within the model's context)")
+    do_sample: JsonBool | None = Field(None, description="false forces greedy decoding (default true)")
     top_k: json_int(ge=0, le=1000) | None = Field(None, description="0 turns top-k off")
     repetition_penalty: JsonFloat | None = Field(None, ge=0.5, le=2.0)
     seed: Seed | None = Field(None, description="Makes sampling reproducible (any size: taken modulo 2**63)")
     stop: list[str] | None = Field(None, max_length=4, description="Generation ends before any of these")
 
     def apply(self, base: GenerationParams) -> GenerationParams:
-        """These parameters on top of the model's defaults."""
-        temperature = self.temperature
+        """These parameters, or the seed's defaults, on top of the model's defaults."""
+        temperature = SEED_TEMPERATURE if self.temperature is None else self.temperature
         if self.do_sample is False:
             temperature = 0.0
-        elif self.do_sample and temperature is None and base.greedy:
-            temperature = SEED_SAMPLING_TEMPERATURE
-        given = {"temperature": temperature, "top_p": self.top_p, "max_new_tokens": self.max_length,
+        given = {"temperature": temperature, "top_p": SEED_TOP_P if self.top_p is None else self.top_p,
+                 "max_new_tokens": SEED_MAX_LENGTH if self.max_length is None else self.max_length,
                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
                  "stop": tuple(s for s in self.stop if s) if self.stop is not None else None}
         return replace(base, **{k: v for k, v in given.items() if v is not None})

@@ -22,15 +22,17 @@ from tests.conftest import ROOT
 
 
 # ---- schemas ------------------------------------------------------------------------------------
-def test_parameters_map_onto_model_defaults():
-    base = GenerationParams(max_new_tokens=512, temperature=0.0, top_p=1.0)
-    p = GenerationParameters(temperature=0.8, top_p=0.9, max_length=7, seed=3, stop=["x", ""]).apply(base)
-    assert (p.temperature, p.top_p, p.max_new_tokens, p.seed, p.stop) == (0.8, 0.9, 7, 3, ("x",))
-    assert GenerationParameters().apply(base) == base
+def test_parameters_take_the_seeds_documented_defaults():
+    base = GenerationParams(max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=20, repetition_penalty=1.1)
+    p = GenerationParameters(temperature=0.8, top_p=0.5, max_length=7, seed=3, stop=["x", ""]).apply(base)
+    assert (p.temperature, p.top_p, p.max_new_tokens, p.seed, p.stop) == (0.8, 0.5, 7, 3, ("x",))
+    # The seed's table: temperature 0.7, top_p 0.9, max_length 2048, do_sample true.
+    d = GenerationParameters().apply(base)
+    assert (d.temperature, d.top_p, d.max_new_tokens, d.greedy) == (0.7, 0.9, 2048, False)
+    assert (d.top_k, d.repetition_penalty) == (20, 1.1)  # not in the seed: the model's own
     assert GenerationParameters(do_sample=False, temperature=1.2).apply(base).temperature == 0.0
-    assert GenerationParameters(do_sample=True).apply(base).temperature == 0.7  # the seed's default
-    warm = GenerationParams(temperature=0.3)
-    assert GenerationParameters(do_sample=True).apply(warm).temperature == 0.3
+    assert GenerationParameters(do_sample=True).apply(base).temperature == 0.7
+    assert GenerationParameters(temperature=0.0).apply(base).greedy
 
 
 # ---- session store -------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def test_health_and_models(client):
 def test_model_detail_load_unload(client):
     d = client.get("/api/v1/llm/models/txt/").json()
     assert d["name"] == "txt" and d["loaded"] is False and d["status"] == "unloaded"
-    assert d["config"]["name"] == "org/txt" and d["config"]["type"] == "fake" and d["config"]["max_length"] == 6
+    assert d["config"]["name"] == "org/txt" and d["config"]["type"] == "fake" and d["config"]["max_length"] == 2048  # the seed's default on this surface
     r = client.post("/api/v1/llm/models/txt/load/")
     assert r.status_code == 200 and r.json()["message"] == "Model txt loaded successfully"
     assert client.get("/api/v1/llm/models/txt/").json()["loaded"] is True
@@ -191,7 +193,9 @@ def test_generate(client):
     r = client.post("/api/v1/llm/generate/", json={"prompt": "x", "model": "txt2", "parameters": {"max_length": 1}})
     assert r.json()["model"] == "txt2"
     r = client.post("/api/v1/llm/generate/", json={"prompt": "x"})
-    assert r.json()["usage"]["completion_tokens"] == 6  # the model's configured default
+    assert r.status_code == 200
+    params = llm(client).inputs[-1].params  # the seed's documented defaults
+    assert (params.max_new_tokens, params.temperature, params.top_p) == (2048, 0.7, 0.9)
 
 
 @pytest.mark.parametrize("body,status,code", [

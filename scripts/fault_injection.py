@@ -176,11 +176,13 @@ def fault_disconnect(models: Path, repeats: int = 3) -> dict:
 # --------------------------------------------------------------------------- b: SIGTERM
 
 
-def fault_sigterm(models: Path, announce_s: float = 0.0) -> dict:
-    """In flight at SIGTERM: a non-stream request (~2-4 s of decoding) and a stream that would run
-    far past the 10 s graceful timeout. Watch /readyz, both requests, and the exit. With
-    ``announce_s`` the server keeps accepting that long with /readyz at 503 (server.drain_announce_s)."""
-    srv = RemoteServer(models_dir=models, env={"CHATVLM_SERVER__DRAIN_ANNOUNCE_S": str(announce_s)})
+def fault_sigterm(models: Path, announce_s: float = 0.0, graceful_s: float = 10.0) -> dict:
+    """In flight at SIGTERM: a non-stream request (decoding for ~40 % of the graceful timeout, at
+    most 3 s) and a 4000-token stream. Watch /readyz, both requests, and the exit. The stream
+    either finishes within the drain time or, past it, ends with an error event and [DONE].
+    With ``announce_s`` the server keeps accepting that long with /readyz at 503."""
+    srv = RemoteServer(models_dir=models, env={"CHATVLM_SERVER__DRAIN_ANNOUNCE_S": str(announce_s),
+                                               "CHATVLM_SERVER__GRACEFUL_TIMEOUT_S": str(graceful_s)})
     try:
         with httpx.Client(base_url=srv.url) as c:
             _load(c, TEXT_MODEL)
@@ -188,7 +190,7 @@ def fault_sigterm(models: Path, announce_s: float = 0.0) -> dict:
             t0 = time.monotonic()
             c.post("/v1/chat/completions", json={**stream_payload(400), "stream": False}, timeout=60)
             tps = 400 / max(1e-3, time.monotonic() - t0)
-        long_tokens = int(min(4000, max(50, tps * 3)))
+        long_tokens = int(min(4000, max(50, tps * min(3.0, 0.4 * graceful_s))))
         result: dict = {}
 
         def long_request() -> None:
@@ -259,11 +261,13 @@ def fault_sigterm(models: Path, announce_s: float = 0.0) -> dict:
                             "connection_closed": stream.eof,
                             "last_events": [e[:160] for e in tail], **stream_thread_result},
             "exit_after_s": exit_after, "exit_code": srv.proc.returncode,
-            "graceful_timeout_s": 10, "drain_announce_s": announce_s,
+            "graceful_timeout_s": graceful_s, "drain_announce_s": announce_s,
         }
+        finished = any('"finish_reason":"length"' in e for e in stream.events)
+        out["long_stream"]["outcome"] = "error event" if err_event else ("finished" if finished else "cut")
         out["drain_pass"] = (result.get("status") == 200 and exit_after is not None
-                             and exit_after < 20 + announce_s and (announce_s == 0 or readyz.get("503", 0) > 0))
-        out["stream_end_pass"] = out["long_stream"]["ended_with_done"] and err_event
+                             and exit_after < graceful_s + announce_s + 5 and (announce_s == 0 or readyz.get("503", 0) > 0))
+        out["stream_end_pass"] = out["long_stream"]["ended_with_done"] and (err_event or finished)
         out["pass"] = out["drain_pass"] and out["stream_end_pass"]
         return out
     finally:
@@ -416,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     p.add_argument("--models-dir", type=Path, help="tiny models (built into a temp dir when absent)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--graceful", type=float, default=10.0, help="(b): server.graceful_timeout_s")
     p.add_argument("--drain-announce", type=float, default=0.0,
                    help="(b): server.drain_announce_s, seconds of /readyz 503 before connections are refused")
     args = p.parse_args(argv)
@@ -430,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in chosen:
             t0 = time.monotonic()
             try:
-                res = FAULTS[f](models, args.drain_announce) if f == "b" else FAULTS[f](models)
+                res = FAULTS[f](models, args.drain_announce, args.graceful) if f == "b" else FAULTS[f](models)
             except Exception as exc:  # noqa: BLE001 - one fault's harness failure does not hide the others
                 res = {"fault": f, "pass": False, "harness_error": f"{type(exc).__name__}: {exc}"[:2000]}
             res["seconds"] = round(time.monotonic() - t0, 1)

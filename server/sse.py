@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -22,7 +23,8 @@ from llm.types import StreamDelta
 log = logging.getLogger("chatvlm.sse")
 
 KEEPALIVE_S = 15
-SHUTDOWN_GRACE_S = 3.0  # a generating stream gets this long to send its error event and end marker
+DRAIN_S = 10.0  # default drain time of a stream after shutdown starts (server.graceful_timeout_s)
+END_MARGIN_S = 1.0  # the error event and end marker go out this long before the server's own cut
 SEP = "\n"  # LF framing: what naive clients (seed 002's JS example) split on
 
 Events = Iterable[Any]  # each item is the `data` of one event (str, or JSON-able dict)
@@ -30,17 +32,23 @@ Events = Iterable[Any]  # each item is the `data` of one event (str, or JSON-abl
 
 def sse_response(deltas: AsyncIterator[StreamDelta], *, on_delta: Callable[[StreamDelta], Events],
                  on_error: Callable[[ChatVLMError], Events], end: Callable[[], Events],
-                 headers: dict[str, str] | None = None) -> EventSourceResponse:
+                 headers: dict[str, str] | None = None, drain_s: float = DRAIN_S) -> EventSourceResponse:
+    """``drain_s``: after shutdown starts (SIGTERM), a generating stream may go on this long
+    (less a margin) to finish; past it, it ends with an error event and its end marker."""
     shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
+    stop_at: float | None = None
 
     async def events() -> AsyncIterator[ServerSentEvent]:
+        nonlocal stop_at
         try:
             async for delta in deltas:
                 for data in on_delta(delta):
                     yield _event(data)
-                if shutdown.is_set():  # SIGTERM: end the stream properly instead of being cut
-                    raise ModelUnavailable("the server is shutting down; retry on another instance",
-                                           headers={"Retry-After": "5"})
+                if shutdown.is_set():  # SIGTERM: finish if there is time, else end the stream properly
+                    stop_at = stop_at or time.monotonic() + max(0.0, drain_s - END_MARGIN_S)
+                    if time.monotonic() >= stop_at:
+                        raise ModelUnavailable("the server is shutting down; retry on another instance",
+                                               headers={"Retry-After": "5"})
         except ChatVLMError as exc:
             for data in on_error(exc):
                 yield _event(data)
@@ -54,7 +62,7 @@ def sse_response(deltas: AsyncIterator[StreamDelta], *, on_delta: Callable[[Stre
             yield _event(data)
 
     return EventSourceResponse(events(), ping=KEEPALIVE_S, sep=SEP, headers=headers,
-                               shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S,
+                               shutdown_event=shutdown, shutdown_grace_period=max(drain_s, END_MARGIN_S),
                                ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep=SEP))
 
 

@@ -208,7 +208,8 @@ async def generate_stream(body: LlmGenerateRequest, services: ServicesDep) -> Ev
     """Generate a reply to the prompt as server-sent events."""
     _, deltas = await services.llm.stream(_input(services, [], body.prompt, body.model, body.parameters))
     return sse_response(deltas, on_delta=lambda d: [{"chunk": d.text}] if d.text else [],
-                        on_error=lambda exc: [_error_data(exc)], end=lambda: [{"done": True}])
+                        on_error=lambda exc: [_error_data(exc)], end=lambda: [{"done": True}],
+                        drain_s=services.settings.server.graceful_timeout_s)
 
 
 # ---- WebSocket chat ---------------------------------------------------------------------------

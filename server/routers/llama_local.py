@@ -26,7 +26,8 @@ async def generate(req: GenerateRequest, services: ServicesDep):
                         params=llm.params_for(model_id, **req.param_overrides()))
     if req.stream:
         _, deltas = await llm.stream(inp)  # errors before the first token are still JSON answers
-        return sse_response(deltas, on_delta=delta_events, on_error=error_events, end=end_events)
+        return sse_response(deltas, on_delta=delta_events, on_error=error_events, end=end_events,
+                            drain_s=services.settings.server.graceful_timeout_s)
     out = await llm.generate(inp)
     return GenerateResponse(text=out.text, prompt=req.prompt, usage=UsageBody.of(out.usage), model=out.model,
                             finish_reason=out.finish_reason)

@@ -37,7 +37,8 @@ async def chat_completions(req: ChatCompletionRequest, services: ServicesDep):
     if req.stream:
         model_id, deltas = await services.llm.stream(inp)
         chunks = ChatChunks(model_id, include_usage=req.include_usage)
-        return sse_response(deltas, on_delta=chunks.on_delta, on_error=chunks.on_error, end=chunks.end)
+        return sse_response(deltas, on_delta=chunks.on_delta, on_error=chunks.on_error, end=chunks.end,
+                            drain_s=services.settings.server.graceful_timeout_s)
     return chat_completion(await services.llm.generate(inp))
 
 
@@ -63,7 +64,8 @@ async def completions(req: CompletionRequest, services: ServicesDep):
     if req.stream:
         model_id, deltas = await services.llm.stream(inp)
         chunks = CompletionChunks(model_id, include_usage=req.include_usage)
-        return sse_response(deltas, on_delta=chunks.on_delta, on_error=chunks.on_error, end=chunks.end)
+        return sse_response(deltas, on_delta=chunks.on_delta, on_error=chunks.on_error, end=chunks.end,
+                            drain_s=services.settings.server.graceful_timeout_s)
     return completion(await services.llm.generate(inp))
 
 

@@ -39,10 +39,11 @@ def _input(llm: GenerationService, fields: GenerationFields) -> GenerateInput:
                          params=llm.params_for(model_id, **fields.param_overrides()))
 
 
-async def _stream(llm: GenerationService, fields: GenerationFields):
+async def _stream(llm: GenerationService, fields: GenerationFields, drain_s: float):
     _, deltas = await llm.stream(_input(llm, fields))  # errors before the first token are still JSON answers
     serializer = V1StreamSerializer()
-    return sse_response(deltas, on_delta=serializer.on_delta, on_error=serializer.on_error, end=serializer.end)
+    return sse_response(deltas, on_delta=serializer.on_delta, on_error=serializer.on_error, end=serializer.end,
+                        drain_s=drain_s)
 
 
 @router.post("/generate", response_model=GenerateResponse,
@@ -50,7 +51,7 @@ async def _stream(llm: GenerationService, fields: GenerationFields):
 async def generate(req: GenerateRequest, services: ServicesDep):
     """Reply to a prompt as one JSON answer with usage and latency (or, with stream=true, as SSE)."""
     if req.stream:
-        return await _stream(services.llm, req)
+        return await _stream(services.llm, req, services.settings.server.graceful_timeout_s)
     out = await services.llm.generate(_input(services.llm, req))
     return GenerateResponse(text=out.text, usage=UsageBody.of(out.usage), latency=round(out.latency, 3),
                             model=out.model, finish_reason=out.finish_reason)
@@ -60,7 +61,7 @@ async def generate(req: GenerateRequest, services: ServicesDep):
              responses={**streamed_200(_STREAM_DOC), **_GEN_ERRORS})
 async def generate_stream(req: GenerationFields, services: ServicesDep):
     """Reply to a prompt as Server-Sent Events, one per token piece."""
-    return await _stream(services.llm, req)
+    return await _stream(services.llm, req, services.settings.server.graceful_timeout_s)
 
 
 @router.post("/batch/generate", response_model=BatchResponse, responses=error_responses(422))

@@ -124,6 +124,9 @@ class LimitsSettings(_Strict):
     max_pdf_pages: int = Field(20, ge=1, le=1000)
     # Concurrent image decodes (CPU bound, done off the event loop).
     decode_concurrency: int = Field(2, ge=1, le=64)
+    # Uploads waiting for a decode slot; past this many, a new one is refused at once with
+    # 503 OVERLOADED + Retry-After instead of queueing (the decoders are shared by every model).
+    decode_queue: int = Field(32, ge=0, le=100_000)
 
     @property
     def max_file_bytes(self) -> int:

@@ -133,6 +133,20 @@ def decode_image(data: bytes, *, allowed_formats: Sequence[str] = SUPPORTED, max
                         scale=original_size[0] / pages[0].width, n_frames=n_frames)
 
 
+def displayed_size(data: bytes) -> tuple[int, int] | None:
+    """The first frame's size as displayed (EXIF orientation applied), read from the header
+    alone: no pixels are decoded. None when the header cannot be read (decoding will say why)."""
+    fmt = sniff_format(data)
+    if fmt is None or fmt == "PDF":
+        return None
+    try:
+        with _bomb_guard(), Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            w, h = img.size
+            return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+    except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly
+        return None
+
+
 @contextmanager
 def _bomb_guard() -> Iterator[None]:
     with _WARNINGS_LOCK, warnings.catch_warnings():

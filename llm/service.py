@@ -71,14 +71,13 @@ class GenerationService:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
         state = await self.manager.ensure_loaded(model_id)
         state.touch()
+        self.manager.check_capacity(model_id)
         engine = state.engine
         if engine is None:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
-        # Counted as queued from here: decoding and tokenizing happen before the engine's queue.
-        with self.manager.admission(model_id):
-            messages = await self._decode_images(inp.messages, entry.spec.max_pixels) if inp.messages else None
-            return model_id, await self._submit(engine, lambda: engine.encode(messages, inp.prompt), inp.params,
-                                                timeout_s)
+        messages = await self._decode_images(inp.messages, entry.spec.max_pixels) if inp.messages else None
+        return model_id, await self._submit(engine, lambda: engine.encode(messages, inp.prompt), inp.params,
+                                            timeout_s)
 
     async def _submit(self, engine, encode, params: GenerationParams, timeout_s: float | None):
         timeout = timeout_s if timeout_s is not None else self.limits.generation_timeout_s

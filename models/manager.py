@@ -10,8 +10,6 @@ import ctypes
 import gc
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +40,6 @@ class ModelState:
     failed_at: float = 0.0
     last_used: float = 0.0
     inflight: int = 0
-    admitting: int = 0  # admitted requests still decoding or tokenizing, not yet queued
     memory_bytes: int = 0
     load_seconds: float = 0.0
 
@@ -177,27 +174,13 @@ class ModelManager:
 
     def check_capacity(self, model_id: str, deadline: float | None = None) -> None:
         """Refuse at once (503 + Retry-After) when the model's queue is already full, or too long
-        to start before ``deadline``, before the request spends time on decoding or tokenizing.
-        Requests admitted but still preparing (``admission``) count as queued."""
+        to finish before ``deadline``, before the request spends time on decoding or tokenizing."""
         st = self.state(model_id)
         runner, engine = st.runner, st.engine
-        if engine is not None and engine.waiting_count + st.admitting >= engine.max_queue:
+        if engine is not None and engine.waiting_count >= engine.max_queue:
             raise Overloaded(f"model '{model_id}' is at capacity; retry shortly", headers={"Retry-After": "1"})
         if runner is not None:
-            runner.admit(deadline, ahead=st.admitting)
-
-    @contextmanager
-    def admission(self, model_id: str, deadline: float | None = None) -> Iterator[None]:
-        """``check_capacity``, then count the request as queued while it prepares its input
-        (image decoding, tokenizing): many requests arriving together cannot all pass the
-        check and then pile up behind the decoders, to be refused only seconds later."""
-        self.check_capacity(model_id, deadline)
-        st = self.state(model_id)
-        st.admitting += 1
-        try:
-            yield
-        finally:
-            st.admitting -= 1
+            runner.admit(deadline)
 
     # ---- running ---------------------------------------------------------------
     async def run(self, model_id: str, method: str, *args: Any, cancel: CancelToken) -> Any:

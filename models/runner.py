@@ -35,20 +35,18 @@ class ModelRunner:
     def pending(self) -> int:
         return self._pending
 
-    def expected_wait_s(self, ahead: int = 0) -> float:
-        """Seconds a job submitted now would wait before a worker starts it (``ahead``: jobs
-        about to be submitted before it)."""
-        before = self._pending + ahead - self.concurrency + 1  # jobs that must finish first, its own slot included
-        return 0.0 if before <= 0 else math.ceil(before / self.concurrency) * self._job_s
+    def expected_wait_s(self) -> float:
+        """Seconds a job submitted now would wait before a worker starts it."""
+        ahead = self._pending - self.concurrency + 1  # jobs that must finish first, its own slot included
+        return 0.0 if ahead <= 0 else math.ceil(ahead / self.concurrency) * self._job_s
 
-    def admit(self, deadline: float | None = None, ahead: int = 0) -> None:
+    def admit(self, deadline: float | None = None) -> None:
         """Raise ``Overloaded`` when the queue is full, or when a job submitted now would have to
-        queue and could not finish before ``deadline`` (a ``time.monotonic()`` value).
-        ``ahead``: jobs admitted elsewhere that will be submitted before this one."""
-        if self._pending + ahead >= self.concurrency + self.max_queue:
+        queue and could not finish before ``deadline`` (a ``time.monotonic()`` value)."""
+        if self._pending >= self.concurrency + self.max_queue:
             raise Overloaded(f"model '{self.name}' is at capacity; retry shortly", headers={"Retry-After": "1"})
         if deadline is not None:
-            wait = self.expected_wait_s(ahead)
+            wait = self.expected_wait_s()
             if wait > 0 and time.monotonic() + wait + self._job_s >= deadline:
                 raise Overloaded(f"model '{self.name}' is busy: the request would not start before its deadline",
                                  headers={"Retry-After": str(max(1, math.ceil(wait)))})

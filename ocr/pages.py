@@ -8,12 +8,14 @@ original pixels; ``Page.scale`` converts from the model's pixels.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from PIL import Image
 
 from core.config import LimitsSettings
-from core.errors import InvalidParameter, PayloadTooLarge
+from core.errors import InvalidParameter, Overloaded, PayloadTooLarge
 from core.imaging import DecodedImage, decode_image, sniff_format
 from core.types import OcrBlock
 from ocr import pdf
@@ -40,11 +42,27 @@ class Document:
 
 
 class ImageDecoder:
-    """Decodes uploads on worker threads, a bounded number at a time."""
+    """Decodes uploads on worker threads, a bounded number at a time, behind a bounded queue:
+    past ``limits.decode_queue`` waiting uploads, a new one gets 503 at once."""
 
     def __init__(self, limits: LimitsSettings) -> None:
         self.limits = limits
         self._slots = asyncio.Semaphore(limits.decode_concurrency)
+        self.waiting = 0
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self._slots.locked() and self.waiting >= self.limits.decode_queue:
+            raise Overloaded("image decoding is at capacity; retry shortly", headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def _check_size(self, data: bytes) -> None:
         if len(data) > self.limits.max_file_bytes:
@@ -54,7 +72,7 @@ class ImageDecoder:
     async def decode(self, data: bytes, *, target_max_pixels: int | None, all_frames: bool) -> DecodedImage:
         """An image upload (never a PDF) as RGB pages."""
         self._check_size(data)
-        async with self._slots:
+        async with self._slot():
             return await asyncio.to_thread(
                 decode_image, data, allowed_formats=tuple(self.limits.allowed_formats),
                 max_pixels=self.limits.max_image_pixels, max_frames=self.limits.max_image_frames,
@@ -65,7 +83,7 @@ class ImageDecoder:
         """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages."""
         self._check_size(data)
         if sniff_format(data) == "PDF" and "PDF" in self.limits.allowed_formats:
-            async with self._slots:
+            async with self._slot():
                 rendered = await asyncio.to_thread(
                     pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=self.limits.max_pdf_pages,
                     max_pixels=self.limits.max_image_pixels, target_max_pixels=target_max_pixels,

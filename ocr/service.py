@@ -112,8 +112,8 @@ class OcrService:
                     only_page: int | None = None) -> tuple[OcrOutcome, Document]:
         started = time.perf_counter()
         entry = self.selector.entry(model_id)
-        with self.manager.admission(model_id, cancel.deadline):  # a full queue: 503 before any decoding
-            doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page)
+        self.manager.check_capacity(model_id, cancel.deadline)  # a full queue: 503 before any decoding
+        doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page)
         if request.region is not None and region_on(doc.pages[0], request.region) is None:
             raise InvalidParameter("region lies outside the image", param="region", code="INVALID_REGION")
         generative = Capability.GENERATE in entry.capabilities

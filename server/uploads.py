@@ -3,16 +3,15 @@ counts, files read with a size cap, and the model/language parameters that seed 
 both as query parameters and as form fields."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Coroutine
-
 from contextlib import aclosing
+from typing import Annotated, Any, Callable, Coroutine
 
 from fastapi import Depends, Form, Query, Request, Response, UploadFile
 from fastapi.routing import APIRoute
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from python_multipart.multipart import parse_options_header
 
 from core.errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -42,6 +41,9 @@ class _FilePartsParser(MultiPartParser):
 
 
 class _UploadRequest(Request):
+    """A request whose form is parsed by ``_FilePartsParser`` (the route already checked that
+    the body is multipart), with the same part caps and 400 answers as Starlette's."""
+
     async def _get_form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,
                         max_part_size: int = 1024 * 1024) -> FormData:
         if self._form is None:

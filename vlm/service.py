@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass
 
 from core.config import LimitsSettings
+from core.imaging import displayed_size
 from core.types import Capability, GenerationParams
 from llm.service import GenerationService
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart
 from models.selection import ModelSelector
-from ocr.service import ImageDecoder
 
 DEFAULT_PROMPT = "Describe this image"
 
@@ -27,11 +27,9 @@ class ChatOutcome:
 
 
 class ChatService:
-    def __init__(self, selector: ModelSelector, llm: GenerationService, decoder: ImageDecoder,
-                 limits: LimitsSettings) -> None:
+    def __init__(self, selector: ModelSelector, llm: GenerationService, limits: LimitsSettings) -> None:
         self.selector = selector
         self.llm = llm
-        self.decoder = decoder
         self.limits = limits
 
     async def chat(self, data: bytes | None, *, prompt: str | None, model: str | None,
@@ -44,9 +42,9 @@ class ChatService:
         parts: tuple = (prompt,)
         size = None
         if data is not None:
-            spec = self.selector.entry(model_id).spec
-            image = await self.decoder.decode(data, target_max_pixels=spec.max_pixels, all_frames=False)
-            parts, size = (ImagePart(image.pages[0]), prompt), image.original_size
+            # The generation service decodes the image (first frame, the model's pixel budget)
+            # after its capacity check: a full model refuses before any decoding.
+            parts, size = (ImagePart(data), prompt), displayed_size(data)
         result = await self.llm.generate(GenerateInput(messages=[ChatMessage("user", parts)], model=model_id,
                                                        params=params), timeout_s=self.limits.request_timeout_s)
         return ChatOutcome(response=result.text, model=model_id, prompt=prompt,

@@ -471,17 +471,22 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletionChunk(BaseModel):
-    """One event of a chat completion stream."""
+class _StreamChunk(BaseModel):
+    """The fields every stream event of both endpoints carries."""
 
     id: str
-    object: Literal["chat.completion.chunk"]
     created: int
     model: str
     system_fingerprint: None = None
-    choices: list[ChatChunkChoice] = Field(description="Empty in the usage chunk")
     usage: CompletionUsage | None = Field(None, description="With stream_options.include_usage: null but in the "
                                                             "last chunk")
+
+
+class ChatCompletionChunk(_StreamChunk):
+    """One event of a chat completion stream."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice] = Field(description="Empty in the usage chunk")
 
 
 class CompletionChunkChoice(BaseModel):
@@ -491,17 +496,11 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: str | None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_StreamChunk):
     """One event of a completion stream."""
 
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None = None
     choices: list[CompletionChunkChoice] = Field(description="Empty in the usage chunk")
-    usage: CompletionUsage | None = Field(None, description="With stream_options.include_usage: null but in the "
-                                                            "last chunk")
 
 
 def stream_response_doc(chunk: type[BaseModel], example: str) -> dict[int | str, dict[str, Any]]:

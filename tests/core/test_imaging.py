@@ -551,3 +551,19 @@ def test_garbage_exif_does_not_reject_a_good_jpeg():
     data = encode(document(), "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
     out = decode_image(data)
     assert out.pages[0].size == (120, 80) and out.original_size == (120, 80)
+
+
+def test_displayed_size_reads_the_header_only():
+    from core.imaging import displayed_size
+
+    img = Image.new("RGB", (40, 30), "white")
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert displayed_size(png.getvalue()) == (40, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed as 30 x 40
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    assert displayed_size(buf.getvalue()) == (30, 40)
+    assert displayed_size(b"not an image") is None and displayed_size(b"") is None
+    assert displayed_size(png.getvalue()[:20]) is None  # truncated header

@@ -169,28 +169,3 @@ def test_full_queue_is_refused_before_any_work(tmp_path, fake_kind):
         mgr.check_capacity("a")  # room again
 
     asyncio.run(main())
-
-
-def test_admitted_requests_count_as_queued_while_they_prepare(tmp_path, fake_kind):
-    """Many requests arriving together: once the admitted-but-decoding ones fill the queue, the
-    next is refused at once instead of after its own decode."""
-    from core.errors import Overloaded
-
-    mgr = manager_for(tmp_path, {"a": {}})
-
-    async def main():
-        await mgr.ensure_loaded("a")
-        runner = mgr.state("a").runner
-        runner.max_queue = 1  # room for concurrency 1 + 1 waiting
-        with mgr.admission("a"):
-            with mgr.admission("a"):
-                assert mgr.state("a").admitting == 2
-                with pytest.raises(Overloaded):
-                    with mgr.admission("a"):
-                        pass
-            assert mgr.state("a").admitting == 1
-        assert mgr.state("a").admitting == 0
-        with mgr.admission("a"):  # room again
-            pass
-
-    asyncio.run(main())

@@ -17,8 +17,8 @@ from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
-from server.uploads import upload_form_limits
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
+from server.uploads import upload_form_limits
 
 log = logging.getLogger("chatvlm")
 
@@ -48,8 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPIOffline(title="ChatVLMLLM API", version=system.VERSION, lifespan=lifespan,
                          # multipart part caps; single-file routes lower max_files to 1
                          form_limits=upload_form_limits(settings.limits.max_batch_files),
-                  description="OCR and visual question answering with vision-language models, "
-                              "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
+                         description="OCR and visual question answering with vision-language models, "
+                                     "behind the ChatVLMLLM, LLaMA-Local, EasyVizAI, spec-v1 and OpenAI APIs.")
     app.state.services = services
     app.state.metrics = services.metrics
     install_error_handlers(app)

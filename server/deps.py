@@ -54,7 +54,7 @@ def build_services(settings: Settings) -> Services:
                                  else settings.limits.max_file_bytes)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=OcrService(selector, manager, decoder, settings.limits, llm),
-                    chat=ChatService(selector, llm, settings.limits),
+                    chat=ChatService(selector, llm, decoder, settings.limits),
                     llm=llm, connections=connections, metrics=metrics,
                     image_fetcher=image_fetcher)
 

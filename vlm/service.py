@@ -12,6 +12,7 @@ from core.types import Capability, GenerationParams
 from llm.service import GenerationService
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart
 from models.selection import ModelSelector
+from ocr.pages import ImageDecoder
 
 DEFAULT_PROMPT = "Describe this image"
 
@@ -27,9 +28,11 @@ class ChatOutcome:
 
 
 class ChatService:
-    def __init__(self, selector: ModelSelector, llm: GenerationService, limits: LimitsSettings) -> None:
+    def __init__(self, selector: ModelSelector, llm: GenerationService, decoder: ImageDecoder,
+                 limits: LimitsSettings) -> None:
         self.selector = selector
         self.llm = llm
+        self.decoder = decoder
         self.limits = limits
 
     async def chat(self, data: bytes | None, *, prompt: str | None, model: str | None,
@@ -42,9 +45,13 @@ class ChatService:
         parts: tuple = (prompt,)
         size = None
         if data is not None:
+            size = displayed_size(data)
+            if size is None or size[0] * size[1] > self.limits.max_image_pixels:
+                # Not a readable image header: decode now for the precise 4xx, before any model loads.
+                size = (await self.decoder.decode(data, target_max_pixels=64 * 64, all_frames=False)).original_size
             # The generation service decodes the image (first frame, the model's pixel budget)
             # after its capacity check: a full model refuses before any decoding.
-            parts, size = (ImagePart(data), prompt), displayed_size(data)
+            parts = (ImagePart(data), prompt)
         result = await self.llm.generate(GenerateInput(messages=[ChatMessage("user", parts)], model=model_id,
                                                        params=params), timeout_s=self.limits.request_timeout_s)
         return ChatOutcome(response=result.text, model=model_id, prompt=prompt,

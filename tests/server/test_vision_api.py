@@ -271,3 +271,10 @@ def test_file_part_without_filename_is_a_file(client):
             f"hello\r\n--{boundary}--\r\n").encode()
     r = client.post("/ocr", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 422 and r.json()["param"] == "file"
+
+
+@pytest.mark.parametrize("data,status", [(b"", 400), (b"plain text, not pixels", 415), (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 400)])
+def test_chat_with_a_bad_image_answers_before_any_model_loads(client, data, status):
+    r = client.post("/chat", files={"file": ("a.png", data)})
+    assert r.status_code == status, r.text
+    assert client.get("/models").json()["loaded"] == []

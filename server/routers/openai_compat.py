@@ -53,6 +53,10 @@ async def _fetch_images(req: ChatCompletionRequest, services: Services) -> dict[
     if len(urls) > limit:
         raise BadRequest(f"at most {limit} image URLs are fetched per request", param="messages",
                          code="TOO_MANY_IMAGE_URLS")
+    # Every check that needs no image runs first (unsupported parameters, roles, the model), so a
+    # request that would be refused anyway costs no fetch.
+    req.to_generate_input(services.llm, max_image_bytes=services.settings.limits.max_file_bytes,
+                          fetched={url: b"" for _, url in urls})
     return await fetcher.fetch_all(urls)
 
 

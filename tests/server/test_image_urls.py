@@ -84,3 +84,16 @@ def test_fetched_image_reaches_the_model(tmp_path, fake_kind, server):
             {"type": "image_url", "image_url": {"url": f"https://img.test/img.png?{i}"}} for i in range(11)]}]}
         r = c.post("/v1/chat/completions", json=many)
         assert r.status_code == 400 and r.json()["error"]["code"] == "TOO_MANY_IMAGE_URLS"
+
+
+def test_a_request_refused_anyway_costs_no_fetch(tmp_path, fake_kind, server):
+    """The checks that need no image run before any fetch: /slow would hold the request 30 s."""
+    import time
+
+    with client(tmp_path, ON, server=server) as c:
+        started = time.monotonic()
+        r = c.post("/v1/chat/completions", json=chat("https://img.test/slow", n=2))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "UNSUPPORTED_PARAMETER", r.text
+        r = c.post("/v1/chat/completions", json={**chat("https://img.test/slow"), "model": "nope"})
+        assert r.status_code == 404, r.text
+        assert time.monotonic() - started < 5

@@ -15,7 +15,7 @@ from core.config import LimitsSettings, Settings
 from server.auth import PROBE_PATHS
 from server.errors import Surface, surface_for_path
 from server.schemas.easyviz import LlmError
-from server.schemas.openai_compat import OpenAIError
+from server.schemas.openai_responses import OpenAIError
 from server.schemas.spec_v1 import SpecError
 from server.schemas.vision import ErrorDetail
 

@@ -10,10 +10,10 @@ from core.errors import BadRequest, NotFound
 from core.types import Capability
 from models.registry import RegistryEntry, not_installed_message
 from server.deps import Services, ServicesDep
-from server.schemas.openai_compat import (ChatChunks, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                          Completion, CompletionChunk, CompletionChunks, CompletionRequest,
-                                          OpenAIModel, OpenAIModelList, chat_completion, completion, error_responses,
-                                          stream_response_doc)
+from server.schemas.openai_compat import ChatCompletionRequest, CompletionRequest
+from server.schemas.openai_responses import (ChatChunks, ChatCompletion, ChatCompletionChunk, Completion,
+                                             CompletionChunk, CompletionChunks, OpenAIModel, OpenAIModelList,
+                                             chat_completion, completion, error_responses, stream_response_doc)
 from server.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from core.errors import BadRequest, DeadlineExceeded, ModelNotFound, PayloadTooLarge
 from core.types import GenerationParams
 from llm.types import GenerateOutput, ImagePart, StreamDelta, Usage
-from server.schemas.openai_compat import (ChatChunks, ChatCompletionRequest, CompletionChunks, CompletionRequest,
-                                          chat_completion, completion, image_bytes)
+from server.schemas.openai_compat import ChatCompletionRequest, CompletionRequest, image_bytes
+from server.schemas.openai_responses import ChatChunks, CompletionChunks, chat_completion, completion
 
 MAX = 1000
 

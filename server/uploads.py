@@ -101,9 +101,16 @@ def filename_of(file: UploadFile) -> str:
     return _safe_name(file)
 
 
-def _either(query: str | None, form: str | None) -> str | None:
+def form_or_query(query: str | None, form: str | None) -> str | None:
+    """A parameter seed 003 takes as a form field or a query parameter: the form field wins;
+    an empty value means "not given"."""
     value = form if form not in (None, "") else query
-    return value.strip() if value and value.strip() else None
+    return value or None
+
+
+def _either(query: str | None, form: str | None) -> str | None:
+    value = form_or_query(query, form)
+    return value.strip() or None if value else None
 
 
 async def _model(model_q: Annotated[str | None, Query(alias="model", max_length=128,

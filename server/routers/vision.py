@@ -13,7 +13,8 @@ from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
                                    OcrResponse, PageResult, error_responses)
-from server.uploads import LanguageParam, ModelParam, UploadRoute, filename_of, read_upload, upload_form_limits
+from server.uploads import (LanguageParam, ModelParam, UploadRoute, filename_of, form_or_query, read_upload,
+                             upload_form_limits)
 
 # Every route here takes a multipart upload: other bodies get 415 before they are read.
 # One file per request except /batch/ocr, whose file cap is the app's (limits.max_batch_files).
@@ -40,11 +41,6 @@ REGION_PATTERN = rf"^$|^ *[\[(]? *{_NUM} *, *{_NUM} *, *{_NUM} *, *{_NUM} *[\])]
 _REGION_RE = re.compile(REGION_PATTERN)
 
 
-def _pick(query: str | None, form: str | None) -> str | None:
-    value = form if form not in (None, "") else query
-    return value if value else None
-
-
 _FORMAT_DOC = {"description": "text (default), markdown or json", "json_schema_extra": {"enum": [*formats.FORMATS, ""]}}
 _REGION_DOC = {"description": "x1,y1,x2,y2 in original pixels: read only this box",
                "json_schema_extra": {"pattern": REGION_PATTERN}}
@@ -52,7 +48,7 @@ _REGION_DOC = {"description": "x1,y1,x2,y2 in original pixels: read only this bo
 
 async def _format(q: Annotated[str | None, Query(alias="format", max_length=16, **_FORMAT_DOC)] = None,
             f: Annotated[str | None, Form(alias="format", max_length=16, **_FORMAT_DOC)] = None) -> str:
-    value = _pick(q, f) or "text"
+    value = form_or_query(q, f) or "text"
     if value not in formats.FORMATS:
         raise InvalidParameter(f"format must be one of {', '.join(formats.FORMATS)}", param="format", code="INVALID_FORMAT")
     return value
@@ -61,7 +57,7 @@ async def _format(q: Annotated[str | None, Query(alias="format", max_length=16, 
 async def _region(q: Annotated[str | None, Query(alias="region", max_length=100, **_REGION_DOC)] = None,
             f: Annotated[str | None, Form(alias="region", max_length=100, **_REGION_DOC)] = None
             ) -> tuple[int, int, int, int] | None:
-    value = _pick(q, f)
+    value = form_or_query(q, f)
     if value is None:
         return None
     m = _REGION_RE.match(value)

@@ -7,7 +7,7 @@ PORT ?= 8000
 CONFIG ?= config.yaml
 MODELS_DIR ?=
 
-.PHONY: run test venv tiny-models samples bench clean
+.PHONY: run test venv sysdeps-run sysdeps-test tiny-models samples bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,18 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-run: $(VENV)/.installed
+# Debian packages (Tesseract, fonts, ...): installed when missing as root or with passwordless
+# sudo; otherwise one line says what to install and the features (and tests) that need them are off.
+sysdeps-run:
+	@bash scripts/system_deps.sh run
+
+sysdeps-test:
+	@bash scripts/system_deps.sh test
+
+run: sysdeps-run $(VENV)/.installed
 	$(PY) api.py --host $(HOST) --port $(PORT) --config $(CONFIG) $(if $(MODELS_DIR),--models-dir $(MODELS_DIR))
 
-test: $(VENV)/.installed
+test: sysdeps-test $(VENV)/.installed
 	$(PY) -m pytest
 
 tiny-models: $(VENV)/.installed

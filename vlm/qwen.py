@@ -18,6 +18,7 @@ from models.hf import ProcessorModelAdapter
 from ocr.languages import normalize_language
 
 
+DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2-VL's, when neither the configuration nor the processor says
 OCR_PROMPT = "Read all the text in this image. Output only the text, preserving line breaks."
 
 def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
@@ -72,7 +73,7 @@ class QwenVLAdapter(ProcessorModelAdapter):
         text = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         kwargs: dict[str, Any] = {}
         if images and _takes_pixel_range(self.processor.image_processor):
-            kwargs["size"] = {"shortest_edge": self.spec.min_pixels, "longest_edge": self.spec.max_pixels}
+            kwargs["size"] = {"shortest_edge": self._min_pixels(), "longest_edge": self.spec.max_pixels}
         out = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
         vision = {k: out[k] for k in ("pixel_values", "image_grid_thw") if images and k in out}
         types = out.get("mm_token_type_ids")
@@ -88,8 +89,16 @@ class QwenVLAdapter(ProcessorModelAdapter):
     def parse_ocr(self, text: str, page_size: tuple[int, int], options: OcrOptions) -> OcrResult:
         return OcrResult(text=text.strip(), model=self.spec.id)
 
+    def _min_pixels(self) -> int:
+        """The configured minimum, else the one the model's own processor publishes."""
+        if self.spec.min_pixels:
+            return self.spec.min_pixels
+        size = getattr(self.processor.image_processor, "size", None)
+        published = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        return int(published or DEFAULT_MIN_PIXELS)
+
     def _fit(self, image: Image.Image) -> Image.Image:
-        image = fit_pixels(image, self.spec.min_pixels, self.spec.max_pixels)
+        image = fit_pixels(image, self._min_pixels(), self.spec.max_pixels)
         w, h = image.size
         if max(w, h) / min(w, h) >= 200:  # Qwen's smart_resize rejects these
             raise BadRequest("the image is too narrow or too tall to process", code="IMAGE_ASPECT_RATIO")

@@ -11,6 +11,7 @@ from core.types import Capability
 from models.registry import RegistryEntry, not_installed_message
 from server.deps import Services, ServicesDep
 from server.schemas.openai_compat import ChatCompletionRequest, CompletionRequest
+from server.schemas.openai_embeddings import EmbeddingRequest, EmbeddingResponse, embedding_response
 from server.schemas.openai_responses import (ChatChunks, ChatCompletion, ChatCompletionChunk, Completion,
                                              CompletionChunk, CompletionChunks, OpenAIModel, OpenAIModelList,
                                              chat_completion, completion, error_responses, stream_response_doc)
@@ -23,7 +24,7 @@ _CHAT_EXAMPLE = ('data: {"id":"chatcmpl-1","object":"chat.completion.chunk","cre
                  '"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n')
 _COMPLETION_EXAMPLE = ('data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"qwen2_5_0_5b",'
                        '"choices":[{"index":0,"text":"Hi","finish_reason":null}]}\n\ndata: [DONE]\n\n')
-_TEXT_CAPABILITIES = {Capability.GENERATE, Capability.CHAT}
+_TEXT_CAPABILITIES = {Capability.GENERATE, Capability.CHAT, Capability.EMBED}
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={
@@ -73,9 +74,16 @@ async def completions(req: CompletionRequest, services: ServicesDep):
     return completion(await services.llm.generate(inp))
 
 
+@router.post("/embeddings", response_model=EmbeddingResponse, responses=error_responses(400, 404, 503, 504))
+async def embeddings(req: EmbeddingRequest, services: ServicesDep) -> EmbeddingResponse:
+    """Sentence embeddings; concurrent requests share forward passes."""
+    result = await services.embeddings.embed(req.model, req.inputs(), dimensions=req.dimensions)
+    return embedding_response(result, req.encoding_format)
+
+
 @router.get("/models", response_model=OpenAIModelList)
 async def list_models(services: ServicesDep) -> OpenAIModelList:
-    """The installed models that can generate text (text LLMs and VLMs)."""
+    """The installed models that generate text (text LLMs and VLMs) or embeddings."""
     entries = [e for e in services.registry.entries() if e.capabilities & _TEXT_CAPABILITIES]
     return OpenAIModelList(data=[_card(e) for e in entries if e.install_state().installed])
 

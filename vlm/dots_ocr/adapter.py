@@ -139,7 +139,7 @@ class DotsOcrAdapter(TorchModelAdapter):
 
     def _image(self, image: Image.Image) -> P.ImageInput:
         try:
-            return P.preprocess(image, self.spec.min_pixels, self.spec.max_pixels, *self.norm)
+            return P.preprocess(image, (self.spec.min_pixels or P.MIN_PIXELS), self.spec.max_pixels, *self.norm)
         except ValueError:
             raise BadRequest("the image is too narrow or too tall to process", code="IMAGE_ASPECT_RATIO") from None
 
@@ -160,7 +160,7 @@ class DotsOcrAdapter(TorchModelAdapter):
         mode = self.ocr_mode(options)
         prompt = P.PROMPTS[mode]
         if mode == "grounding":
-            resized = P.smart_resize(*page.size, self.spec.min_pixels, self.spec.max_pixels)
+            resized = P.smart_resize(*page.size, (self.spec.min_pixels or P.MIN_PIXELS), self.spec.max_pixels)
             prompt = P.grounding_prompt(options.region, page.size, resized)
         return self.encode([ChatMessage("user", (ImagePart(page), prompt))], None)
 
@@ -175,7 +175,7 @@ class DotsOcrAdapter(TorchModelAdapter):
             cleaned = cleaned.strip()
             blocks = [OcrBlock(cleaned, box=tuple(options.region))] if mode == "grounding" and cleaned else []
             return OcrResult(text=cleaned, blocks=blocks, model=self.spec.id)
-        resized = P.smart_resize(*page_size, self.spec.min_pixels, self.spec.max_pixels)
+        resized = P.smart_resize(*page_size, (self.spec.min_pixels or P.MIN_PIXELS), self.spec.max_pixels)
         layout = parse_layout(text, resized, page_size)
         if layout.problems:
             log.warning("%s: layout output repaired: %s", self.spec.id, "; ".join(layout.problems))

@@ -36,6 +36,8 @@ class RemoteServer:
             args += ["--models-dir", str(models_dir)]
         full_env = {**os.environ, "CHATVLM_SERVER__LOG_LEVEL": "warning", **(env or {})}
         full_env.setdefault("CHATVLM_DATA_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-data"))
+        # Converted weights (the SmolLM2 GGUF) are shared by every test server: converted once.
+        full_env.setdefault("CHATVLM_CACHE_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-cache"))
         self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait(startup_timeout)
 

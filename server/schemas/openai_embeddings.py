@@ -14,18 +14,28 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from llm.embeddings import MAX_INPUTS, EmbeddingResult
 from server.schemas.json_types import json_int
+from server.schemas.openai_compat import documented_as
 
 TokenId = json_int(ge=0, le=2**31 - 1)
 Text = Annotated[str, StringConstraints(max_length=1_000_000)]
 
 
+# What is served, as OpenAPI shows it: values outside still parse and get a specific 400 (empty
+# input, too many inputs, too many tokens: the token limit is the model's, ~1 token per character
+# at worst for MiniLM's word pieces, hence 254 characters here; ids outside its vocabulary).
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 254}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 30521}, "minItems": 1, "maxItems": 254}
+_INPUT_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_INPUTS}, _IDS,
+                           {"type": "array", "items": _IDS, "minItems": 1, "maxItems": MAX_INPUTS}]}
+
+
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the SDK sends extra_body entries at the top level
 
-    input: Text | Annotated[list[Text], Field(max_length=MAX_INPUTS + 1)] | \
-        Annotated[list[TokenId], Field(max_length=100_000)] | \
-        Annotated[list[Annotated[list[TokenId], Field(max_length=100_000)]], Field(max_length=MAX_INPUTS + 1)] = \
-        Field(description=f"Text or token ids: one, or a list of up to {MAX_INPUTS}. Empty inputs and inputs past "
+    input: Annotated[Text | Annotated[list[Text], Field(max_length=MAX_INPUTS + 1)] |
+                     Annotated[list[TokenId], Field(max_length=100_000)] |
+                     Annotated[list[Annotated[list[TokenId], Field(max_length=100_000)]],
+                               Field(max_length=MAX_INPUTS + 1)], documented_as(_INPUT_SCHEMA)] = Field(description=f"Text or token ids: one, or a list of up to {MAX_INPUTS}. Empty inputs and inputs past "
                           "the model's token limit get 400 (never truncated).")
     model: str | None = Field(None, description="An embedding model id from /v1/models (default: the first "
                                                 "installed one of defaults.embedding)")

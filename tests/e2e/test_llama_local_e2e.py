@@ -8,6 +8,8 @@ from typing import Any, Dict, Optional
 import pytest
 import requests
 
+from tests.server_process import RemoteServer
+
 MAX = 12  # tokens per reply: the tiny models never stop by themselves
 
 
@@ -231,11 +233,14 @@ def test_model_info_fields(tiny_server):
     assert vlm["model"] == "qwen_vl_2b" and vlm["path"] == "qwen_vl_2b"
 
 
-def test_no_text_model_is_503(cpu_server):
-    r = requests.get(f"{cpu_server.url}/model-info", timeout=10)
-    assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_INSTALLED" and r.json()["detail"]
-    r = requests.post(f"{cpu_server.url}/generate", json={"prompt": "x"}, timeout=10)
-    assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_INSTALLED"
+def test_no_text_model_is_503(tmp_path):
+    # Out of the box the packaged SmolLM2 serves; with only uninstalled text models listed, 503.
+    env = {"CHATVLM_DEFAULTS__TEXT": '["qwen2_5_0_5b"]', "CHATVLM_ALIASES": '{"qwen": "qwen2_5_0_5b"}'}
+    with RemoteServer(models_dir=tmp_path, env=env) as server:
+        r = requests.get(f"{server.url}/model-info", timeout=10)
+        assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_INSTALLED" and r.json()["detail"]
+        r = requests.post(f"{server.url}/generate", json={"prompt": "x"}, timeout=10)
+        assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_INSTALLED"
 
 
 def test_error_mid_stream_then_done(tiny_server):

@@ -11,6 +11,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _tesseract_missing() -> str | None:
+    """Why the configured Tesseract cannot run here (None when it can): the tests that need it
+    are skipped with this reason on a machine without it (scripts/system_deps.sh installs it)."""
+    from core.config import load_settings
+    from models.registry import ModelRegistry
+
+    state = ModelRegistry(load_settings(ROOT / "config.yaml")).get("tesseract").install_state()
+    return None if state.installed else f"Tesseract is not installed ({state.reason}): " \
+        "apt-get install tesseract-ocr tesseract-ocr-rus tesseract-ocr-chi-sim"
+
+
+TESSERACT_MISSING = _tesseract_missing()
+requires_tesseract = pytest.mark.skipif(TESSERACT_MISSING is not None, reason=TESSERACT_MISSING or "")
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
     """A models_dir holding tiny checkpoints under the registry ids (see scripts/make_tiny_models.py)."""

@@ -19,7 +19,7 @@ from core.memory import limit_arenas
 
 def _prepare_environment(settings: Settings) -> None:
     """Keep library caches in the data directory so a read-only HOME does not break start-up."""
-    cache = (settings.data_dir / "cache").resolve()
+    cache = settings.cache_path.resolve()
     os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

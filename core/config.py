@@ -176,6 +176,8 @@ class ModelConfig(_Strict):
     # Weights folder; default <models_dir>/<id>. Not used by engines that ship their weights.
     path: Path | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Weight-only quantization at load (models/precision.py); auto: int8 for GGUF-sourced weights.
+    quantization: Literal["auto", "none", "int8_weight_only"] = "auto"
     device: str = "auto"
     # Pixel budget for the model's input image (VLMs); the image is scaled down to fit.
     max_pixels: int = Field(1_003_520, ge=3136)

@@ -11,7 +11,8 @@ from typing import Any
 from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled
 from core.types import Capability
 from models.adapter import InstallState, ModelSpec
-from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
+from models.hf import TorchModelAdapter, weights_install_state
+from models.precision import apply_quantization, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,18 @@ class CausalLMAdapter(TorchModelAdapter):
             raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device, dtype, attn = resolve_device_dtype(self.spec)
+        precision = resolve_precision(self.spec)
+        device, dtype, attn = precision.device, precision.dtype, precision.attn
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.spec.path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(self.spec.path, local_files_only=True, dtype=dtype,
                                                          attn_implementation=attn)
             model.to(device).eval()
+            apply_quantization(model, precision)
         except Exception:
             log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
             raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self.tokenizer, self.model = tokenizer, model
+        self.tokenizer, self.model, self.precision = tokenizer, model, precision
 
     def engine_backend(self):
         """The loaded model as the engine drives it."""

@@ -26,6 +26,7 @@ class ModelSpec:
     hf_repo: str | None = None
     path: Path | None = None
     dtype: str = "auto"
+    quantization: str = "auto"
     device: str = "auto"
     max_pixels: int = 1_003_520
     min_pixels: int = 3136

@@ -54,6 +54,7 @@ class ModelRegistry:
             spec = ModelSpec(
                 id=model_id, name=cfg.name, kind=cfg.kind, params=cfg.params, hf_repo=cfg.hf_repo,
                 path=settings.model_path(model_id), dtype=cfg.dtype, device=cfg.device,
+                quantization=cfg.quantization,
                 max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                 generation=GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                                             top_p=gen.top_p, top_k=gen.top_k,

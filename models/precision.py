@@ -91,7 +91,10 @@ def resolve_precision(spec: ModelSpec, *, quantization: str | None = None, gguf:
 
     quant = quantization if quantization is not None else getattr(spec, "quantization", "none")
     if quant == "auto":
-        quant = GGUF_QUANTIZATION if (from_gguf(spec) if gguf is None else gguf) else "none"
+        # ATen's CPU int8 kernel is fast with bf16 activations only (with fp32 it was slower
+        # than plain fp32 here), so auto keeps fp32 machines unquantized.
+        fast = on_cuda or dtype == torch.bfloat16
+        quant = GGUF_QUANTIZATION if fast and (from_gguf(spec) if gguf is None else gguf) else "none"
     if quant not in QUANTIZATIONS:
         raise ModelLoadFailed(f"model '{spec.id}': unknown quantization '{quant}' "
                               f"(one of {', '.join(QUANTIZATIONS)})")

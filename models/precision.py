@@ -6,9 +6,14 @@ can run. A precision the device cannot run is a clear load error, never a crash 
     quantization: auto | none | int8_weight_only
 
 ``auto`` dtype is bf16 on CUDA (when the GPU has bf16) and on CPUs with native bf16 dot
-products (avx512_bf16 or AMX), else fp32. ``auto`` quantization is int8 weight-only for a
-model whose weights came from a GGUF file (they were already quantized, so int8 per channel
-loses nothing measurable: docs/BENCHMARKS.md, quality guard) and none otherwise.
+products (avx512_bf16 or AMX), else fp32.
+
+``auto`` quantization is the smallest precision that keeps quality *and* does not slow the
+batch: for weights that came from a GGUF file (already quantized, so int8 per channel loses
+nothing measurable: docs/BENCHMARKS.md, quality guard) on a GPU it is int8 weight-only; on
+the CPU it stays none (bf16), because ATen's int8 CPU kernel wins at batch 1 but loses 3-4x
+at batch 16 (docs/BENCHMARKS.md). Set ``quantization: int8_weight_only`` for a latency-bound,
+one-user CPU server. Everything else: none.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from models.adapter import ModelSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8_weight_only")
-# What `auto` quantization picks for GGUF-sourced weights (the smallest precision that kept
-# the quality guard: 32/32 greedy tokens equal to the dequantized fp32 model, perplexity +<1%).
+# What `auto` quantization picks for GGUF-sourced weights on a GPU (the smallest precision that
+# kept the quality guard of docs/BENCHMARKS.md).
 GGUF_QUANTIZATION = "int8_weight_only"
 
 
@@ -91,10 +96,7 @@ def resolve_precision(spec: ModelSpec, *, quantization: str | None = None, gguf:
 
     quant = quantization if quantization is not None else getattr(spec, "quantization", "none")
     if quant == "auto":
-        # ATen's CPU int8 kernel is fast with bf16 activations only (with fp32 it was slower
-        # than plain fp32 here), so auto keeps fp32 machines unquantized.
-        fast = on_cuda or dtype == torch.bfloat16
-        quant = GGUF_QUANTIZATION if fast and (from_gguf(spec) if gguf is None else gguf) else "none"
+        quant = GGUF_QUANTIZATION if on_cuda and (from_gguf(spec) if gguf is None else gguf) else "none"
     if quant not in QUANTIZATIONS:
         raise ModelLoadFailed(f"model '{spec.id}': unknown quantization '{quant}' "
                               f"(one of {', '.join(QUANTIZATIONS)})")

@@ -196,6 +196,8 @@ class ModelConfig(_Strict):
     # Streamed text decoded faster than this goes out in one event per this many ms (the first
     # token always at once): fewer, larger events when decoding outpaces the network layer.
     stream_interval_ms: float = Field(20, ge=0, le=1000)
+    # KV of prompt prefixes kept for reuse by later requests (text prompts, LRU; 0: off).
+    prefix_cache_mb: float = Field(128, ge=0, le=65536)
 
     @field_validator("device")
     @classmethod

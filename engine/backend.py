@@ -3,6 +3,8 @@ KV cache that requests join (prefill) and leave (finish) between decode steps.
 
 Works for any transformers decoder with a dynamic cache. Prompts' image tensors are fed at
 prefill; for Qwen-VL models it also keeps each row's multimodal RoPE offset for the decode steps.
+Text-only prompts of plain-RoPE models reuse cached prefix KV (engine/prefix_cache.py): a prompt
+whose first blocks are cached is prefilled alone from there.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from engine.prefix_cache import PrefixCache
 
 
 TOY_MODEL_PARAMS = 5_000_000
@@ -27,7 +31,8 @@ class EncodedPrompt:
 
 class BatchBackend:
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
-                 mrope: bool = False, threads: int | None = None) -> None:
+                 mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
+                 prefix_block: int = 32) -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -45,6 +50,9 @@ class BatchBackend:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None    # (batch, kv length): 1 real token, 0 padding
         self.deltas: torch.Tensor | None = None  # (batch, 1) multimodal RoPE offset per row
+        # Multimodal RoPE positions depend on the images, not only the ids: no prefix reuse there.
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block) \
+            if prefix_cache_mb > 0 and not mrope else None
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -64,9 +72,25 @@ class BatchBackend:
         return 0 if self.mask is None else self.mask.shape[0]
 
     # ---- joining ---------------------------------------------------------------------------
+    def _cacheable(self, prompt: EncodedPrompt) -> bool:
+        return self.prefix_cache is not None and not prompt.vision
+
+    def prefill_groups(self, prompts: list[EncodedPrompt]) -> list[list[int]]:
+        """How to prefill these prompts (indices per ``prefill`` call): the ones without a cached
+        prefix together, each one with a cached prefix alone, from the end of that prefix."""
+        if self.prefix_cache is None:
+            return [list(range(len(prompts)))]
+        hits = [i for i, p in enumerate(prompts) if self._cacheable(p) and self.prefix_cache.find(p.input_ids)]
+        misses = [i for i in range(len(prompts)) if i not in hits]
+        return ([misses] if misses else []) + [[i] for i in hits]
+
     @torch.inference_mode()
     def prefill(self, prompts: list[EncodedPrompt]) -> torch.Tensor:
         """Run the prompts (left-padded together), add them to the batch; return their next-token logits."""
+        if len(prompts) == 1 and self._cacheable(prompts[0]):
+            hit = self.prefix_cache.lookup(prompts[0].input_ids)
+            if hit is not None:
+                return self._prefill_after(prompts[0], *hit)
         length = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -83,7 +107,35 @@ class BatchBackend:
             kwargs.update(self._vision_inputs(prompts))  # e.g. GOT-OCR: images at plain 1D positions
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          logits_to_keep=1, **kwargs)
+        self._remember(prompts, out.past_key_values, length)
         self._join(out.past_key_values, mask, deltas)
+        return out.logits[:, -1, :]
+
+    def _remember(self, prompts: list[EncodedPrompt], cache: Any, length: int) -> None:
+        """Store each text prompt's block-aligned prefix KV (its row, without the left padding)."""
+        if self.prefix_cache is None:
+            return
+        for i, p in enumerate(prompts):
+            if self._cacheable(p) and not self.prefix_cache.covers(p.input_ids):
+                start = length - len(p.input_ids)
+                self.prefix_cache.store(p.input_ids, [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:])
+                                                      for layer in cache.layers])
+
+    def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
+        """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)  # copies: the cached tensors are never written through
+        n = len(prompt.input_ids)
+        ids = torch.tensor([prompt.input_ids[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        position_ids = torch.arange(start, n, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._remember([prompt], out.past_key_values, n)  # a longer prefix than the one that hit
+        self._join(out.past_key_values, mask, torch.zeros((1, 1), dtype=torch.long, device=self.device))
         return out.logits[:, -1, :]
 
     def _mrope_positions(self, prompts, ids, mask, kwargs):

@@ -190,9 +190,12 @@ class Engine:
         out: list[tuple[RequestHandle, Any]] = []
         admitted = [s for s in admitted if not self._drop_if_cancelled(s, out)]
         if admitted:
-            logits = self.backend.prefill([s.prompt for s in admitted])
-            self._active.extend(admitted)
-            self._advance(admitted, logits, out)
+            groups = getattr(self.backend, "prefill_groups", None)
+            for group in groups([s.prompt for s in admitted]) if groups else [range(len(admitted))]:
+                seqs = [admitted[i] for i in group]  # e.g. a prompt with a cached prefix runs alone
+                logits = self.backend.prefill([s.prompt for s in seqs])
+                self._active.extend(seqs)
+                self._advance(seqs, logits, out)
             self._prune(out)
         if self._active:
             logits = self.backend.decode([s.last_token for s in self._active])

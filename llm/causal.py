@@ -55,7 +55,8 @@ class CausalLMAdapter(TorchModelAdapter):
         """The loaded model as the engine drives it."""
         from engine.backend import BatchBackend
 
-        return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads)
+        return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
+                            prefix_cache_mb=self.spec.prefix_cache_mb)
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

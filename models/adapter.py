@@ -37,6 +37,7 @@ class ModelSpec:
     max_queue: int = 64
     threads: int | None = None
     stream_interval_ms: float = 20
+    prefix_cache_mb: float = 128
     data_dir: Path = Path("data")
 
 

@@ -198,6 +198,9 @@ class ModelConfig(_Strict):
     stream_interval_ms: float = Field(20, ge=0, le=1000)
     # KV of prompt prefixes kept for reuse by later requests (text prompts, LRU; 0: off).
     prefix_cache_mb: float = Field(128, ge=0, le=65536)
+    # Text prompts longer than this many tokens are prefilled in chunks of it between decode
+    # steps, so running streams keep flowing (0: one prefill).
+    prefill_chunk_tokens: int = Field(512, ge=0, le=1_000_000)
 
     @field_validator("device")
     @classmethod

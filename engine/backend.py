@@ -32,7 +32,7 @@ class EncodedPrompt:
 class BatchBackend:
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
                  mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
-                 prefix_block: int = 32) -> None:
+                 prefix_block: int = 32, prefill_chunk: int = 0) -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -53,6 +53,9 @@ class BatchBackend:
         # Multimodal RoPE positions depend on the images, not only the ids: no prefix reuse there.
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block) \
             if prefix_cache_mb > 0 and not mrope else None
+        # Text prompts longer than this are prefilled this many tokens per engine step (0: at once),
+        # so a long prompt does not stall the rows that are decoding.
+        self.prefill_chunk = 0 if mrope else prefill_chunk
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -123,19 +126,46 @@ class BatchBackend:
 
     def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
         """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
+        part = PartialPrefill(prompt, self._seeded_cache(layers), start)
+        return self._run_part(part, len(prompt.input_ids) - start)
+
+    def _seeded_cache(self, layers: list | None) -> Any:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(layers):
+        for i, (k, v) in enumerate(layers or []):
             cache.update(k, v, i)  # copies: the cached tensors are never written through
-        n = len(prompt.input_ids)
-        ids = torch.tensor([prompt.input_ids[start:]], dtype=torch.long, device=self.device)
-        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
-        position_ids = torch.arange(start, n, device=self.device).unsqueeze(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        self._remember([prompt], out.past_key_values, n)  # a longer prefix than the one that hit
-        self._join(out.past_key_values, mask, torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        return cache
+
+    def chunked(self, prompt: EncodedPrompt) -> bool:
+        """Whether this prompt is prefilled in chunks (a long text prompt)."""
+        return bool(self.prefill_chunk) and not prompt.vision and len(prompt.input_ids) > self.prefill_chunk
+
+    def begin_prefill(self, prompt: EncodedPrompt) -> "PartialPrefill":
+        """Start a chunked prefill (from a cached prefix when there is one); nothing joins yet."""
+        hit = self.prefix_cache.lookup(prompt.input_ids) if self._cacheable(prompt) else None
+        start, layers = hit if hit is not None else (0, None)
+        return PartialPrefill(prompt, self._seeded_cache(layers), start)
+
+    @torch.inference_mode()
+    def prefill_chunk_step(self, part: "PartialPrefill") -> torch.Tensor | None:
+        """Run the next chunk; after the last one the row joins the batch and its next-token
+        logits (1, vocab) are returned, before that None."""
+        return self._run_part(part, self.prefill_chunk)
+
+    def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
+        n = len(part.prompt.input_ids)
+        end = min(n, part.done + size)
+        ids = torch.tensor([part.prompt.input_ids[part.done:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        position_ids = torch.arange(part.done, end, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=part.cache, use_cache=True, logits_to_keep=1)
+        part.cache, part.done = out.past_key_values, end
+        if end < n:
+            return None
+        self._remember([part.prompt], part.cache, n)  # a longer prefix than any that hit
+        self._join(part.cache, mask, torch.zeros((1, 1), dtype=torch.long, device=self.device))
         return out.logits[:, -1, :]
 
     def _mrope_positions(self, prompts, ids, mask, kwargs):
@@ -206,6 +236,15 @@ class BatchBackend:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
         self.mask = self.mask[:, start:]
+
+
+@dataclass
+class PartialPrefill:
+    """A prompt being prefilled chunk by chunk, in its own cache until it joins the batch."""
+
+    prompt: EncodedPrompt
+    cache: Any
+    done: int = 0  # tokens whose KV is in ``cache``
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ class CausalLMAdapter(TorchModelAdapter):
         from engine.backend import BatchBackend
 
         return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
-                            prefix_cache_mb=self.spec.prefix_cache_mb)
+                            prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens)
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

@@ -38,6 +38,7 @@ class ModelSpec:
     threads: int | None = None
     stream_interval_ms: float = 20
     prefix_cache_mb: float = 128
+    prefill_chunk_tokens: int = 512
     data_dir: Path = Path("data")
 
 

@@ -62,7 +62,7 @@ class ModelRegistry:
                 options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
                 max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
                 stream_interval_ms=cfg.stream_interval_ms,
-                prefix_cache_mb=cfg.prefix_cache_mb,
+                prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
         self.aliases = dict(settings.aliases)

@@ -127,3 +127,55 @@ def test_a_cache_hit_joins_a_running_batch_exactly(causal):
             return [text for text, _ in await asyncio.gather(*(collect(h) for h in [first, *later]))]
 
     assert asyncio.run(main()) == want
+
+
+# ---- chunked prefill -----------------------------------------------------------------------
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat watches from the fence. " * 6
+
+
+def test_chunked_prefill_gives_the_same_output_as_one_prefill(causal):
+    params = greedy(10)
+    prompts = [(None, LONG), ([ChatMessage("user", LONG + " Summarise.")], None), (None, "short one")]
+    one = [run_batch(backend(causal, 0), [(m, p, params)])[0][0] for m, p in prompts]
+    chunked = BatchBackend(causal.model, causal.tokenizer, causal.encode, prefill_chunk=16)
+    assert chunked.chunked(causal.encode(None, LONG)) and not chunked.chunked(causal.encode(None, "short one"))
+    assert [run_batch(chunked, [(m, p, params)])[0][0] for m, p in prompts] == one
+    # All three admitted together: the long ones go chunk by chunk while the short one decodes.
+    assert [text for text, _ in run_batch(chunked, [(m, p, params) for m, p in prompts])] == one
+    # Chunked on top of a cached prefix (the second run of the same long prompt).
+    both = BatchBackend(causal.model, causal.tokenizer, causal.encode, prefill_chunk=16, prefix_cache_mb=16,
+                        prefix_block=8)
+    assert [run_batch(both, [(None, LONG, params)])[0][0] for _ in range(2)] == [one[0], one[0]]
+    assert both.prefix_cache.hits == 1
+
+
+def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(causal):
+    """While the long prompt is prefilled, the running row keeps getting a token every step."""
+    import asyncio
+
+    from core.types import CancelToken
+    from tests.engine.test_engine import collect, engine_over, wait_until
+
+    params = greedy(40)
+    want_short = run_batch(backend(causal, 0), [(None, "Hello there", params)])[0][0]
+    want_long = run_batch(backend(causal, 0), [(None, LONG, greedy(5))])[0][0]
+    chunked = BatchBackend(causal.model, causal.tokenizer, causal.encode, prefill_chunk=16)
+    n_long = len(causal.encode(None, LONG).input_ids)
+
+    async def main():
+        async with engine_over(chunked) as engine:
+            short = engine.submit(engine.encode(None, "Hello there"), params, CancelToken())
+            engine.start()
+            await wait_until(lambda: engine.steps >= 2, what="decode under way")
+            before = engine.steps
+            long = engine.submit(engine.encode(None, LONG), greedy(5), CancelToken())
+            await wait_until(lambda: engine.active_count == 2 and not engine._prefilling, timeout=30,
+                             what="the long prompt joined")
+            steps_while_joining = engine.steps - before
+            texts = await asyncio.gather(collect(short), collect(long))
+            return [t for t, _ in texts], steps_while_joining
+
+    texts, steps = asyncio.run(main())
+    assert texts == [want_short, want_long]
+    assert steps >= n_long // 16 - 1  # the short row decoded between the chunks

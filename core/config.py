@@ -182,6 +182,8 @@ class ModelConfig(_Strict):
     # How to install that package, for /models and the 503 when it is missing.
     pip: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Weight-only quantization at load (models/precision.py); auto: int8 for GGUF-sourced weights.
+    quantization: Literal["auto", "none", "int8_weight_only"] = "auto"
     device: str = "auto"
     # Pixel budget for the model's input image (VLMs); the image is scaled down to fit.
     max_pixels: int = Field(1_003_520, ge=3136)
@@ -201,6 +203,11 @@ class ModelConfig(_Strict):
     # Streamed text decoded faster than this goes out in one event per this many ms (the first
     # token always at once): fewer, larger events when decoding outpaces the network layer.
     stream_interval_ms: float = Field(20, ge=0, le=1000)
+    # KV of prompt prefixes kept for reuse by later requests (text prompts, LRU; 0: off).
+    prefix_cache_mb: float = Field(128, ge=0, le=65536)
+    # Text prompts longer than this many tokens are prefilled in chunks of it between decode
+    # steps, so running streams keep flowing (0: one prefill).
+    prefill_chunk_tokens: int = Field(512, ge=0, le=1_000_000)
 
     @field_validator("device")
     @classmethod

@@ -3,6 +3,8 @@ KV cache that requests join (prefill) and leave (finish) between decode steps.
 
 Works for any transformers decoder with a dynamic cache. Prompts' image tensors are fed at
 prefill; for Qwen-VL models it also keeps each row's multimodal RoPE offset for the decode steps.
+Text-only prompts of plain-RoPE models reuse cached prefix KV (engine/prefix_cache.py): a prompt
+whose first blocks are cached is prefilled alone from there.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from engine.prefix_cache import PrefixCache
 
 
 TOY_MODEL_PARAMS = 5_000_000
@@ -27,7 +31,8 @@ class EncodedPrompt:
 
 class BatchBackend:
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
-                 mrope: bool = False, threads: int | None = None) -> None:
+                 mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
+                 prefix_block: int = 32, prefill_chunk: int = 0) -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -45,6 +50,12 @@ class BatchBackend:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None    # (batch, kv length): 1 real token, 0 padding
         self.deltas: torch.Tensor | None = None  # (batch, 1) multimodal RoPE offset per row
+        # Multimodal RoPE positions depend on the images, not only the ids: no prefix reuse there.
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block) \
+            if prefix_cache_mb > 0 and not mrope else None
+        # Text prompts longer than this are prefilled this many tokens per engine step (0: at once),
+        # so a long prompt does not stall the rows that are decoding.
+        self.prefill_chunk = 0 if mrope else prefill_chunk
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -64,9 +75,25 @@ class BatchBackend:
         return 0 if self.mask is None else self.mask.shape[0]
 
     # ---- joining ---------------------------------------------------------------------------
+    def _cacheable(self, prompt: EncodedPrompt) -> bool:
+        return self.prefix_cache is not None and not prompt.vision
+
+    def prefill_groups(self, prompts: list[EncodedPrompt]) -> list[list[int]]:
+        """How to prefill these prompts (indices per ``prefill`` call): the ones without a cached
+        prefix together, each one with a cached prefix alone, from the end of that prefix."""
+        if self.prefix_cache is None:
+            return [list(range(len(prompts)))]
+        hits = [i for i, p in enumerate(prompts) if self._cacheable(p) and self.prefix_cache.find(p.input_ids)]
+        misses = [i for i in range(len(prompts)) if i not in hits]
+        return ([misses] if misses else []) + [[i] for i in hits]
+
     @torch.inference_mode()
     def prefill(self, prompts: list[EncodedPrompt]) -> torch.Tensor:
         """Run the prompts (left-padded together), add them to the batch; return their next-token logits."""
+        if len(prompts) == 1 and self._cacheable(prompts[0]):
+            hit = self.prefix_cache.lookup(prompts[0].input_ids)
+            if hit is not None:
+                return self._prefill_after(prompts[0], *hit)
         length = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -83,7 +110,62 @@ class BatchBackend:
             kwargs.update(self._vision_inputs(prompts))  # e.g. GOT-OCR: images at plain 1D positions
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          logits_to_keep=1, **kwargs)
+        self._remember(prompts, out.past_key_values, length)
         self._join(out.past_key_values, mask, deltas)
+        return out.logits[:, -1, :]
+
+    def _remember(self, prompts: list[EncodedPrompt], cache: Any, length: int) -> None:
+        """Store each text prompt's block-aligned prefix KV (its row, without the left padding)."""
+        if self.prefix_cache is None:
+            return
+        for i, p in enumerate(prompts):
+            if self._cacheable(p) and not self.prefix_cache.covers(p.input_ids):
+                start = length - len(p.input_ids)
+                self.prefix_cache.store(p.input_ids, [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:])
+                                                      for layer in cache.layers])
+
+    def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
+        """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
+        part = PartialPrefill(prompt, self._seeded_cache(layers), start)
+        return self._run_part(part, len(prompt.input_ids) - start)
+
+    def _seeded_cache(self, layers: list | None) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(layers or []):
+            cache.update(k, v, i)  # copies: the cached tensors are never written through
+        return cache
+
+    def chunked(self, prompt: EncodedPrompt) -> bool:
+        """Whether this prompt is prefilled in chunks (a long text prompt)."""
+        return bool(self.prefill_chunk) and not prompt.vision and len(prompt.input_ids) > self.prefill_chunk
+
+    def begin_prefill(self, prompt: EncodedPrompt) -> "PartialPrefill":
+        """Start a chunked prefill (from a cached prefix when there is one); nothing joins yet."""
+        hit = self.prefix_cache.lookup(prompt.input_ids) if self._cacheable(prompt) else None
+        start, layers = hit if hit is not None else (0, None)
+        return PartialPrefill(prompt, self._seeded_cache(layers), start)
+
+    @torch.inference_mode()
+    def prefill_chunk_step(self, part: "PartialPrefill") -> torch.Tensor | None:
+        """Run the next chunk; after the last one the row joins the batch and its next-token
+        logits (1, vocab) are returned, before that None."""
+        return self._run_part(part, self.prefill_chunk)
+
+    def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
+        n = len(part.prompt.input_ids)
+        end = min(n, part.done + size)
+        ids = torch.tensor([part.prompt.input_ids[part.done:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        position_ids = torch.arange(part.done, end, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=part.cache, use_cache=True, logits_to_keep=1)
+        part.cache, part.done = out.past_key_values, end
+        if end < n:
+            return None
+        self._remember([part.prompt], part.cache, n)  # a longer prefix than any that hit
+        self._join(part.cache, mask, torch.zeros((1, 1), dtype=torch.long, device=self.device))
         return out.logits[:, -1, :]
 
     def _mrope_positions(self, prompts, ids, mask, kwargs):
@@ -154,6 +236,15 @@ class BatchBackend:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
         self.mask = self.mask[:, start:]
+
+
+@dataclass
+class PartialPrefill:
+    """A prompt being prefilled chunk by chunk, in its own cache until it joins the batch."""
+
+    prompt: EncodedPrompt
+    cache: Any
+    done: int = 0  # tokens whose KV is in ``cache``
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

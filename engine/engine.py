@@ -87,6 +87,7 @@ class _Sequence:
         self.finish: str | None = None
         self.first_token_at: float | None = None
         self.flushed_at: float | None = None  # when text was last sent
+        self.partial: Any = None  # a chunked prefill in progress (the backend's state)
 
 
 class Engine:
@@ -101,6 +102,7 @@ class Engine:
         self.metrics = metrics
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
+        self._prefilling: deque[_Sequence] = deque()  # long prompts prefilled a chunk per step
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -112,7 +114,7 @@ class Engine:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._prefilling)
 
     @property
     def waiting_count(self) -> int:
@@ -161,7 +163,7 @@ class Engine:
             bind()
         while True:
             with self._cond:
-                while not self._waiting and not self._active and not self._stopping:
+                while not self._waiting and not self._active and not self._prefilling and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -169,7 +171,7 @@ class Engine:
                 gone = [s for s in self._waiting if s.handle.cancel.cancelled]
                 if gone:
                     self._waiting = deque(s for s in self._waiting if not s.handle.cancel.cancelled)
-                room = self.max_batch - len(self._active)
+                room = self.max_batch - len(self._active) - len(self._prefilling)
                 admitted = gone + [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
                 self._step(admitted)
@@ -179,8 +181,9 @@ class Engine:
         self._shutdown()
 
     def _fail_all(self, admitted: list[_Sequence], error: ChatVLMError) -> None:
-        failed = {id(s): s for s in self._active + admitted}.values()
+        failed = {id(s): s for s in self._active + list(self._prefilling) + admitted}.values()
         self._active = []
+        self._prefilling.clear()
         try:
             self.backend.keep([])
         finally:  # whatever happens, no caller is left waiting
@@ -189,11 +192,21 @@ class Engine:
     def _step(self, admitted: list[_Sequence]) -> None:
         out: list[tuple[RequestHandle, Any]] = []
         admitted = [s for s in admitted if not self._drop_if_cancelled(s, out)]
+        chunked = getattr(self.backend, "chunked", None)
+        if admitted and chunked is not None:
+            for seq in [s for s in admitted if chunked(s.prompt)]:
+                seq.partial = self.backend.begin_prefill(seq.prompt)
+                self._prefilling.append(seq)
+            admitted = [s for s in admitted if s.partial is None]
         if admitted:
-            logits = self.backend.prefill([s.prompt for s in admitted])
-            self._active.extend(admitted)
-            self._advance(admitted, logits, out)
+            groups = getattr(self.backend, "prefill_groups", None)
+            for group in groups([s.prompt for s in admitted]) if groups else [range(len(admitted))]:
+                seqs = [admitted[i] for i in group]  # e.g. a prompt with a cached prefix runs alone
+                logits = self.backend.prefill([s.prompt for s in seqs])
+                self._active.extend(seqs)
+                self._advance(seqs, logits, out)
             self._prune(out)
+        self._prefill_one_chunk(out)
         if self._active:
             logits = self.backend.decode([s.last_token for s in self._active])
             self.steps += 1
@@ -203,6 +216,23 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_batch_size(self.name, len(self._active))
         self._report_queue()
+
+    def _prefill_one_chunk(self, out: list) -> None:
+        """One chunk of the oldest long prompt per step: the decoding rows wait one chunk, not
+        the whole prompt. It joins the batch after its last chunk."""
+        while self._prefilling and self._drop_if_cancelled(self._prefilling[0], out):
+            self._prefilling.popleft()
+        if not self._prefilling:
+            return
+        seq = self._prefilling[0]
+        logits = self.backend.prefill_chunk_step(seq.partial)
+        if logits is None:
+            return
+        self._prefilling.popleft()
+        seq.partial = None
+        self._active.append(seq)
+        self._advance([seq], logits, out)
+        self._prune(out)
 
     def _prune(self, out: list) -> None:
         """Drop finished and cancelled rows from the batch."""
@@ -301,8 +331,9 @@ class Engine:
     def _shutdown(self) -> None:
         error = ModelUnavailable(f"model '{self.name}' was unloaded", headers={"Retry-After": "1"})
         with self._cond:
-            leftovers = list(self._waiting) + self._active
+            leftovers = list(self._waiting) + self._active + list(self._prefilling)
             self._waiting.clear()
+            self._prefilling.clear()
         self._active = []
         self.backend.keep([])
         self._deliver([(s.handle, error) for s in leftovers])

@@ -13,7 +13,8 @@ from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled
 from core.types import Capability
 from models import gguf
 from models.adapter import InstallState, ModelSpec
-from models.hf import TorchModelAdapter, resolve_device_dtype, weights_install_state
+from models.hf import TorchModelAdapter, weights_install_state
+from models.precision import apply_quantization, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +45,25 @@ class CausalLMAdapter(TorchModelAdapter):
         folder = self.spec.path if file is None else gguf.converted_folder(file, self.spec.cache_dir, self.spec.id)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device, dtype, attn = resolve_device_dtype(self.spec)
+        precision = resolve_precision(self.spec)
+        device, dtype, attn = precision.device, precision.dtype, precision.attn
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                          attn_implementation=attn)
             model.to(device).eval()
+            apply_quantization(model, precision)
         except Exception:
             log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
             raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self.tokenizer, self.model = tokenizer, model
+        self.tokenizer, self.model, self.precision = tokenizer, model, precision
 
     def engine_backend(self):
         """The loaded model as the engine drives it."""
         from engine.backend import BatchBackend
 
-        return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads)
+        return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
+                            prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens)
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

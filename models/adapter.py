@@ -26,6 +26,7 @@ class ModelSpec:
     hf_repo: str | None = None
     path: Path | None = None
     dtype: str = "auto"
+    quantization: str = "auto"
     device: str = "auto"
     max_pixels: int = 1_003_520
     min_pixels: int | None = None  # None: the model's own processor's minimum
@@ -36,6 +37,8 @@ class ModelSpec:
     max_queue: int = 64
     threads: int | None = None
     stream_interval_ms: float = 20
+    prefix_cache_mb: float = 128
+    prefill_chunk_tokens: int = 512
     data_dir: Path = Path("data")
     cache_dir: Path = Path("data/cache")  # converted weights (GGUF), shared across servers
     package: str | None = None  # weights shipped in a Python package ("<module>/<path>")

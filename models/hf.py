@@ -3,13 +3,13 @@ dtype they load with, and how they release memory for real."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
 from core.errors import ModelLoadFailed, ModelNotInstalled
 from models.adapter import InstallState, ModelSpec
+from models.precision import Precision, apply_quantization, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +29,18 @@ def weights_install_state(spec: ModelSpec, any_of_files: tuple[str, ...]) -> Ins
 
 
 def resolve_device_dtype(spec: ModelSpec):
-    """(device, dtype, attention implementation): bf16 and flash-attn (when installed) on CUDA,
-    fp32 and sdpa on the CPU. Imports torch: call it from ``load`` only."""
-    import torch
-
-    device = spec.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = device.startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise ModelLoadFailed(f"model '{spec.id}': CUDA requested but not available")
-    dtype = (torch.bfloat16 if on_cuda else torch.float32) if spec.dtype == "auto" else getattr(torch, spec.dtype)
-    attn = spec.options.get("attn_implementation") or (
-        "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa")
-    return device, dtype, attn
+    """(device, dtype, attention implementation) of ``spec`` on this machine (models/precision.py:
+    bf16 where the device runs it natively, else fp32; a precision it cannot run is a load error).
+    Imports torch: call it from ``load`` only."""
+    p = resolve_precision(spec)
+    return p.device, p.dtype, p.attn
 
 
 class TorchModelAdapter:
     """Lifecycle shared by adapters whose loaded state is ``self.model`` (+ tokenizer/processor)."""
 
     model: Any = None
+    precision: Precision | None = None  # what the loaded model runs at
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -110,15 +102,18 @@ class ProcessorModelAdapter(TorchModelAdapter):
             raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        device, dtype, attn = resolve_device_dtype(self.spec)
+        precision = resolve_precision(self.spec)
+        device, dtype, attn = precision.device, precision.dtype, precision.attn
         try:
             processor = AutoProcessor.from_pretrained(self.spec.path, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(
                 self.spec.path, local_files_only=True, dtype=dtype, attn_implementation=self._attention(attn))
             self._check_family(processor, model)
             model.to(device).eval()
+            apply_quantization(model, precision)
         except Exception:
             log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
             raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
-        self.processor, self.model = processor, model
-        log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, dtype, attn, self.memory_bytes() / 2**20)
+        self.processor, self.model, self.precision = processor, model, precision
+        log.info("loaded %s on %s (%s, %s), %.1f MB", self.spec.id, device, precision.label, attn,
+                 self.memory_bytes() / 2**20)

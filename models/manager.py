@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import logging
 import time
@@ -42,6 +43,14 @@ class ModelState:
     inflight: int = 0
     memory_bytes: int = 0
     load_seconds: float = 0.0
+    quantization: str | None = None  # a load request's choice (None: the registry entry's)
+
+    @property
+    def spec(self):
+        """The entry's spec with this state's load-time choices applied."""
+        if self.quantization is None:
+            return self.entry.spec
+        return dataclasses.replace(self.entry.spec, quantization=self.quantization)
 
     @property
     def busy(self) -> bool:
@@ -86,13 +95,19 @@ class ModelManager:
         return sum(s.memory_bytes for s in self._states.values() if s.status == "loaded")
 
     # ---- loading ---------------------------------------------------------------
-    async def ensure_loaded(self, model_id: str) -> ModelState:
+    async def ensure_loaded(self, model_id: str, quantization: str | None = None) -> ModelState:
         """Return the model's state once it is loaded, loading it first if needed.
 
         The load runs as its own task under the model's lock: a caller that gives up (client
         gone, deadline) stops waiting, but the load completes and the next request finds the
-        model loaded instead of loading it a second time."""
+        model loaded instead of loading it a second time. ``quantization`` (a load request's)
+        sticks to the model; a model loaded at another one is unloaded and loaded again."""
         st = self.state(model_id)
+        if quantization is not None and quantization != st.spec.quantization:
+            await self.unload(model_id)
+            if st.status == "failed":
+                st.status, st.error = "unloaded", None  # the failure was at the other quantization
+            st.quantization = quantization
         if st.status == "loaded":
             return st
         async with st.lock:
@@ -116,7 +131,7 @@ class ModelManager:
         await self._make_room(st)
         st.status = "loading"
         started = time.monotonic()
-        adapter = adapter_class(st.entry.spec.kind)(st.entry.spec)
+        adapter = adapter_class(st.entry.spec.kind)(st.spec)
         try:
             await asyncio.to_thread(adapter.load)
         except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only

@@ -70,6 +70,7 @@ class ModelRegistry:
             spec = ModelSpec(
                 id=model_id, name=cfg.name, kind=cfg.kind, params=cfg.params, hf_repo=cfg.hf_repo,
                 path=settings.model_path(model_id), dtype=cfg.dtype, device=cfg.device,
+                quantization=cfg.quantization,
                 max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                 generation=GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                                             top_p=gen.top_p, top_k=gen.top_k,
@@ -78,6 +79,7 @@ class ModelRegistry:
                 cache_dir=settings.cache_path, package=cfg.package, pip=cfg.pip,
                 max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
                 stream_interval_ms=cfg.stream_interval_ms,
+                prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             )
             self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
         self.aliases = dict(settings.aliases)

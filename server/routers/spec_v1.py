@@ -99,17 +99,20 @@ async def list_models(services: ServicesDep) -> ModelsResponse:
 @router.post("/models/{name}/load", response_model=LoadResponse, responses=error_responses(400, 404, 422, 503))
 async def load_model(name: str, services: ServicesDep,
                      body: Annotated[LoadRequest | None, Body()] = None) -> LoadResponse:
-    """Load a model now; quantization is rejected (weights load at their dtype), prefer_gpu falls back to the CPU."""
+    """Load a model now (int8 / q8_0 quantization loads int8 weight-only); prefer_gpu falls back to the CPU."""
     body = body or LoadRequest()
     body.check()
-    was_loaded = services.manager.state(name).status == "loaded"  # 404 for unknown models
-    state = await services.manager.ensure_loaded(name)
+    before = services.manager.state(name)  # 404 for unknown models
+    was_loaded, adapter = before.status == "loaded", before.adapter
+    state = await services.manager.ensure_loaded(name, quantization=body.engine_quantization)
+    was_loaded = was_loaded and state.adapter is adapter  # False when it was reloaded at another quantization
     spec = state.entry.spec
     device = resolved_device(spec)
     return LoadResponse(status="loaded", model=name, device=device, load_time=round(state.load_seconds, 3),
                         memory_usage=human_bytes(state.memory_bytes), memory_bytes=state.memory_bytes,
                         already_loaded=was_loaded,
-                        warning=body.device_warning(name, device, spec.device, gpu_info()[0]))
+                        warning=body.device_warning(name, device, spec.device, gpu_info()[0]),
+                        precision=getattr(getattr(state.adapter, "precision", None), "label", None))
 
 
 @router.post("/models/{name}/unload", response_model=UnloadResponse, responses=error_responses(404, 422))

@@ -133,23 +133,34 @@ class ModelsResponse(BaseModel):
     models: list[ModelItem]
 
 
-QUANTIZATIONS: list[str | None] = [None, "none"]
+# The seed's load-time quantization names -> what the engine runs (models/precision.py).
+# None keeps the model's configured quantization; int8 / q8_0 load int8 weight-only.
+QUANTIZATION_MAP: dict[str | None, str | None] = {None: None, "none": "none", "int8": "int8_weight_only",
+                                                  "q8_0": "int8_weight_only",
+                                                  "int8_weight_only": "int8_weight_only"}
+QUANTIZATIONS: list[str | None] = list(QUANTIZATION_MAP)
 
 
 class LoadRequest(BaseModel):
     # Any string parses, so that a quantization the server lacks (the seed sends "q4_0") gets the
     # specific 400 below rather than a generic validation error; the schema lists what works.
     quantization: Annotated[str | None, WithJsonSchema({"enum": QUANTIZATIONS})] = Field(
-        None, description='Only null or "none": weights load at their stored dtype (anything else: 400 '
-                          "QUANTIZATION_UNSUPPORTED)")
+        None, description='null: as configured; "none": the model\'s dtype unquantized; "int8", "q8_0" or '
+                          '"int8_weight_only": int8 weight-only (anything else: 400 QUANTIZATION_UNSUPPORTED). '
+                          "A loaded model at another quantization is reloaded.")
     prefer_gpu: JsonBool | None = Field(None, description="Ask for a GPU; without one the model loads on the CPU")
 
     def check(self) -> None:
         """Reject what cannot be honoured, before anything is loaded."""
-        if self.quantization not in QUANTIZATIONS:
-            raise BadRequest(f"Quantization '{self.quantization}' is not supported: models load from "
-                             "safetensors at their configured dtype", param="quantization",
+        if self.quantization not in QUANTIZATION_MAP:
+            raise BadRequest(f"Quantization '{self.quantization}' is not supported: models load at their "
+                             "configured dtype, optionally int8 weight-only", param="quantization",
                              code="QUANTIZATION_UNSUPPORTED", details={"supported": QUANTIZATIONS})
+
+    @property
+    def engine_quantization(self) -> str | None:
+        """The registry's quantization value this request asks for (None: as configured)."""
+        return QUANTIZATION_MAP[self.quantization]
 
     def device_warning(self, model_id: str, device: str, configured: str, gpu_available: bool) -> str | None:
         """Say when the device the model runs on is not the one asked for."""
@@ -173,6 +184,8 @@ class LoadResponse(BaseModel):
     memory_bytes: int
     already_loaded: bool = Field(description="The model was loaded before this call")
     warning: str | None = Field(None, description="Why the device differs from the one asked for")
+    precision: str | None = Field(None, description="What the model runs at, e.g. bfloat16 or "
+                                                    "bfloat16+int8_weight_only (transformers models)")
 
 
 class UnloadResponse(BaseModel):

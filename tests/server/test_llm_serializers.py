@@ -106,12 +106,16 @@ def test_v1_stream_serializer_ends_with_finished():
     assert s.end() == []
 
 
-@pytest.mark.parametrize("quantization", [None, "none"])
-def test_load_accepts_no_quantization(quantization):
-    v1.LoadRequest(quantization=quantization).check()
+@pytest.mark.parametrize("quantization, engine", [(None, None), ("none", "none"), ("int8", "int8_weight_only"),
+                                                  ("q8_0", "int8_weight_only"),
+                                                  ("int8_weight_only", "int8_weight_only")])
+def test_load_maps_the_quantizations_it_can_honour(quantization, engine):
+    request = v1.LoadRequest(quantization=quantization)
+    request.check()
+    assert request.engine_quantization == engine
 
 
-@pytest.mark.parametrize("quantization", ["q4_0", "int8", "awq", "NONE", ""])  # the schema's enum, exactly
+@pytest.mark.parametrize("quantization", ["q4_0", "awq", "int4", "NONE", "INT8", ""])  # the schema's enum, exactly
 def test_load_rejects_quantization(quantization):
     with pytest.raises(BadRequest) as exc:
         v1.LoadRequest(quantization=quantization, prefer_gpu=False).check()

@@ -1,0 +1,124 @@
+"""Precision per model: every precision this machine runs loads the tiny causal LM and
+generates through the engine; a precision the device cannot run is refused at load with a
+clear message (the CPU's feature flags are the input that decides, so they are what the
+refusal tests vary)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from core.errors import ModelLoadFailed
+from models import precision as precision_mod
+from models.adapter import ModelSpec
+from models.precision import cpu_has_bf16, resolve_precision
+from tests.engine.test_engine import PROMPTS, greedy, run_batch
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def spec(path=None, **kw) -> ModelSpec:
+    return ModelSpec(id="m", name="m", kind="causal_lm", path=path, device="cpu", **kw)
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    """Set the CPU feature flags precision resolution sees."""
+    def set_flags(*names: str) -> None:
+        monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset(names))
+    return set_flags
+
+
+def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_without(flags):
+    flags("avx512f", "avx512_bf16")
+    assert resolve_precision(spec()).dtype == torch.bfloat16
+    flags("avx2", "amx_bf16")
+    assert resolve_precision(spec()).dtype == torch.bfloat16
+    flags("avx2")
+    p = resolve_precision(spec())
+    assert (p.dtype, p.quantization, p.label) == (torch.float32, "none", "float32")
+
+
+def test_auto_quantization_on_the_cpu_stays_bf16_even_for_gguf_weights(flags, tmp_path):
+    """The int8 CPU kernel loses at batch 16 (docs/BENCHMARKS.md): auto never picks it on the CPU."""
+    flags("avx512_bf16")
+    assert resolve_precision(spec(tmp_path / "m.gguf")).label == "bfloat16"
+    assert resolve_precision(spec(tmp_path), gguf=True).label == "bfloat16"
+    assert resolve_precision(spec(tmp_path / "m.gguf", quantization="none")).quantization == "none"
+    p = resolve_precision(spec(tmp_path), quantization="int8_weight_only")
+    assert p.label == "bfloat16+int8_weight_only"
+
+
+@pytest.mark.parametrize("kw, flag_set, message", [
+    ({"dtype": "bfloat16"}, ("avx2",), "bfloat16 is not supported on this CPU"),
+    ({"dtype": "float16"}, ("avx2", "avx512_bf16"), "float16 needs a GPU or a CPU with avx512_fp16"),
+    ({"dtype": "float16", "quantization": "int8_weight_only"}, ("avx512_fp16",), "not float16"),
+    ({"quantization": "int4_weight_only"}, ("avx512_bf16",), "unknown quantization 'int4_weight_only'"),
+])
+def test_a_precision_the_device_cannot_run_is_refused(flags, kw, flag_set, message):
+    flags(*flag_set)
+    with pytest.raises(ModelLoadFailed, match=message):
+        resolve_precision(spec(**kw))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ModelLoadFailed, match="CUDA requested but not available"):
+        resolve_precision(dataclasses.replace(spec(), device="cuda"))
+
+
+def test_refused_precision_fails_the_adapter_load_cleanly(flags, tiny_models_dir):
+    from llm.causal import CausalLMAdapter
+
+    flags("avx2")
+    adapter = CausalLMAdapter(spec(tiny_models_dir / "qwen2_5_0_5b", dtype="bfloat16"))
+    with pytest.raises(ModelLoadFailed, match="bfloat16 is not supported"):
+        adapter.load()
+    assert adapter.model is None
+
+
+def runnable() -> list[tuple[str, str]]:
+    out = [("float32", "none"), ("float32", "int8_weight_only")]
+    if cpu_has_bf16():
+        out += [("bfloat16", "none"), ("bfloat16", "int8_weight_only")]
+    if "avx512_fp16" in precision_mod.cpu_flags():
+        out.append(("float16", "none"))
+    return out
+
+
+@pytest.mark.parametrize("dtype, quantization", runnable())
+def test_each_precision_loads_and_generates_alone_and_batched(tiny_models_dir, dtype, quantization):
+    from engine.quant import Int8WeightOnlyLinear
+    from llm.causal import CausalLMAdapter
+
+    adapter = CausalLMAdapter(spec(tiny_models_dir / "qwen2_5_0_5b", dtype=dtype, quantization=quantization))
+    adapter.load()
+    try:
+        assert adapter.model.dtype == getattr(torch, dtype)
+        int8 = [m for m in adapter.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+        assert bool(int8) == (quantization == "int8_weight_only")
+        if int8:
+            assert all(m.weight_int8.dtype == torch.int8 for m in int8)
+        params = greedy(6)
+        # 5 prompts together: more rows than the int8 kernel's GEMV limit, so both paths run.
+        batch = run_batch(adapter.engine_backend(), [(m, p, params) for m, p in PROMPTS[:5]])
+        solo = run_batch(adapter.engine_backend(), [(PROMPTS[0][0], PROMPTS[0][1], params)])
+        for text, handle in batch + solo:
+            assert handle.finish_reason == "length" and handle.usage.completion_tokens == 6
+            assert text.strip()
+    finally:
+        adapter.unload()
+
+
+def test_int8_weight_only_linear_matches_the_dequantized_weights():
+    from engine.quant import GEMV_ROWS, Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    q = Int8WeightOnlyLinear(linear, torch.float32)
+    dequant = q.weight_int8.float() * q.scales[:, None]
+    assert (dequant - linear.weight).abs().max() <= q.scales.max() / 2 + 1e-6  # rounding, nothing more
+    for rows in (1, GEMV_ROWS, GEMV_ROWS + 3):  # the int8 kernel and the dequantized GEMM
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(q(x), x @ dequant.t() + linear.bias, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ are imported in ``load`` only.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 import logging
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,10 @@ class EmbeddingAdapter:
     def load(self) -> None:
         if not self.check_installed(self.spec).installed:
             raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
-        device, dtype, _ = resolve_device_dtype(self.spec)
+        # fp32 unless configured otherwise: vectors must match sentence-transformers' own (fp32)
+        # output, and an encoder this small gains little from bf16.
+        spec = self.spec if self.spec.dtype != "auto" else replace(self.spec, dtype="float32")
+        device, dtype, _ = resolve_device_dtype(spec)
         try:
             from sentence_transformers import SentenceTransformer
 

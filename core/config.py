@@ -221,8 +221,10 @@ class ManagerSettings(_Strict):
 
 class RoutingSettings(_Strict):
     # When the model an OCR request names is known but not installed, serve it with the
-    # first installed OCR model instead of answering 503. Off: the seed's behaviour.
-    ocr_fallback: bool = False
+    # default route instead of answering 503 (the answer says so: requested_model,
+    # fallback_reason, X-Model-Fallback). On by default: seed 003's own client names
+    # qwen3_vl_2b. Off: 503 MODEL_NOT_INSTALLED, the seed's behaviour.
+    ocr_fallback: bool = True
 
 
 class Settings(BaseSettings):

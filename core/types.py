@@ -11,6 +11,7 @@ class Capability(str, Enum):
     OCR = "ocr"
     CHAT = "chat"          # image + prompt -> text
     GENERATE = "generate"  # text prompt -> text
+    LAYOUT = "layout"      # page -> regions with layout categories (document pipelines)
 
 
 @dataclass(frozen=True)

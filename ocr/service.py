@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from llm.service import GenerationService
 from models.adapter import OcrOptions
 from models.manager import ModelManager
-from models.selection import ModelSelector
+from models.selection import ModelSelector, Selection
 from ocr.annotate import annotate
 from ocr.formats import FORMATS, PAGE_SEPARATOR
 from ocr.pages import Box, Document, ImageDecoder, Page, original_page, region_on, to_original
@@ -42,6 +42,8 @@ class OcrOutcome:
     language: str | None
     format: str = "text"
     page_results: list[PageOutcome] = field(default_factory=list)
+    requested_model: str | None = None   # set when another model served (routing.ocr_fallback)
+    fallback_reason: str | None = None
 
 
 @dataclass
@@ -90,19 +92,22 @@ class OcrService:
                   region: Box | None = None) -> OcrOutcome:
         """Read every page of an image, multi-frame TIFF or PDF within the deadline."""
         request = OcrRequest(language, format, region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+        chosen = self.selector.resolve(Capability.OCR, model, language, format)
         async with deadline(self.limits.request_timeout_s) as cancel:
-            return await self._ocr(data, model_id, request, cancel)
+            outcome = await self._ocr(data, chosen.model_id, request, cancel)
+        return _with_fallback(outcome, chosen)
 
     async def annotate(self, data: bytes, *, model: str | None, language: str | None, page: int = 0,
-                       region: Box | None = None) -> bytes:
-        """PNG of one page (original size) with the blocks the model found drawn on it."""
+                       region: Box | None = None) -> tuple[bytes, Selection]:
+        """PNG of one page (original size) with the blocks the model found drawn on it, and the
+        model that drew them."""
         request = OcrRequest(language, "json", region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+        chosen = self.selector.resolve(Capability.OCR, model, language, "json")
         async with deadline(self.limits.request_timeout_s) as cancel:
-            outcome, doc = await self._read(data, model_id, request, cancel, only_page=page)
+            outcome, doc = await self._read(data, chosen.model_id, request, cancel, only_page=page)
             image = await original_page(self.decoder, data, doc, page)
-        return await asyncio.to_thread(annotate, image, outcome.page_results[0].blocks)
+        png = await asyncio.to_thread(annotate, image, outcome.page_results[0].blocks)
+        return png, chosen
 
     async def _ocr(self, data: bytes, model_id: str, request: OcrRequest, cancel: CancelToken) -> OcrOutcome:
         outcome, _ = await self._read(data, model_id, request, cancel)
@@ -177,7 +182,8 @@ class OcrService:
         DEADLINE_EXCEEDED items, and the others are still returned.
         """
         request = OcrRequest(language, format, region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+        chosen = self.selector.resolve(Capability.OCR, model, language, format)
+        model_id = chosen.model_id
         items = [BatchItem(u.filename) for u in uploads]
 
         async def one(item: BatchItem, upload: Upload, cancel: CancelToken) -> None:
@@ -185,7 +191,7 @@ class OcrService:
             try:
                 if upload.error is not None:
                     raise upload.error
-                item.outcome = await self._ocr(upload.data, model_id, request, cancel)
+                item.outcome = _with_fallback(await self._ocr(upload.data, model_id, request, cancel), chosen)
             except ChatVLMError as exc:
                 item.error = exc
             finally:
@@ -206,6 +212,11 @@ class OcrService:
             elif task.exception() is not None:  # a bug, not the client's fault: let it surface
                 raise task.exception()
         return items
+
+
+def _with_fallback(outcome: OcrOutcome, chosen: Selection) -> OcrOutcome:
+    outcome.requested_model, outcome.fallback_reason = chosen.requested_model, chosen.fallback_reason
+    return outcome
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

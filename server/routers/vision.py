@@ -99,15 +99,18 @@ def _structured(o: OcrOutcome) -> dict:
 @router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
-              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam) -> OcrResponse:
+              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam,
+              response: Response) -> OcrResponse:
     """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
     model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
     outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region)
+    mark_fallback(response, outcome.model, outcome.requested_model, outcome.fallback_reason)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
                        image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
-                       format=outcome.format, **_structured(outcome))
+                       format=outcome.format, requested_model=outcome.requested_model,
+                       fallback_reason=outcome.fallback_reason, **_structured(outcome))
 
 
 _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
@@ -122,8 +125,10 @@ async def ocr_annotate(services: ServicesDep, file: Annotated[UploadFile, File(d
     numbered by its reading order, as in the `format=json` answer."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    png = await services.ocr.annotate(data, model=model, language=language, page=page, region=region)
-    return Response(content=png, media_type="image/png")
+    png, chosen = await services.ocr.annotate(data, model=model, language=language, page=page, region=region)
+    out = Response(content=png, media_type="image/png")
+    mark_fallback(out, chosen.model_id, chosen.requested_model, chosen.fallback_reason)
+    return out
 
 
 @router.post("/chat", response_model=ChatResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
@@ -150,7 +155,7 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
 async def batch_ocr(services: ServicesDep,
                     files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],
                     model: ModelParam, language: LanguageParam, format: FormatParam,
-                    region: RegionParam) -> BatchOcrResponse:
+                    region: RegionParam, response: Response) -> BatchOcrResponse:
     """OCR several images or PDFs at once. A bad file becomes an error item; the others still succeed."""
     limits = services.settings.limits  # the parser already refused more than limits.max_batch_files files
     started = time.perf_counter()
@@ -163,9 +168,23 @@ async def batch_ocr(services: ServicesDep,
     items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region)
     results = [_item(i) for i in items]
     ok = sum(r.status == "success" for r in results)
+    served = next((i.outcome for i in items if i.outcome is not None), None)
+    requested, reason = (served.requested_model, served.fallback_reason) if served else (None, None)
+    if served is not None:
+        mark_fallback(response, served.model, requested, reason)
     return BatchOcrResponse(results=results, total=len(results), successful=ok, failed=len(results) - ok,
                             model=next((r.model for r in results if r.model), None),
-                            processing_time=round(time.perf_counter() - started, 3))
+                            processing_time=round(time.perf_counter() - started, 3),
+                            requested_model=requested, fallback_reason=reason)
+
+
+def mark_fallback(response: Response, served: str, requested: str | None, reason: str | None) -> None:
+    """X-Model-Fallback: the named model, the one that served and why, when they differ."""
+    if requested is None:
+        return
+    value = f"{requested}; served-by={served}; reason={reason or 'not installed'}"
+    # Header values are latin-1: keep them ASCII whatever a weights path holds.
+    response.headers["X-Model-Fallback"] = value.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _item(item: BatchItem) -> BatchItemResponse:

@@ -99,6 +99,9 @@ class OcrResponse(BaseModel):
     markdown: str | None = Field(None, description="The document as markdown (format=markdown)")
     page_results: list[PageResult] | None = Field(None, description="One result per page "
                                                   "(multi-page input or format=json)")
+    requested_model: str | None = Field(None, description="The model the request named, when another one "
+                                        "served it (routing.ocr_fallback; also in X-Model-Fallback)")
+    fallback_reason: str | None = Field(None, description="Why the named model did not serve")
 
 
 class ChatUsage(BaseModel):
@@ -139,6 +142,8 @@ class BatchOcrResponse(BaseModel):
     failed: int
     model: str | None = None
     processing_time: float
+    requested_model: str | None = Field(None, description="The model the request named, when another one served it")
+    fallback_reason: str | None = None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:

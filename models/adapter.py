@@ -104,6 +104,7 @@ ADAPTER_KINDS: dict[str, str] = {
     "causal_lm": "llm.causal:CausalLMAdapter",
     "got_ocr": "vlm.got_ocr:GotOcrAdapter",
     "dots_ocr": "vlm.dots_ocr.adapter:DotsOcrAdapter",
+    "layout_pipeline": "ocr.document.adapter:LayoutPipelineAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.

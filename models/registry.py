@@ -16,6 +16,7 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "causal_lm": frozenset({Capability.GENERATE}),
     "got_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
     "dots_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
+    "layout_pipeline": frozenset({Capability.OCR, Capability.LAYOUT}),
 }
 
 

@@ -38,9 +38,16 @@ class ModelSelector:
             raise ModelNotFound(f"Model '{model_id}' not found", param="model")
         return entry
 
+    def supports_language(self, entry: RegistryEntry, language: str | None) -> bool:
+        return self._supports_language(entry, language)
+
     def _supports_language(self, entry: RegistryEntry, language: str | None) -> bool:
         if language is None:
             return True
+        if Capability.LAYOUT in entry.capabilities:  # a document pipeline reads through its OCR engines
+            engines = [self.registry.get(e) for e in (entry.spec.options or {}).get("engines", ["rapidocr", "tesseract"])]
+            return any(e is not None and e.install_state().installed and self._supports_language(e, language)
+                       for e in engines)
         probe = self._probes.get(entry.id)
         if probe is None:  # constructing an adapter is cheap: nothing is loaded
             probe = self._probes[entry.id] = adapter_class(entry.spec.kind)(entry.spec)

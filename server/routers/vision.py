@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from core.errors import InvalidParameter, PayloadTooLarge
 from ocr import formats
+from ocr.page_ranges import parse_pages
 from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
@@ -72,14 +73,32 @@ async def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
     return f if f is not None else (q or 0)
 
 
+_PAGES_DOC = {"description": "1-based pages and ranges of a PDF or TIFF to read, e.g. 1-3,7 (default: all)",
+              "json_schema_extra": {"pattern": r"^$|^ *[0-9]{1,6}( *- *[0-9]{1,6})? *(, *[0-9]{1,6}( *- *[0-9]{1,6})? *)*$"}}
+
+
+async def _pages(q: Annotated[str | None, Query(alias="pages", max_length=200, **_PAGES_DOC)] = None,
+                 f: Annotated[str | None, Form(alias="pages", max_length=200, **_PAGES_DOC)] = None) -> list[int] | None:
+    return parse_pages(form_or_query(q, f))
+
+
+_FORCE_DOC = {"description": "OCR PDF pages even when they carry a text layer (default false)"}
+
+
+async def _force_ocr(q: Annotated[bool | None, Query(alias="force_ocr", **_FORCE_DOC)] = None,
+                     f: Annotated[bool | None, Form(alias="force_ocr", **_FORCE_DOC)] = None) -> bool:
+    return bool(f if f is not None else q)
+
+
+PagesParam = Annotated[list[int] | None, Depends(_pages)]
+ForceOcrParam = Annotated[bool, Depends(_force_ocr)]
 FormatParam = Annotated[str, Depends(_format)]
 RegionParam = Annotated[tuple[int, int, int, int] | None, Depends(_region)]
 PageParam = Annotated[int, Depends(_page)]
 
 
 def _block(b, order: int) -> Block:
-    return Block(text=b.text, box=list(b.box) if b.box else None, confidence=b.confidence,
-                 category=b.category, page=b.page, reading_order=order)
+    return Block(**formats.block_dict(b, order))
 
 
 def _blocks(outcome: OcrOutcome) -> list[Block]:
@@ -100,12 +119,13 @@ def _structured(o: OcrOutcome) -> dict:
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
               model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam,
-              response: Response) -> OcrResponse:
+              pages: PagesParam, force_ocr: ForceOcrParam, response: Response) -> OcrResponse:
     """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
     model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region)
+    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region,
+                                     pages=pages, force_ocr=force_ocr)
     mark_fallback(response, outcome.model, outcome.requested_model, outcome.fallback_reason)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
                        image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
@@ -155,7 +175,8 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
 async def batch_ocr(services: ServicesDep,
                     files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],
                     model: ModelParam, language: LanguageParam, format: FormatParam,
-                    region: RegionParam, response: Response) -> BatchOcrResponse:
+                    region: RegionParam, pages: PagesParam, force_ocr: ForceOcrParam,
+                    response: Response) -> BatchOcrResponse:
     """OCR several images or PDFs at once. A bad file becomes an error item; the others still succeed."""
     limits = services.settings.limits  # the parser already refused more than limits.max_batch_files files
     started = time.perf_counter()
@@ -165,7 +186,8 @@ async def batch_ocr(services: ServicesDep,
             uploads.append(Upload(filename_of(f), await read_upload(f, limits.max_file_bytes, limits.max_file_mb)))
         except PayloadTooLarge as exc:  # one oversized file fails alone, not the batch
             uploads.append(Upload(filename_of(f), b"", error=exc))
-    items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region)
+    items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region,
+                                     pages=pages, force_ocr=force_ocr)
     results = [_item(i) for i in items]
     ok = sum(r.status == "success" for r in results)
     served = next((i.outcome for i in items if i.outcome is not None), None)

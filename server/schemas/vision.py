@@ -69,6 +69,15 @@ class ModelActionResponse(BaseModel):
     memory_usage: str | None = None
 
 
+class TableCell(BaseModel):
+    row: int = Field(description="0-based row of the cell's top-left corner")
+    col: int = Field(description="0-based column of the cell's top-left corner")
+    rowspan: int = 1
+    colspan: int = 1
+    text: str
+    box: list[int] = Field(description="[x1, y1, x2, y2] in original page pixels")
+
+
 class Block(BaseModel):
     text: str
     box: list[int] | None = Field(None, description="[x1, y1, x2, y2] in original page pixels "
@@ -77,6 +86,7 @@ class Block(BaseModel):
     category: str | None = Field(None, description="Layout category (Title, Table, ...), when the model gives one")
     page: int = Field(0, description="0-based page (PDF page or TIFF frame)")
     reading_order: int = Field(0, description="0-based position of the block in its page's reading order")
+    cells: list[TableCell] | None = Field(None, description="A table's cells (doc_cpu): its text is then HTML")
 
 
 class PageResult(BaseModel):

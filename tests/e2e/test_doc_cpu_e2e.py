@@ -139,3 +139,17 @@ def test_russian_goes_through_tesseract(cpu_server):
         assert any(line.startswith("## ") and similarity(line[3:], header) > 0.8
                    for line in body["markdown"].splitlines()), (header, body["markdown"])
     assert "<table>" in body["markdown"]
+
+
+def test_annotate_draws_categories_with_a_legend(cpu_server, en_page):
+    from ocr.annotate import colour_of
+
+    _, img = en_page
+    r = requests.post(f"{cpu_server.url}/ocr/annotate", files={"file": ("p.png", png_bytes(img))},
+                      data={"model": "doc_cpu"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    drawn = Image.open(io.BytesIO(r.content)).convert("RGB")
+    assert drawn.size == img.size
+    colours = set(drawn.crop((drawn.width * 2 // 3, 0, drawn.width, 300)).getdata())  # the legend's corner
+    for category in ("Title", "Section-header", "Table", "List-item"):
+        assert colour_of(category) in colours, category

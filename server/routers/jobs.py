@@ -51,7 +51,7 @@ def _owner(request: Request) -> str | None:
 
 
 @_upload.post("/jobs/ocr", status_code=202, response_model=JobAccepted,
-              responses=error_responses(400, 404, 413, 415, 422, 503) | {429: {"description": "Too many unfinished jobs for this client"}},
+              responses=error_responses(400, 404, 413, 415, 422, 503),  # 429 (TOO_MANY_JOBS too): server/openapi.py
               form_limits=upload_form_limits(max_files=1), openapi_extra=_accepts("file", pdf=True))
 async def submit(services: ServicesDep, request: Request,
                  file: Annotated[UploadFile, File(description="A PDF or image (jobs.max_file_mb, jobs.max_pages)")],

@@ -32,6 +32,11 @@ def _accepts(part: str, *, pdf: bool, text: tuple[str, ...] = ("language",)) -> 
     return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 _OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
+# Set when the named model is not installed and another served (routing.ocr_fallback).
+FALLBACK_HEADER = {"X-Model-Fallback": {"description": "'<requested>; served-by=<model>; reason=<why>' when the "
+                                        "named OCR model is not installed and the default route served",
+                                        "schema": {"type": "string"}}}
+_OCR_OK = {200: {"headers": FALLBACK_HEADER}}
 _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 
 
@@ -115,7 +120,7 @@ def _structured(o: OcrOutcome) -> dict:
             "markdown": formats.document_markdown(o) if o.format == "markdown" else None}
 
 
-@router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
+@router.post("/ocr", response_model=OcrResponse, responses=_OCR_OK | _OCR_ERRORS, form_limits=_ONE_FILE,
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
               model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam,
@@ -133,7 +138,7 @@ async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(descriptio
                        fallback_reason=outcome.fallback_reason, **_structured(outcome))
 
 
-_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "headers": FALLBACK_HEADER,
               "description": "The page (original size) with the blocks' boxes drawn, numbered in reading order"}}
 
 
@@ -170,7 +175,7 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
                                         total_tokens=u.total_tokens))
 
 
-@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS,
+@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_OK | _OCR_ERRORS,
              openapi_extra=_accepts("files", pdf=True))
 async def batch_ocr(services: ServicesDep,
                     files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],

@@ -237,8 +237,28 @@ class ManagerSettings(_Strict):
 
 class RoutingSettings(_Strict):
     # When the model an OCR request names is known but not installed, serve it with the
-    # first installed OCR model instead of answering 503. Off: the seed's behaviour.
-    ocr_fallback: bool = False
+    # default route instead of answering 503 (the answer says so: requested_model,
+    # fallback_reason, X-Model-Fallback). On by default: seed 003's own client names
+    # qwen3_vl_2b. Off: 503 MODEL_NOT_INSTALLED, the seed's behaviour.
+    ocr_fallback: bool = True
+
+
+class JobsSettings(_Strict):
+    """Asynchronous OCR jobs (POST /jobs/ocr) for long documents: their own limits, not /ocr's."""
+
+    max_pages: int = Field(500, ge=1, le=100_000)           # pages of one job (413 beyond)
+    max_file_mb: float = Field(100, gt=0, le=4096)          # per uploaded document (413 beyond)
+    retention_s: float = Field(86_400, gt=0)                # finished jobs and results are kept this long
+    max_per_client: int = Field(4, ge=1, le=10_000)         # unfinished jobs per API key or address (429 beyond)
+    max_total: int = Field(32, ge=1, le=100_000)            # unfinished jobs in all (503 beyond)
+    workers: int = Field(2, ge=1, le=64)                    # jobs that run at once (one page at a time each)
+    # Callbacks (a JSON POST when a job ends) go only to these hosts; none listed: callbacks refused.
+    callback_allowed_hosts: list[str] = []
+    callback_timeout_s: float = Field(10, gt=0, le=120)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
 
 
 class Settings(BaseSettings):
@@ -258,6 +278,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     image_urls: ImageUrlSettings = ImageUrlSettings()
+    jobs: JobsSettings = JobsSettings()
     models: dict[str, ModelConfig] = {}
     # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id,
     # or a list of ids: the first installed one serves.

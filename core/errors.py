@@ -59,6 +59,11 @@ class ModelNotFound(NotFound):
     code = "MODEL_NOT_FOUND"
 
 
+class Conflict(ClientError):
+    status_code = 409
+    code = "CONFLICT"
+
+
 class PayloadTooLarge(ClientError):
     status_code = 413
     code = "PAYLOAD_TOO_LARGE"

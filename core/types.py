@@ -12,6 +12,7 @@ class Capability(str, Enum):
     CHAT = "chat"          # image + prompt -> text
     GENERATE = "generate"  # text prompt -> text
     EMBED = "embed"        # text -> vector
+    LAYOUT = "layout"      # page -> regions with layout categories (document pipelines)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class OcrBlock:
     confidence: float | None = None
     category: str | None = None
     page: int = 0  # 0-based page (TIFF frame) the block was read from
+    # Tables of the document pipeline: [{row, col, rowspan, colspan, text, box}] (``text`` is HTML)
+    cells: tuple[dict, ...] | None = None
+    plain: str | None = None  # the block as plain text when ``text`` is markup (a table as rows)
 
 
 @dataclass

@@ -111,6 +111,7 @@ ADAPTER_KINDS: dict[str, str] = {
     "got_ocr": "vlm.got_ocr:GotOcrAdapter",
     "dots_ocr": "vlm.dots_ocr.adapter:DotsOcrAdapter",
     "embedding": "llm.embedding:EmbeddingAdapter",
+    "layout_pipeline": "ocr.document.adapter:LayoutPipelineAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.

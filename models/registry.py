@@ -17,6 +17,7 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "got_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
     "dots_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
     "embedding": frozenset({Capability.EMBED}),
+    "layout_pipeline": frozenset({Capability.OCR, Capability.LAYOUT}),
 }
 
 

@@ -22,7 +22,8 @@ PAGE_SEPARATOR = "\n\n"
 # Category (as layout models name them) -> markdown prefix for the block's text.
 _PREFIX = {"title": "# ", "section-header": "## ", "list-item": "- ", "caption": "*", "footnote": "> "}
 _SUFFIX = {"caption": "*"}
-_SKIP = {"picture", "page-header", "page-footer"}  # no reading text, or repeated furniture
+_SKIP = {"picture", "page-header", "page-footer"}
+_BULLETS = "•·▪●◦■□➢►–"  # no reading text, or repeated furniture
 
 
 def block_markdown(block: OcrBlock) -> str:
@@ -38,6 +39,8 @@ def block_markdown(block: OcrBlock) -> str:
         return text  # layout models give tables as HTML, which markdown carries as it is
     if cat == "list-item" and text[:2] in ("- ", "* "):
         return text
+    if cat == "list-item" and (text[:1] in _BULLETS or text[:2] in ("+ ", ". ")):  # a drawn bullet: markdown's own
+        return "- " + text[1:].lstrip()
     return _PREFIX.get(cat, "") + text + _SUFFIX.get(cat, "")
 
 
@@ -53,8 +56,11 @@ def document_markdown(outcome: "OcrOutcome") -> str:
 
 
 def block_dict(block: OcrBlock, reading_order: int) -> dict[str, Any]:
-    return {"text": block.text, "box": list(block.box) if block.box else None, "confidence": block.confidence,
-            "category": block.category, "page": block.page, "reading_order": reading_order}
+    out = {"text": block.text, "box": list(block.box) if block.box else None, "confidence": block.confidence,
+           "category": block.category, "page": block.page, "reading_order": reading_order}
+    if block.cells is not None:
+        out["cells"] = [dict(c) for c in block.cells]
+    return out
 
 
 def blocks_json(blocks: list[OcrBlock]) -> list[dict[str, Any]]:

@@ -27,6 +27,9 @@ Box = tuple[int, int, int, int]
 class Page:
     image: Image.Image              # what the model reads
     original_size: tuple[int, int]  # what the client's coordinates refer to
+    index: int | None = None        # 0-based page of the upload (None: pages[i] is page first_page + i)
+    # A PDF page's embedded text as (text, box in original pixels), when it has a text layer.
+    text_lines: list[tuple[str, Box]] | None = None
 
     @property
     def scale(self) -> float:
@@ -39,6 +42,19 @@ class Document:
     pages: list[Page]
     format: str            # "PDF", "PNG", "TIFF", ...
     first_page: int = 0    # index of pages[0] in the source (non-zero when one page was asked for)
+
+    def index_of(self, i: int) -> int:
+        """The 0-based page of the upload that pages[i] is."""
+        page = self.pages[i]
+        return page.index if page.index is not None else self.first_page + i
+
+
+@dataclass
+class PageOutcome:
+    index: int                     # 0-based page of the upload
+    text: str
+    blocks: list[OcrBlock]         # in reading order, boxes in original page pixels
+    image_size: tuple[int, int]    # the page's original size (upright, for a page the pipeline turned)
 
 
 class ImageDecoder:
@@ -79,28 +95,35 @@ class ImageDecoder:
                 target_max_pixels=target_max_pixels, all_frames=all_frames)
 
     async def decode_pages(self, data: bytes, *, target_max_pixels: int | None,
-                           only_page: int | None = None) -> Document:
-        """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages."""
+                           only_page: int | None = None, pages: list[int] | None = None,
+                           text_layer: bool = False, max_pages: int | None = None) -> Document:
+        """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages: all of
+        them, ``only_page``, or the 0-based ``pages`` (a page range); with ``text_layer``, PDF pages
+        carry their embedded text."""
         self._check_size(data)
         if sniff_format(data) == "PDF" and "PDF" in self.limits.allowed_formats:
             async with self._slot():
                 rendered = await asyncio.to_thread(
-                    pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=self.limits.max_pdf_pages,
+                    pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=max_pages or self.limits.max_pdf_pages,
                     max_pixels=self.limits.max_image_pixels, target_max_pixels=target_max_pixels,
-                    only_page=only_page)
-            return Document([Page(r.image, r.original_size) for r in rendered], "PDF", only_page or 0)
+                    only_page=only_page, pages=pages, text_layer=text_layer)
+            return Document([Page(r.image, r.original_size, r.index, r.text_lines) for r in rendered], "PDF",
+                            only_page or 0)
         image = await self.decode(data, target_max_pixels=target_max_pixels, all_frames=True)
         # decode_image reports the first frame's displayed size; other frames of another size get theirs
         # estimated from the common scale (within a pixel).
         first = image.pages[0].size
-        pages = [Page(img, image.original_size if img.size == first else _scaled(img.size, image.scale))
-                 for img in image.pages]
+        frames = [Page(img, image.original_size if img.size == first else _scaled(img.size, image.scale), i)
+                  for i, img in enumerate(image.pages)]
+        if only_page is None and pages is not None:
+            kind = "image" if len(frames) == 1 else "TIFF"
+            return Document([frames[i] for i in pdf.check_pages(pages, len(frames), kind)], image.format)
         if only_page is None:
-            return Document(pages, image.format)
-        if not 0 <= only_page < len(pages):
-            raise InvalidParameter(f"page {only_page} does not exist; the image has {len(pages)} page(s), "
+            return Document(frames, image.format)
+        if not 0 <= only_page < len(frames):
+            raise InvalidParameter(f"page {only_page} does not exist; the image has {len(frames)} page(s), "
                                    "numbered from 0", param="page", code="PAGE_OUT_OF_RANGE")
-        return Document([pages[only_page]], image.format, only_page)
+        return Document([frames[only_page]], image.format, only_page)
 
 
 def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:

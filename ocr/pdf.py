@@ -25,6 +25,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from core.errors import BadRequest, InvalidParameter, PayloadTooLarge
+from ocr.document.textlayer import page_lines
 
 POINTS_PER_INCH = 72.0
 MAX_SIDE = 65_535
@@ -35,6 +36,9 @@ _LOCK = threading.Lock()
 class RenderedPage:
     image: Image.Image              # RGB, at the model's scale
     original_size: tuple[int, int]  # the page at the configured DPI
+    index: int = 0                  # 0-based page of the document
+    # The page's embedded text, as (text, box in original pixels), when asked for and present.
+    text_lines: list[tuple[str, tuple[int, int, int, int]]] | None = None
 
 
 def page_count(data: bytes) -> int:
@@ -48,22 +52,38 @@ def page_count(data: bytes) -> int:
 
 
 def render_pdf(data: bytes, *, dpi: float, max_pages: int, max_pixels: int,
-               target_max_pixels: int | None = None, only_page: int | None = None) -> list[RenderedPage]:
-    """Render every page (or only ``only_page``, 0-based), each scaled to fit ``target_max_pixels``."""
+               target_max_pixels: int | None = None, only_page: int | None = None,
+               pages: list[int] | None = None, text_layer: bool = False) -> list[RenderedPage]:
+    """Render every page (or only ``only_page``, or the 0-based ``pages``), each scaled to fit
+    ``target_max_pixels``; with ``text_layer``, each page also carries its embedded text."""
     with _LOCK:
         doc = _open(data)
         try:
             n = len(doc)
             if n == 0:
                 raise BadRequest("the PDF has no pages", code="INVALID_PDF")
-            if n > max_pages:
-                raise PayloadTooLarge(f"the PDF has {n} pages; at most {max_pages} are accepted",
-                                      param="file", code="TOO_MANY_PAGES")
-            indices = range(n) if only_page is None else [_check_page(only_page, n)]
+            if only_page is not None:
+                indices = [_check_page(only_page, n)]
+            elif pages is not None:
+                indices = check_pages(pages, n, "PDF")
+            else:
+                indices = list(range(n))
+            if len(indices) > max_pages:
+                raise PayloadTooLarge(f"{len(indices)} pages of the PDF were asked for; at most {max_pages} are "
+                                      "accepted (send a page range with pages=)", param="file", code="TOO_MANY_PAGES")
             sizes = {i: _original_size(doc, i, dpi, max_pixels) for i in indices}  # refuse before rendering
-            return [_render(doc, i, sizes[i], dpi, target_max_pixels) for i in indices]
+            return [_render(doc, i, sizes[i], dpi, target_max_pixels, text_layer) for i in indices]
         finally:
             doc.close()
+
+
+def check_pages(pages: list[int], n: int, kind: str) -> list[int]:
+    """The 0-based pages, checked against the document's ``n`` pages (400 naming the count)."""
+    bad = [p for p in pages if not 0 <= p < n]
+    if bad:
+        raise BadRequest(f"page {bad[0] + 1} is outside the {kind}, which has {n} page(s) (pages are numbered from 1)",
+                         param="pages", code="PAGE_OUT_OF_RANGE", details={"page_count": n})
+    return pages
 
 
 def _open(data: bytes) -> pdfium.PdfDocument:
@@ -103,14 +123,17 @@ def _original_size(doc: pdfium.PdfDocument, index: int, dpi: float, max_pixels: 
 
 
 def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: float,
-            target: int | None) -> RenderedPage:
+            target: int | None, text_layer: bool = False) -> RenderedPage:
     w, h = size
     scale = dpi / POINTS_PER_INCH
     reduced = target is not None and w * h > target
     if reduced:
         scale *= math.sqrt(target / (w * h))
     page = doc[index]
+    lines = None
     try:
+        if text_layer:
+            lines = page_lines(page, dpi / POINTS_PER_INCH)
         bitmap = page.render(scale=scale, draw_annots=True, may_draw_forms=True)
         try:
             image = bitmap.to_pil().convert("RGB")  # a copy: the bitmap's buffer is freed below
@@ -123,7 +146,7 @@ def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: flo
     if not reduced and image.size != (w, h):  # PDFium rounds the bitmap up by a pixel at times
         fits = image.width >= w and image.height >= h
         image = image.crop((0, 0, w, h)) if fits else image.resize((w, h), Image.Resampling.LANCZOS)
-    return RenderedPage(image=image, original_size=(w, h))
+    return RenderedPage(image=image, original_size=(w, h), index=index, text_lines=lines)
 
 
 def _px(points: float, dpi: float) -> int:

@@ -15,20 +15,14 @@ if TYPE_CHECKING:
     from llm.service import GenerationService
 from models.adapter import OcrOptions
 from models.manager import ModelManager
-from models.selection import ModelSelector
+from models.selection import ModelSelector, Selection
 from ocr.annotate import annotate
+from ocr.document.pages import DocumentPages, text_layer_page
+from ocr.document.reader import DocumentReader
 from ocr.formats import FORMATS, PAGE_SEPARATOR
-from ocr.pages import Box, Document, ImageDecoder, Page, original_page, region_on, to_original
+from ocr.pages import Box, Document, ImageDecoder, Page, PageOutcome, original_page, region_on, to_original
 
 __all__ = ["BatchItem", "ImageDecoder", "OcrOutcome", "OcrService", "PageOutcome", "Upload"]
-
-
-@dataclass
-class PageOutcome:
-    index: int                     # 0-based page of the upload
-    text: str
-    blocks: list[OcrBlock]         # in reading order, boxes in original page pixels
-    image_size: tuple[int, int]    # the page's original size
 
 
 @dataclass
@@ -42,6 +36,8 @@ class OcrOutcome:
     language: str | None
     format: str = "text"
     page_results: list[PageOutcome] = field(default_factory=list)
+    requested_model: str | None = None   # set when another model served (routing.ocr_fallback)
+    fallback_reason: str | None = None
 
 
 @dataclass
@@ -66,6 +62,8 @@ class OcrRequest:
     language: str | None = None
     format: str = "text"
     region: Box | None = None  # x1, y1, x2, y2 in original pixels, applied to every page
+    pages: list[int] | None = None  # 0-based pages to read (PDF, TIFF); None: all
+    force_ocr: bool = False  # OCR PDF pages even when they carry a text layer
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -85,24 +83,28 @@ class OcrService:
         self.decoder = decoder
         self.limits = limits
         self.llm = llm
+        self.documents = DocumentPages(DocumentReader(selector, manager))
 
     async def ocr(self, data: bytes, *, model: str | None, language: str | None, format: str = "text",
-                  region: Box | None = None) -> OcrOutcome:
-        """Read every page of an image, multi-frame TIFF or PDF within the deadline."""
-        request = OcrRequest(language, format, region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+                  region: Box | None = None, pages: list[int] | None = None, force_ocr: bool = False) -> OcrOutcome:
+        """Read every page (or the ``pages``) of an image, multi-frame TIFF or PDF within the deadline."""
+        request = OcrRequest(language, format, region, pages, force_ocr)
+        chosen = self.selector.resolve(Capability.OCR, model, language, format)
         async with deadline(self.limits.request_timeout_s) as cancel:
-            return await self._ocr(data, model_id, request, cancel)
+            outcome = await self._ocr(data, chosen.model_id, request, cancel)
+        return _with_fallback(outcome, chosen)
 
     async def annotate(self, data: bytes, *, model: str | None, language: str | None, page: int = 0,
-                       region: Box | None = None) -> bytes:
-        """PNG of one page (original size) with the blocks the model found drawn on it."""
+                       region: Box | None = None) -> tuple[bytes, Selection]:
+        """PNG of one page (original size) with the blocks the model found drawn on it, and the
+        model that drew them."""
         request = OcrRequest(language, "json", region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+        chosen = self.selector.resolve(Capability.OCR, model, language, "json")
         async with deadline(self.limits.request_timeout_s) as cancel:
-            outcome, doc = await self._read(data, model_id, request, cancel, only_page=page)
+            outcome, doc = await self._read(data, chosen.model_id, request, cancel, only_page=page)
             image = await original_page(self.decoder, data, doc, page)
-        return await asyncio.to_thread(annotate, image, outcome.page_results[0].blocks)
+        png = await asyncio.to_thread(annotate, image, outcome.page_results[0].blocks)
+        return png, chosen
 
     async def _ocr(self, data: bytes, model_id: str, request: OcrRequest, cancel: CancelToken) -> OcrOutcome:
         outcome, _ = await self._read(data, model_id, request, cancel)
@@ -113,10 +115,14 @@ class OcrService:
         started = time.perf_counter()
         entry = self.selector.entry(model_id)
         self.manager.check_capacity(model_id, cancel.deadline)  # a full queue: 503 before any decoding
-        doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page)
+        generative = Capability.GENERATE in entry.capabilities
+        # CPU models take a PDF page's text layer instead of OCR; generative ones read the pixels.
+        text_layer = not generative and not request.force_ocr
+        doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page,
+                                              pages=request.pages if only_page is None else None,
+                                              text_layer=text_layer)
         if request.region is not None and region_on(doc.pages[0], request.region) is None:
             raise InvalidParameter("region lies outside the image", param="region", code="INVALID_REGION")
-        generative = Capability.GENERATE in entry.capabilities
         options = OcrOptions(language=request.language, format=request.format)
         # Pages are read concurrently, a few at a time: the model's runner (CPU engines) or the
         # engine's batching (generative models) does the rest, and one document cannot fill their queues.
@@ -124,21 +130,32 @@ class OcrService:
 
         async def one(index: int, page: Page) -> PageOutcome:
             async with slots:
-                return await self._read_page(model_id, generative, page, index, options, request.region, cancel)
+                return await self.read_page(model_id, page, index, options, request.region, cancel)
 
         try:
             async with asyncio.TaskGroup() as group:  # one page failing stops the others
-                tasks = [group.create_task(one(doc.first_page + i, p)) for i, p in enumerate(doc.pages)]
+                tasks = [group.create_task(one(doc.index_of(i), p)) for i, p in enumerate(doc.pages)]
         except BaseExceptionGroup as failed:  # callers see the page's own error, as for one image
             raise _first(failed) from None
         if cancel.cancelled:  # the engine stopped early: its partial text is not an answer
             raise DeadlineExceeded(f"not finished within {self.limits.request_timeout_s:g} s")
         pages = [t.result() for t in tasks]
         outcome = OcrOutcome(text=PAGE_SEPARATOR.join(p.text for p in pages if p.text), model=model_id,
-                             blocks=[b for p in pages for b in p.blocks], image_size=doc.pages[0].original_size,
+                             blocks=[b for p in pages for b in p.blocks], image_size=pages[0].image_size,
                              pages=len(pages), processing_time=time.perf_counter() - started,
                              language=request.language, format=request.format, page_results=pages)
         return outcome, doc
+
+    async def read_page(self, model_id: str, page: Page, index: int, options: OcrOptions, region: Box | None,
+                        cancel: CancelToken) -> PageOutcome:
+        """One page by the model: a layout pipeline, its text layer, a generative model or a CPU engine."""
+        entry = self.selector.entry(model_id)
+        if Capability.LAYOUT in entry.capabilities:
+            return await self.documents.read_page(model_id, page, index, options, region, cancel)
+        if page.text_lines is not None:
+            return text_layer_page(page, index, region)
+        return await self._read_page(model_id, Capability.GENERATE in entry.capabilities, page, index, options,
+                                     region, cancel)
 
     async def _read_page(self, model_id: str, generative: bool, page: Page, index: int, options: OcrOptions,
                          region: Box | None, cancel: CancelToken) -> PageOutcome:
@@ -170,14 +187,16 @@ class OcrService:
         return result
 
     async def batch(self, uploads: list[Upload], *, model: str | None, language: str | None,
-                    format: str = "text", region: Box | None = None) -> list[BatchItem]:
+                    format: str = "text", region: Box | None = None, pages: list[int] | None = None,
+                    force_ocr: bool = False) -> list[BatchItem]:
         """OCR every upload concurrently (the model's runner bounds the parallelism).
 
         One bad file becomes an error item; items not done by the deadline become
         DEADLINE_EXCEEDED items, and the others are still returned.
         """
-        request = OcrRequest(language, format, region)
-        model_id = self.selector.select(Capability.OCR, model, language)
+        request = OcrRequest(language, format, region, pages, force_ocr)
+        chosen = self.selector.resolve(Capability.OCR, model, language, format)
+        model_id = chosen.model_id
         items = [BatchItem(u.filename) for u in uploads]
 
         async def one(item: BatchItem, upload: Upload, cancel: CancelToken) -> None:
@@ -185,7 +204,7 @@ class OcrService:
             try:
                 if upload.error is not None:
                     raise upload.error
-                item.outcome = await self._ocr(upload.data, model_id, request, cancel)
+                item.outcome = _with_fallback(await self._ocr(upload.data, model_id, request, cancel), chosen)
             except ChatVLMError as exc:
                 item.error = exc
             finally:
@@ -206,6 +225,11 @@ class OcrService:
             elif task.exception() is not None:  # a bug, not the client's fault: let it surface
                 raise task.exception()
         return items
+
+
+def _with_fallback(outcome: OcrOutcome, chosen: Selection) -> OcrOutcome:
+    outcome.requested_model, outcome.fallback_reason = chosen.requested_model, chosen.fallback_reason
+    return outcome
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

@@ -314,6 +314,15 @@ def build_corpus(quick: bool = False) -> list[Case]:
     return [c for c in cases if c.quick] if quick else cases
 
 
+def build_jobs_corpus(quick: bool = False) -> list[Case]:
+    """The same corpus against POST /jobs/ocr: every image case, and every multipart case re-aimed."""
+    from dataclasses import replace
+
+    cases = [replace(c, name="jobs_" + c.name, path="/jobs/ocr") for c in build_corpus(quick)
+             if c.path == "/ocr"]
+    return cases
+
+
 # --------------------------------------------------------------------------- runner
 
 

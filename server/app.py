@@ -17,7 +17,7 @@ from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
-from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
+from server.routers import easyviz, jobs, llama_local, openai_compat, spec_v1, system, vision
 from server.uploads import upload_form_limits
 
 log = logging.getLogger("chatvlm")
@@ -31,6 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await services.manager.start(settings.manager.preload)
+        await services.jobs.start()
         trimmer = IdleTrimmer(lambda: services.connections.active > 0 or services.manager.any_busy(),
                               settings.server.idle_trim_s)
         trimmer.start()
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             services.draining = True
             await trimmer.stop()
+            await services.jobs.stop()
             try:
                 await services.manager.shutdown()
             finally:
@@ -57,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Images are counted once the body is parsed, on the surfaces that take images.
         images = [Depends(charge_images)] if surface in (vision, openai_compat) else None
         app.include_router(surface.router, dependencies=images)
+    app.include_router(jobs.router, dependencies=[Depends(charge_images)])
     app.include_router(metrics_router)
     install_openapi(app, settings)
 
@@ -65,6 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
     def body_limit(path: str) -> int:
         if path == "/batch/ocr":
             return limits.max_batch_files * limits.max_file_bytes + MULTIPART_OVERHEAD
+        if path == "/jobs/ocr":  # long documents: the jobs' own file cap
+            return settings.jobs.max_file_bytes + MULTIPART_OVERHEAD
         # One file, as multipart or as base64 inside JSON (4 characters per 3 bytes).
         return limits.max_file_bytes * 4 // 3 + MULTIPART_OVERHEAD
 

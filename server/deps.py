@@ -10,6 +10,8 @@ from starlette.requests import HTTPConnection
 from core.config import Settings
 from core.remote_images import ImageFetcher
 from llm.embeddings import EmbeddingService
+from jobs.service import JobService
+from jobs.store import FileJobStore
 from llm.service import GenerationService
 from models.manager import ModelManager
 from models.registry import ModelRegistry
@@ -34,6 +36,7 @@ class Services:
     connections: ConnectionStats
     metrics: Metrics
     image_fetcher: ImageFetcher
+    jobs: JobService | None = None  # asynchronous OCR jobs (started and stopped by the app's lifespan)
     draining: bool = False  # set when shutdown starts: /readyz answers 503
 
 
@@ -54,8 +57,11 @@ def build_services(settings: Settings) -> Services:
     image_urls = settings.image_urls
     image_fetcher = ImageFetcher(image_urls, int(image_urls.max_mb * 2**20) if image_urls.max_mb
                                  else settings.limits.max_file_bytes)
+    ocr = OcrService(selector, manager, decoder, settings.limits, llm)
+    # Files under the data directory until the management database (store/) can hold jobs.
+    jobs = JobService(FileJobStore(settings.data_dir / "jobs"), ocr, settings.jobs, settings.limits)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
-                    ocr=OcrService(selector, manager, decoder, settings.limits, llm),
+                    ocr=ocr, jobs=jobs,
                     chat=ChatService(selector, llm, decoder, settings.limits),
                     llm=llm, embeddings=EmbeddingService(selector, manager,
                                                          timeout_s=settings.limits.request_timeout_s),

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from core.errors import InvalidParameter, PayloadTooLarge
 from ocr import formats
+from ocr.page_ranges import parse_pages
 from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
@@ -31,6 +32,11 @@ def _accepts(part: str, *, pdf: bool, text: tuple[str, ...] = ("language",)) -> 
     return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 _OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
+# Set when the named model is not installed and another served (routing.ocr_fallback).
+FALLBACK_HEADER = {"X-Model-Fallback": {"description": "'<requested>; served-by=<model>; reason=<why>' when the "
+                                        "named OCR model is not installed and the default route served",
+                                        "schema": {"type": "string"}}}
+_OCR_OK = {200: {"headers": FALLBACK_HEADER}}
 _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 
 
@@ -72,14 +78,32 @@ async def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
     return f if f is not None else (q or 0)
 
 
+_PAGES_DOC = {"description": "1-based pages and ranges of a PDF or TIFF to read, e.g. 1-3,7 (default: all)",
+              "json_schema_extra": {"pattern": r"^$|^ *[0-9]{1,6}( *- *[0-9]{1,6})? *(, *[0-9]{1,6}( *- *[0-9]{1,6})? *)*$"}}
+
+
+async def _pages(q: Annotated[str | None, Query(alias="pages", max_length=200, **_PAGES_DOC)] = None,
+                 f: Annotated[str | None, Form(alias="pages", max_length=200, **_PAGES_DOC)] = None) -> list[int] | None:
+    return parse_pages(form_or_query(q, f))
+
+
+_FORCE_DOC = {"description": "OCR PDF pages even when they carry a text layer (default false)"}
+
+
+async def _force_ocr(q: Annotated[bool | None, Query(alias="force_ocr", **_FORCE_DOC)] = None,
+                     f: Annotated[bool | None, Form(alias="force_ocr", **_FORCE_DOC)] = None) -> bool:
+    return bool(f if f is not None else q)
+
+
+PagesParam = Annotated[list[int] | None, Depends(_pages)]
+ForceOcrParam = Annotated[bool, Depends(_force_ocr)]
 FormatParam = Annotated[str, Depends(_format)]
 RegionParam = Annotated[tuple[int, int, int, int] | None, Depends(_region)]
 PageParam = Annotated[int, Depends(_page)]
 
 
 def _block(b, order: int) -> Block:
-    return Block(text=b.text, box=list(b.box) if b.box else None, confidence=b.confidence,
-                 category=b.category, page=b.page, reading_order=order)
+    return Block(**formats.block_dict(b, order))
 
 
 def _blocks(outcome: OcrOutcome) -> list[Block]:
@@ -96,21 +120,25 @@ def _structured(o: OcrOutcome) -> dict:
             "markdown": formats.document_markdown(o) if o.format == "markdown" else None}
 
 
-@router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
+@router.post("/ocr", response_model=OcrResponse, responses=_OCR_OK | _OCR_ERRORS, form_limits=_ONE_FILE,
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
-              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam) -> OcrResponse:
+              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam,
+              pages: PagesParam, force_ocr: ForceOcrParam, response: Response) -> OcrResponse:
     """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
     model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region)
+    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region,
+                                     pages=pages, force_ocr=force_ocr)
+    mark_fallback(response, outcome.model, outcome.requested_model, outcome.fallback_reason)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
                        image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
-                       format=outcome.format, **_structured(outcome))
+                       format=outcome.format, requested_model=outcome.requested_model,
+                       fallback_reason=outcome.fallback_reason, **_structured(outcome))
 
 
-_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+_PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "headers": FALLBACK_HEADER,
               "description": "The page (original size) with the blocks' boxes drawn, numbered in reading order"}}
 
 
@@ -122,8 +150,10 @@ async def ocr_annotate(services: ServicesDep, file: Annotated[UploadFile, File(d
     numbered by its reading order, as in the `format=json` answer."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    png = await services.ocr.annotate(data, model=model, language=language, page=page, region=region)
-    return Response(content=png, media_type="image/png")
+    png, chosen = await services.ocr.annotate(data, model=model, language=language, page=page, region=region)
+    out = Response(content=png, media_type="image/png")
+    mark_fallback(out, chosen.model_id, chosen.requested_model, chosen.fallback_reason)
+    return out
 
 
 @router.post("/chat", response_model=ChatResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
@@ -145,12 +175,13 @@ async def chat(services: ServicesDep, file: Annotated[UploadFile, File(descripti
                                         total_tokens=u.total_tokens))
 
 
-@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_ERRORS,
+@router.post("/batch/ocr", response_model=BatchOcrResponse, responses=_OCR_OK | _OCR_ERRORS,
              openapi_extra=_accepts("files", pdf=True))
 async def batch_ocr(services: ServicesDep,
                     files: Annotated[list[UploadFile], File(description="Up to 10 images or PDFs")],
                     model: ModelParam, language: LanguageParam, format: FormatParam,
-                    region: RegionParam) -> BatchOcrResponse:
+                    region: RegionParam, pages: PagesParam, force_ocr: ForceOcrParam,
+                    response: Response) -> BatchOcrResponse:
     """OCR several images or PDFs at once. A bad file becomes an error item; the others still succeed."""
     limits = services.settings.limits  # the parser already refused more than limits.max_batch_files files
     started = time.perf_counter()
@@ -160,12 +191,27 @@ async def batch_ocr(services: ServicesDep,
             uploads.append(Upload(filename_of(f), await read_upload(f, limits.max_file_bytes, limits.max_file_mb)))
         except PayloadTooLarge as exc:  # one oversized file fails alone, not the batch
             uploads.append(Upload(filename_of(f), b"", error=exc))
-    items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region)
+    items = await services.ocr.batch(uploads, model=model, language=language, format=format, region=region,
+                                     pages=pages, force_ocr=force_ocr)
     results = [_item(i) for i in items]
     ok = sum(r.status == "success" for r in results)
+    served = next((i.outcome for i in items if i.outcome is not None), None)
+    requested, reason = (served.requested_model, served.fallback_reason) if served else (None, None)
+    if served is not None:
+        mark_fallback(response, served.model, requested, reason)
     return BatchOcrResponse(results=results, total=len(results), successful=ok, failed=len(results) - ok,
                             model=next((r.model for r in results if r.model), None),
-                            processing_time=round(time.perf_counter() - started, 3))
+                            processing_time=round(time.perf_counter() - started, 3),
+                            requested_model=requested, fallback_reason=reason)
+
+
+def mark_fallback(response: Response, served: str, requested: str | None, reason: str | None) -> None:
+    """X-Model-Fallback: the named model, the one that served and why, when they differ."""
+    if requested is None:
+        return
+    value = f"{requested}; served-by={served}; reason={reason or 'not installed'}"
+    # Header values are latin-1: keep them ASCII whatever a weights path holds.
+    response.headers["X-Model-Fallback"] = value.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _item(item: BatchItem) -> BatchItemResponse:

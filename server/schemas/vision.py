@@ -69,6 +69,15 @@ class ModelActionResponse(BaseModel):
     memory_usage: str | None = None
 
 
+class TableCell(BaseModel):
+    row: int = Field(description="0-based row of the cell's top-left corner")
+    col: int = Field(description="0-based column of the cell's top-left corner")
+    rowspan: int = 1
+    colspan: int = 1
+    text: str
+    box: list[int] = Field(description="[x1, y1, x2, y2] in original page pixels")
+
+
 class Block(BaseModel):
     text: str
     box: list[int] | None = Field(None, description="[x1, y1, x2, y2] in original page pixels "
@@ -77,6 +86,7 @@ class Block(BaseModel):
     category: str | None = Field(None, description="Layout category (Title, Table, ...), when the model gives one")
     page: int = Field(0, description="0-based page (PDF page or TIFF frame)")
     reading_order: int = Field(0, description="0-based position of the block in its page's reading order")
+    cells: list[TableCell] | None = Field(None, description="A table's cells (doc_cpu): its text is then HTML")
 
 
 class PageResult(BaseModel):
@@ -99,6 +109,9 @@ class OcrResponse(BaseModel):
     markdown: str | None = Field(None, description="The document as markdown (format=markdown)")
     page_results: list[PageResult] | None = Field(None, description="One result per page "
                                                   "(multi-page input or format=json)")
+    requested_model: str | None = Field(None, description="The model the request named, when another one "
+                                        "served it (routing.ocr_fallback; also in X-Model-Fallback)")
+    fallback_reason: str | None = Field(None, description="Why the named model did not serve")
 
 
 class ChatUsage(BaseModel):
@@ -139,6 +152,8 @@ class BatchOcrResponse(BaseModel):
     failed: int
     model: str | None = None
     processing_time: float
+    requested_model: str | None = Field(None, description="The model the request named, when another one served it")
+    fallback_reason: str | None = None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:

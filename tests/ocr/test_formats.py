@@ -90,7 +90,7 @@ def test_format_json_and_markdown_shapes(client):
     (page,) = body["page_results"]
     assert page["page"] == 0 and page["image_size"] == [200, 100] and page["text"] == body["text"]
     assert page["blocks"][0] == {"text": "fast 200x100", "box": [0, 0, 200, 100], "confidence": 0.9,
-                                 "category": None, "page": 0, "reading_order": 0}
+                                 "category": None, "page": 0, "reading_order": 0, "cells": None}
     r = client.post("/ocr", files={"file": ("a.png", png_bytes())}, params={"format": "markdown"})
     assert r.json()["markdown"] == "fast 200x100" and r.json()["page_results"] is None
     plain = client.post("/ocr", files={"file": ("a.png", png_bytes())}).json()

@@ -71,8 +71,8 @@ def test_ocr_errors(client):
     assert r.status_code == 404
     assert_clean_error(r.json(), "MODEL_NOT_FOUND")
     assert r.json()["detail"] == "Model 'nope' not found"
-    r = client.post("/ocr", files={"file": ("a.png", png())}, data={"model": "absent"})
-    assert r.status_code == 503
+    r = client.post("/chat", files={"file": ("a.png", png())}, data={"model": "absent"})
+    assert r.status_code == 503  # chat never falls back: an answer from another model is not the one asked for
     assert_clean_error(r.json(), "MODEL_NOT_INSTALLED")
     assert "Adding model weights" in r.json()["detail"]
     r = client.post("/ocr", files={"file": ("a.gif", b"GIF89a" + b"\0" * 50)})
@@ -218,11 +218,43 @@ def test_language_routing(tmp_path, fake_kind):
         assert r.status_code == 400 and r.json()["code"] == "LANGUAGE_NOT_SUPPORTED"
 
 
-def test_ocr_fallback_option(tmp_path, fake_kind):
+def test_ocr_fallback_is_on_by_default_and_says_so(tmp_path, fake_kind):
     models = {"absent": {"installed": False}, "fast": {}}
-    with client_for(tmp_path, models, routing={"ocr_fallback": True}) as c:
+    with client_for(tmp_path, models) as c:
         r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "absent"})
-        assert r.status_code == 200 and r.json()["model"] == "fast"
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "fast" and body["requested_model"] == "absent"
+        assert "not installed" in body["fallback_reason"] and "no weights" in body["fallback_reason"]
+        assert r.headers["X-Model-Fallback"].startswith("absent; served-by=fast; reason=")
+        # the batch and annotate routes say it too
+        r = c.post("/batch/ocr", files=[("files", ("a.png", png()))], params={"model": "absent"})
+        assert r.json()["requested_model"] == "absent" and r.json()["model"] == "fast"
+        assert "served-by=fast" in r.headers["X-Model-Fallback"]
+        r = c.post("/ocr/annotate", files={"file": ("a.png", png())}, data={"model": "absent"})
+        assert r.status_code == 200 and "served-by=fast" in r.headers["X-Model-Fallback"]
+        # a model that serves itself: no fallback fields, no header
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "fast"})
+        assert r.json()["requested_model"] is None and r.json()["fallback_reason"] is None
+        assert "X-Model-Fallback" not in r.headers
+        # an unknown model is still 404: only a known model that is not installed falls back
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "nope"})
+        assert r.status_code == 404
+
+
+def test_ocr_fallback_off_gives_the_503_back(tmp_path, fake_kind):
+    models = {"absent": {"installed": False}, "fast": {}}
+    with client_for(tmp_path, models, routing={"ocr_fallback": False}) as c:
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "absent"})
+        assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_INSTALLED"
+        assert "X-Model-Fallback" not in r.headers
+
+
+def test_ocr_fallback_never_covers_a_failed_load(tmp_path, fake_kind):
+    models = {"broken": {"fail_load": True}, "fast": {}}
+    with client_for(tmp_path, models) as c:
+        r = c.post("/ocr", files={"file": ("a.png", png())}, data={"model": "broken"})
+        assert r.status_code == 503 and r.json()["code"] == "MODEL_LOAD_FAILED"
 
 
 def test_openapi_documents_errors(client):

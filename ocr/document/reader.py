@@ -1,0 +1,124 @@
+"""Reads one page through the document pipeline: the layout model (doc_cpu) finds the structure,
+the OCR engines read the text, both through the model manager (one loaded copy of each engine,
+shared with /ocr), and assemble.py turns lines and regions into ordered, categorised blocks.
+
+Engines: RapidOCR reads the whole upright page in one call (its detector keeps columns and table
+cells apart); Tesseract, whose single-block mode would run lines of two columns together, reads
+each ink segment and each ruled-table cell on its own. A PDF page with a text layer is not OCR'd
+at all unless the client asks for ``force_ocr``.
+"""
+from __future__ import annotations
+
+import asyncio
+import unicodedata
+from dataclasses import replace
+
+from PIL import Image
+
+from core.errors import BadRequest
+from core.types import CancelToken, Capability, OcrBlock
+from models.adapter import OcrOptions
+from models.manager import ModelManager
+from models.selection import ModelSelector
+from ocr.document.adapter import PageAnalysis
+from ocr.document.assemble import Line, assemble
+
+Box = tuple[int, int, int, int]
+_CELL_INSET = 3  # px: keeps the rules out of a cell's crop
+
+
+def is_cjk(text: str) -> bool:
+    chars = [c for c in text if not c.isspace()]
+    if not chars:
+        return False
+    han = sum(1 for c in chars if "CJK" in unicodedata.name(c, "") or "\u3000" <= c <= "\u30ff")
+    return han / len(chars) > 0.3
+
+
+class DocumentReader:
+    def __init__(self, selector: ModelSelector, manager: ModelManager) -> None:
+        self.selector = selector
+        self.manager = manager
+
+    def engine_for(self, model_id: str, language: str | None) -> str:
+        """The first installed engine of the pipeline's ``engines`` that reads the language."""
+        entry = self.selector.entry(model_id)
+        engines = list((entry.spec.options or {}).get("engines", ["rapidocr", "tesseract"]))
+        for engine_id in engines:
+            engine = self.selector.registry.get(engine_id)
+            if engine is None or Capability.OCR not in engine.capabilities or not engine.install_state().installed:
+                continue
+            if self.selector.supports_language(engine, language):
+                return engine.id
+        raise BadRequest(f"no OCR engine of '{model_id}' ({', '.join(engines)}) can read language '{language}'",
+                         param="language", code="LANGUAGE_NOT_SUPPORTED")
+
+    async def read(self, model_id: str, image: Image.Image, options: OcrOptions, cancel: CancelToken, *,
+                   first_page: bool, text_lines: list[tuple[str, Box]] | None = None) -> tuple[list[OcrBlock], int]:
+        """Blocks of one page image (boxes in its pixels, upright), and the angle it was turned by."""
+        use_text = text_lines is not None
+        engine = None if use_text else self.engine_for(model_id, options.language)
+        # A page with a text layer is upright by construction: the classifier is not asked.
+        method = "analyze_upright" if use_text else "analyze"
+        analysis: PageAnalysis = await self.manager.run(model_id, method, image, cancel=cancel)
+        if use_text:
+            lines = [Line(t, b, None) for t, b in text_lines or []]
+        else:
+            lines = await self._ocr_lines(engine, analysis, options, cancel)
+        cjk = is_cjk("".join(l.text for l in lines[:200]))
+        blocks = await asyncio.to_thread(assemble, lines, analysis, first_page=first_page, cjk=cjk)
+        return blocks, analysis.angle
+
+    async def _ocr_lines(self, engine: str, analysis: PageAnalysis, options: OcrOptions,
+                         cancel: CancelToken) -> list[Line]:
+        opts = replace(options, format="text", region=None)
+        page = analysis.image
+        if self.selector.entry(engine).spec.kind == "rapidocr":
+            result = await self.manager.run(engine, "ocr", page, opts, cancel=cancel)
+            return [Line(b.text, b.box, b.confidence) for b in result.blocks if b.box is not None]
+        units = _units(analysis)
+        slots = asyncio.Semaphore(max(1, self.selector.entry(engine).spec.concurrency))
+
+        async def one(box: Box) -> list[Line]:
+            async with slots:
+                result = await self.manager.run(engine, "ocr", page.crop(box), opts, cancel=cancel)
+            dx, dy = box[0], box[1]
+            return [Line(b.text, (b.box[0] + dx, b.box[1] + dy, b.box[2] + dx, b.box[3] + dy), b.confidence)
+                    for b in result.blocks if b.box is not None and b.text.strip()]
+
+        found = await asyncio.gather(*(one(u) for u in units))
+        return [line for part in found for line in part]
+
+
+def _units(analysis: PageAnalysis) -> list[Box]:
+    """What Tesseract reads one at a time: each ruled-table cell, and paragraphs of ink segments."""
+    units: list[Box] = []
+    for grid in analysis.grids:
+        for cell in grid.cells:
+            x1, y1, x2, y2 = cell.box
+            if x2 - x1 > 2 * _CELL_INSET + 4 and y2 - y1 > 2 * _CELL_INSET + 4:
+                units.append((x1 + _CELL_INSET, y1 + _CELL_INSET, x2 - _CELL_INSET, y2 - _CELL_INSET))
+    free = [s for s in analysis.segments
+            if not any(g.box[0] <= (s[0] + s[2]) / 2 <= g.box[2] and g.box[1] <= (s[1] + s[3]) / 2 <= g.box[3]
+                       for g in analysis.grids)]
+    w, h = analysis.image.size
+    pad = 4
+    return units + [(max(0, x1 - pad), max(0, y1 - pad), min(w, x2 + pad), min(h, y2 + pad))
+                    for x1, y1, x2, y2 in _paragraphs(free)]
+
+
+def _paragraphs(segments: list[Box]) -> list[Box]:
+    """Merge line segments that stack closely in one column into paragraph boxes."""
+    out: list[list[int]] = []
+    for s in sorted(segments, key=lambda b: (b[1], b[0])):
+        h = s[3] - s[1]
+        for p in reversed(out):
+            overlap = min(p[2], s[2]) - max(p[0], s[0])
+            v_overlap = min(p[3], s[3]) - max(p[1], s[1])
+            same_line = v_overlap > 0.5 * min(h, p[3] - p[1]) and -h < s[0] - p[2] < 1.5 * h  # words of a heading
+            if same_line or (overlap > 0.3 * min(p[2] - p[0], s[2] - s[0]) and 0 <= s[1] - p[3] < 0.8 * h):
+                p[0], p[1], p[2], p[3] = min(p[0], s[0]), min(p[1], s[1]), max(p[2], s[2]), max(p[3], s[3])
+                break
+        else:
+            out.append(list(s))
+    return [tuple(p) for p in out]  # type: ignore[misc]

@@ -79,7 +79,7 @@ class EmbeddingService:
                              f"must be {adapter.dimensions} or left out", param="dimensions",
                              code="UNSUPPORTED_DIMENSIONS")
         # A few sentences tokenize in microseconds: a thread hop would cost more than it saves.
-        small = sum(len(x) for x in inputs) <= INLINE_TOKENIZE_CHARS if isinstance(inputs[0], str) else True
+        small = sum(len(x) for x in inputs) <= INLINE_TOKENIZE_CHARS  # characters, or token ids
         rows = adapter.token_ids(inputs) if small else await asyncio.to_thread(adapter.token_ids, inputs)
         vectors = await self._submit(model_id, rows)
         return EmbeddingResult(model=model_id, vectors=vectors, prompt_tokens=sum(len(r) for r in rows),

@@ -24,7 +24,7 @@ class ModelSelector:
         if language is None:
             return True
         probe = self._probes.get(entry.id)
-        if probe is None:  # constructing an adapter is cheap: nothing is loaded
+        if probe is None or getattr(probe, "spec", entry.spec) is not entry.spec:  # cheap: nothing is loaded; new settings, new probe
             probe = self._probes[entry.id] = adapter_class(entry.spec.kind)(entry.spec)
         return probe.supports_language(language)
 

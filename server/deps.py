@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from core.config import Settings
 from core.remote_images import ImageFetcher
 from llm.service import GenerationService
+from management.service import Management
 from models.manager import ModelManager
 from models.registry import ModelRegistry
 from models.selection import ModelSelector
@@ -32,6 +33,7 @@ class Services:
     connections: ConnectionStats
     metrics: Metrics
     image_fetcher: ImageFetcher
+    management: Management | None = None  # the management surface (seed 004); opened by the lifespan
     draining: bool = False  # set when shutdown starts: /readyz answers 503
 
 
@@ -56,7 +58,7 @@ def build_services(settings: Settings) -> Services:
                     ocr=OcrService(selector, manager, decoder, settings.limits, llm),
                     chat=ChatService(selector, llm, decoder, settings.limits),
                     llm=llm, connections=connections, metrics=metrics,
-                    image_fetcher=image_fetcher)
+                    image_fetcher=image_fetcher, management=Management(settings, manager))
 
 
 # Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread

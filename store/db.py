@@ -7,10 +7,12 @@ an advisory lock.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -19,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("chatvlm.store")
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x43564D4C  # any constant shared by all replicas: "CVML"
@@ -66,6 +69,15 @@ class Database:
         """One transaction: committed when the block ends, rolled back when it raises."""
         with self._sessions.begin() as session:
             yield session
+
+    def call(self, fn: Callable[..., T], *args) -> T:
+        """``fn(session, *args)`` in one transaction."""
+        with self.session() as s:
+            return fn(s, *args)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """``fn(session, *args)`` in one transaction on a worker thread: the event loop never waits on I/O."""
+        return await asyncio.to_thread(self.call, fn, *args)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -108,8 +108,13 @@ class Lifecycle:
         self._transition[name] = "stopping" if action in ("stop", "restart") else "starting"
         task = asyncio.create_task(self._run(task_id, name, action, force, timeout), name=f"{action}-{name}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task_id
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # e.g. the store failed to record the outcome
+            log.error("lifecycle task %s failed", task.get_name(), exc_info=task.exception())
 
     async def task(self, task_id: str) -> TaskRecord:
         rec = await self.db.run(tasks_repo.get, task_id)

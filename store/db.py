@@ -70,14 +70,14 @@ class Database:
         with self._sessions.begin() as session:
             yield session
 
-    def call(self, fn: Callable[..., T], *args) -> T:
-        """``fn(session, *args)`` in one transaction."""
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn(session, *args, **kwargs)`` in one transaction."""
         with self.session() as s:
-            return fn(s, *args)
+            return fn(s, *args, **kwargs)
 
-    async def run(self, fn: Callable[..., T], *args) -> T:
-        """``fn(session, *args)`` in one transaction on a worker thread: the event loop never waits on I/O."""
-        return await asyncio.to_thread(self.call, fn, *args)
+    async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn(session, ...)`` in one transaction on a worker thread: the event loop never waits on I/O."""
+        return await asyncio.to_thread(self.call, fn, *args, **kwargs)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -103,7 +103,11 @@ class Lifecycle:
     async def submit(self, name: str, action: str, *, force: bool = False, timeout: float | None = None) -> str:
         """Queue a start, stop or restart of a model; returns the task id at once."""
         task_id = f"task-{uuid.uuid4().hex[:16]}"
-        await self.db.run(tasks_repo.add, task_id, name, action)
+        # The desired state is committed with the task, before the 202: a kill right after it still
+        # restarts (or keeps stopped) the model as the last accepted request asked.
+        desired = "stopped" if action == "stop" else "running"
+        await self.db.run(_accept, task_id, name, action, desired)
+        self.desired[name] = desired
         self._pending[name] = self._pending.get(name, 0) + 1
         self._transition[name] = "stopping" if action in ("stop", "restart") else "starting"
         task = asyncio.create_task(self._run(task_id, name, action, force, timeout), name=f"{action}-{name}")
@@ -153,13 +157,8 @@ class Lifecycle:
                 self._pending.pop(name, None)
                 self._transition.pop(name, None)
 
-    async def _set_desired(self, name: str, desired: str) -> None:
-        await self.db.run(models_repo.set_desired, name, desired)  # committed before the work begins
-        self.desired[name] = desired
-
     async def _start(self, name: str, timeout: float) -> None:
         entry = self.manager.state(name).entry
-        await self._set_desired(name, "running")
         self._errors.pop(name, None)
         need = (entry.meta.resource_requirements.get("gpu_count") or 0) if entry.meta else 0
         if isinstance(need, (int, float)) and need > 0:
@@ -173,7 +172,6 @@ class Lifecycle:
                                 f"{st.memory_bytes / 2**20:.1f} MB")
 
     async def _stop(self, name: str, timeout: float, force: bool) -> None:
-        await self._set_desired(name, "stopped")
         self._errors.pop(name, None)
         self.logbook.info(name, "stopping" + (" (force: in-flight requests are cancelled)" if force else ""))
         left = await self.manager.stop_model(name, timeout, force)
@@ -184,3 +182,9 @@ class Lifecycle:
     def forget(self, name: str) -> None:
         self.desired.pop(name, None)
         self._errors.pop(name, None)
+
+
+def _accept(s, task_id: str, name: str, action: str, desired: str) -> None:
+    """One transaction: the task and the desired state it implies."""
+    tasks_repo.add(s, task_id, name, action)
+    models_repo.set_desired(s, name, desired)

@@ -40,8 +40,12 @@ _DESCRIPTIONS = {
 }
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ManagementError, "description": _DESCRIPTIONS[s]} for s in (401, *statuses)}
+    return {s: {"model": ManagementError, "description": _DESCRIPTIONS[s],
+                **({"headers": _RETRY_AFTER} if s in (429, 503) else {})} for s in (401, *statuses)}
 
 
 async def _management(services: ServicesDep) -> Management:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from core.config import ModelConfig, Settings
 from core.errors import BadRequest, Conflict, InvalidParameter, ModelAlreadyExists, ModelNotFound
 from management.detect import check_framework, check_gguf, confine, detect_kind
-from models.adapter import ADAPTER_KINDS
+from models.adapter import ADAPTER_KINDS, InstallState
 from models.manager import ModelManager
 from models.registry import KIND_CAPABILITIES, ModelMeta, RegistryEntry, spec_from_config
 from store import models as models_repo
@@ -28,6 +29,9 @@ from store.records import ModelRecord
 from store.tables import utcnow
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Listing pages of 100 models asks each for its install state; the adapters' checks look for
+# packages and files (about 0.5 ms each), so a page reuses answers younger than this.
+INSTALL_TTL_S = 5.0
 
 # config keys of the API that set a serving parameter: key -> (ModelConfig field, generation field)
 _GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -59,6 +63,7 @@ class ModelCatalog:
         self.registry = manager.registry
         self.db: Database | None = None
         self._lock = asyncio.Lock()  # one registry change at a time (name checks, then the write)
+        self._installed: dict[str, tuple[float, object, InstallState]] = {}
 
     @property
     def roots(self) -> list[Path]:
@@ -88,6 +93,16 @@ class ModelCatalog:
 
     def entries(self) -> list[RegistryEntry]:
         return self.registry.entries()
+
+    def install_state(self, entry: RegistryEntry) -> InstallState:
+        """The entry's install state, at most INSTALL_TTL_S old (new settings are checked at once)."""
+        now = time.monotonic()
+        hit = self._installed.get(entry.id)
+        if hit is not None and hit[1] is entry.spec and now - hit[0] < INSTALL_TTL_S:
+            return hit[2]
+        state = entry.install_state()
+        self._installed[entry.id] = (now, entry.spec, state)
+        return state
 
     # ---- writing -------------------------------------------------------------------------------
     async def create(self, draft: ModelDraft) -> RegistryEntry:

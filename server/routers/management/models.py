@@ -23,7 +23,7 @@ def model_item(mgmt: Management, entry: RegistryEntry, cls=ModelItem, **extra) -
     meta = entry.meta
     observed = mgmt.lifecycle.status(entry)
     state = mgmt.lifecycle.manager.state(entry.id)
-    install = entry.install_state()
+    install = mgmt.catalog.install_state(entry)
     reason = observed.reason or (None if install.installed else install.reason)
     memory_mb = round(state.memory_bytes / 2**20, 1) if state.status == "loaded" else 0
     on_gpu = entry.spec.device.startswith("cuda")

@@ -223,8 +223,7 @@ class ModelManager:
     async def remove_model(self, model_id: str) -> None:
         """Unload (cancelling what is in flight) and forget a model."""
         st = self.state(model_id)
-        st.held = True
-        await self.unload(st.entry.id)
+        await self.stop_model(st.entry.id, 0, force=True)  # waits for a load in progress, then unloads
         self.registry.remove(st.entry.id)
         self._states.pop(st.entry.id, None)
 

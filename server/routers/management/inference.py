@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from core.errors import ChatVLMError
 from llm.types import GenerateInput, StreamDelta
@@ -15,8 +15,8 @@ from server.routers.management.inference_schemas import (GenerateChunks, Generat
                                                          StreamEvent, generate_response)
 from server.schemas.openai_compat import ChatCompletionRequest
 from server.schemas.openai_responses import ChatChunks, ChatCompletion, chat_completion
-from server.schemas.sse_doc import json_data, marker, sse_response
 from server.deps import ServicesDep
+from server.schemas.sse_doc import json_data, marker, sse_response
 from server.sse import sse_response as stream
 
 router = APIRouter(tags=["management: inference"])
@@ -77,7 +77,7 @@ async def generate(model_id: str, req: GenerateRequest, _: CurrentUser, mgmt: Ma
 
 
 @router.post("/models/{model_id}/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-async def chat_completions(model_id: str, req: ChatCompletionRequest, request: Request, _: CurrentUser,
+async def chat_completions(model_id: str, req: ChatCompletionRequest, _: CurrentUser,
                            mgmt: ManagementDep, services: ServicesDep):
     """Chat with this model, OpenAI-style (images as image_url content parts with data: URLs)."""
     name = mgmt.catalog.get(model_id).id

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from core.errors import BadRequest
 from management.catalog import ModelDraft
 from management.service import Management
-from models.registry import RegistryEntry
+from models.registry import ModelMeta, RegistryEntry
 from server.routers.management.common import (AdminUser, CurrentUser, ManagementDep, MessageResponse,
                                               error_responses)
 from server.routers.management.models_schemas import (STATUSES, CreatedModel, CreateModelRequest, ModelDetail,
@@ -20,7 +20,7 @@ router = APIRouter(tags=["management: models"])
 
 
 def model_item(mgmt: Management, entry: RegistryEntry, cls=ModelItem, **extra) -> ModelItem:
-    meta = entry.meta
+    meta = entry.meta or ModelMeta(id=entry.id, display_name=entry.spec.name)
     observed = mgmt.lifecycle.status(entry)
     state = mgmt.lifecycle.manager.state(entry.id)
     install = mgmt.catalog.install_state(entry)
@@ -48,7 +48,7 @@ async def list_models(_: CurrentUser, mgmt: ManagementDep,
         raise BadRequest(f"status must be one of: {', '.join(STATUSES)}", param="status", code="INVALID_REQUEST")
     entries = mgmt.catalog.entries()
     if framework is not None:
-        entries = [e for e in entries if e.meta.framework == framework]
+        entries = [e for e in entries if e.meta is not None and e.meta.framework == framework]
     if status is not None:
         entries = [e for e in entries if mgmt.lifecycle.status(e).status == status]
     total = len(entries)

@@ -261,6 +261,44 @@ class JobsSettings(_Strict):
         return int(self.max_file_mb * 1024 * 1024)
 
 
+class DatabaseSettings(_Strict):
+    """Where the management service keeps its state. None: SQLite at <data_dir>/chatvlm.db (WAL).
+    PostgreSQL: ``postgresql+psycopg://user:password@host:5432/dbname``."""
+
+    url: str | None = Field(None, repr=False)  # may hold a password: kept out of reprs and logs
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if not v.startswith(("sqlite:///", "sqlite+pysqlite:///", "postgresql+psycopg://", "postgresql://")):
+            raise ValueError("database.url must start with sqlite:/// or postgresql+psycopg://")
+        return v.replace("postgresql://", "postgresql+psycopg://", 1) if v.startswith("postgresql://") else v
+
+
+class ManagementSettings(_Strict):
+    """The management surface (seed 004, /api/...): users, tokens, the model registry API."""
+
+    token_ttl_s: int = Field(3600, ge=60, le=30 * 86400)
+    # JWT signing secret; None: generated once into <data_dir>/jwt_secret (mode 0600). Replicas that
+    # share a database must share this secret.
+    jwt_secret: str | None = Field(None, repr=False, min_length=32)
+    # The first `admin` user's password (also CHATVLM_ADMIN_PASSWORD); None: generated once into
+    # <data_dir>/initial_admin_password (mode 0600).
+    admin_password: str | None = Field(None, repr=False, min_length=8)
+    # Folders (besides models_dir) that POST /api/models may take weights from.
+    model_roots: list[Path] = []
+    # Failed logins allowed per minute, per user name and per client address (then 429).
+    login_failures_per_user: int = Field(5, ge=1, le=10_000)
+    login_failures_per_address: int = Field(20, ge=1, le=100_000)
+    # Log lines kept per model (memory and database); older lines are dropped.
+    log_lines: int = Field(1000, ge=10, le=100_000)
+    # Default time a start/stop task may take (the request's `timeout` wins).
+    start_timeout_s: float = Field(300, gt=0, le=86400)
+    stop_timeout_s: float = Field(60, gt=0, le=86400)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATVLM_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -279,6 +317,8 @@ class Settings(BaseSettings):
     rate_limit: RateLimitSettings = RateLimitSettings()
     image_urls: ImageUrlSettings = ImageUrlSettings()
     jobs: JobsSettings = JobsSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    management: ManagementSettings = ManagementSettings()
     models: dict[str, ModelConfig] = {}
     # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id,
     # or a list of ids: the first installed one serves.
@@ -290,7 +330,8 @@ class Settings(BaseSettings):
                                    env_settings: PydanticBaseSettingsSource,
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
-        return (init_settings, env_settings, _ApiKeysEnvSource(settings_cls), _YamlSource(settings_cls))
+        return (init_settings, env_settings, _ApiKeysEnvSource(settings_cls), _AdminPasswordEnvSource(settings_cls),
+                _YamlSource(settings_cls))
 
     @model_validator(mode="after")
     def _references(self) -> "Settings":
@@ -372,6 +413,17 @@ class _ApiKeysEnvSource(PydanticBaseSettingsSource):
         raw = os.environ.get("CHATVLM_API_KEYS", "")
         keys = [k.strip() for k in raw.split(",") if k.strip()]
         return {"auth": {"api_keys": keys}} if keys else {}
+
+
+class _AdminPasswordEnvSource(PydanticBaseSettingsSource):
+    """``CHATVLM_ADMIN_PASSWORD``: the first admin's password (below ``CHATVLM_MANAGEMENT__ADMIN_PASSWORD``)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does it all
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        password = os.environ.get("CHATVLM_ADMIN_PASSWORD", "")
+        return {"management": {"admin_password": password}} if password else {}
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:

@@ -59,9 +59,23 @@ class ModelNotFound(NotFound):
     code = "MODEL_NOT_FOUND"
 
 
+class AuthenticationFailed(Unauthorized):
+    """Seed 004: no token, a bad or expired one, or a wrong user name or password (never which)."""
+
+    code = "AUTHENTICATION_FAILED"
+
+
+class AuthorizationFailed(Forbidden):
+    code = "AUTHORIZATION_FAILED"
+
+
 class Conflict(ClientError):
     status_code = 409
     code = "CONFLICT"
+
+
+class ModelAlreadyExists(Conflict):
+    code = "MODEL_ALREADY_EXISTS"
 
 
 class PayloadTooLarge(ClientError):
@@ -113,6 +127,21 @@ class CapabilityMissing(ClientError):
 
     status_code = 404
     code = "MODEL_CAPABILITY_MISSING"
+
+
+class ModelNotRunning(ModelUnavailable):
+    """The operator stopped the model through the management API: it does not load on demand."""
+
+    code = "MODEL_NOT_RUNNING"
+
+
+class InsufficientResources(ModelUnavailable):
+    code = "INSUFFICIENT_RESOURCES"
+
+
+class OperationTimeout(ServerError):
+    status_code = 504
+    code = "OPERATION_TIMEOUT"
 
 
 class Overloaded(ServerError):

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from core.errors import ModelLoadFailed, ModelNotFound, ModelNotInstalled, Overloaded
+from core.errors import (InsufficientResources, ModelLoadFailed, ModelNotFound, ModelNotInstalled, ModelNotRunning,
+                         OperationTimeout, Overloaded)
 from core.types import CancelToken
 from models.adapter import ModelAdapter, adapter_class
 from models.registry import ModelRegistry, RegistryEntry, not_installed_message
@@ -51,6 +52,11 @@ class ModelState:
         if self.quantization is None:
             return self.entry.spec
         return dataclasses.replace(self.entry.spec, quantization=self.quantization)
+    # Set from the operator's desired state (management API): a held model was stopped on purpose
+    # and answers 503 MODEL_NOT_RUNNING instead of loading on demand; a pinned one was started on
+    # purpose and is never unloaded for idleness or evicted for room.
+    held: bool = False
+    pinned: bool = False
 
     @property
     def busy(self) -> bool:
@@ -110,6 +116,9 @@ class ModelManager:
             st.quantization = quantization
         if st.status == "loaded":
             return st
+        if st.held:
+            raise ModelNotRunning(f"Model '{st.entry.id}' is stopped; start it through the management API "
+                                  f"(POST /api/models/{st.entry.id}/start)", param="model")
         async with st.lock:
             if st.status == "loaded":
                 return st
@@ -163,7 +172,8 @@ class ModelManager:
         if not self.memory_budget:
             return
         need = _estimate_bytes(incoming.entry)
-        for victim in sorted((s for s in self._states.values() if s.status == "loaded" and s is not incoming),
+        for victim in sorted((s for s in self._states.values()
+                              if s.status == "loaded" and s is not incoming and not s.pinned),
                              key=lambda s: s.last_used):
             if self.total_memory() + need <= self.memory_budget:
                 return
@@ -213,6 +223,62 @@ class ModelManager:
             st.inflight -= 1
             st.touch()
 
+    # ---- run-time registry changes and operator lifecycle (the management API) -----------------
+    def add_model(self, entry: RegistryEntry) -> ModelState:
+        """Register a new model in the one registry and give it a state."""
+        self.registry.add(entry)
+        st = self._states[entry.id] = ModelState(entry)
+        return st
+
+    def replace_entry(self, entry: RegistryEntry) -> None:
+        """New settings for a model; a loaded model keeps its weights until it is restarted."""
+        self.registry.replace(entry)
+        self._states[entry.id].entry = entry
+
+    async def remove_model(self, model_id: str) -> None:
+        """Unload (cancelling what is in flight) and forget a model."""
+        st = self.state(model_id)
+        await self.stop_model(st.entry.id, 0, force=True)  # waits for a load in progress, then unloads
+        self.registry.remove(st.entry.id)
+        self._states.pop(st.entry.id, None)
+
+    def fits_budget(self, model_id: str) -> bool:
+        """Whether the model alone fits the memory budget (others can be evicted to make room)."""
+        st = self.state(model_id)
+        return not self.memory_budget or _estimate_bytes(st.entry) <= self.memory_budget
+
+    async def start_model(self, model_id: str, timeout: float) -> ModelState:
+        """Operator start: lift the hold, pin, and load now (a failed load is retried at once)."""
+        st = self.state(model_id)
+        if not self.fits_budget(model_id):
+            raise InsufficientResources(
+                f"Model '{st.entry.id}' needs about {_estimate_bytes(st.entry) / 2**20:.0f} MB, more than the "
+                f"memory budget of {self.memory_budget / 2**20:.0f} MB (manager.memory_budget_mb)")
+        st.held, st.pinned = False, True
+        if st.status == "failed":
+            st.status, st.error = "unloaded", None
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ensure_loaded(model_id)), timeout)
+        except TimeoutError:
+            raise OperationTimeout(f"Model '{st.entry.id}' did not load within {timeout:g} s; the load goes on "
+                                   "in the background") from None
+        return st
+
+    async def stop_model(self, model_id: str, timeout: float, force: bool = False) -> int:
+        """Operator stop: new requests get 503 at once; in-flight ones may finish for ``timeout``
+        seconds (none with ``force``), then whatever is left is cancelled and the model unloaded.
+        Returns how many requests were still in flight when it unloaded."""
+        st = self.state(model_id)
+        st.held, st.pinned = True, False
+        deadline = time.monotonic() + (0 if force else timeout)
+        while st.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if st.load_task is not None and not st.load_task.done():  # a load in progress would finish after us
+            await asyncio.wait([st.load_task])
+        left = st.inflight + (st.engine.active_count + st.engine.waiting_count if st.engine else 0)
+        await self.unload(st.entry.id)
+        return left
+
     # ---- lifecycle -------------------------------------------------------------
     async def start(self, preload: list[str]) -> None:
         for model_id in preload:
@@ -228,7 +294,8 @@ class ModelManager:
             await asyncio.sleep(self.idle_check_s)
             now = time.monotonic()
             for model_id, st in list(self._states.items()):
-                if st.status == "loaded" and not st.busy and now - st.last_used >= self.idle_unload_s:
+                if (st.status == "loaded" and not st.busy and not st.pinned
+                        and now - st.last_used >= self.idle_unload_s):
                     log.info("unloading %s after %.0fs idle", model_id, now - st.last_used)
                     await self.unload(model_id)
 

@@ -2,9 +2,12 @@
 whether it can be served on this machine. Building it imports no model code."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from datetime import datetime, timezone
+from typing import Any
 
-from core.config import ConfigError, Settings
+from core.config import ConfigError, ModelConfig, Settings
 from core.types import Capability, GenerationParams
 from models.adapter import ADAPTER_KINDS, PENDING_KINDS, InstallState, ModelSpec, adapter_class
 
@@ -21,10 +24,33 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
 }
 
 
+# Framework names of the management API (seed 004) for the kinds config.yaml defines.
+KIND_FRAMEWORKS = {"rapidocr": "rapidocr", "tesseract": "tesseract"}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the management API says about a model beyond what serving needs (seed 004's fields).
+    ``source`` is "config" (config.yaml: read-only through the API) or "api" (persisted in the store)."""
+
+    id: str
+    source: str = "config"
+    display_name: str = ""
+    description: str = ""
+    framework: str = "transformers"
+    priority: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    resource_requirements: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    updated_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
     spec: ModelSpec
     capabilities: frozenset[Capability]
+    meta: ModelMeta | None = None
 
     @property
     def id(self) -> str:
@@ -67,22 +93,11 @@ class ModelRegistry:
             if cfg.kind not in ADAPTER_KINDS and cfg.kind not in PENDING_KINDS:
                 known = ", ".join(sorted({*ADAPTER_KINDS, *PENDING_KINDS}))
                 raise ConfigError(f"models.{model_id}.kind: unknown kind '{cfg.kind}' (known: {known})")
-            gen = cfg.generation
-            spec = ModelSpec(
-                id=model_id, name=cfg.name, kind=cfg.kind, params=cfg.params, hf_repo=cfg.hf_repo,
-                path=settings.model_path(model_id), dtype=cfg.dtype, device=cfg.device,
-                quantization=cfg.quantization,
-                max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
-                generation=GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                                            top_p=gen.top_p, top_k=gen.top_k,
-                                            repetition_penalty=gen.repetition_penalty),
-                options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=settings.data_dir,
-                cache_dir=settings.cache_path, package=cfg.package, pip=cfg.pip,
-                max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
-                stream_interval_ms=cfg.stream_interval_ms,
-                prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-            )
-            self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()))
+            spec = spec_from_config(model_id, cfg, settings.model_path(model_id), settings.data_dir,
+                                    settings.cache_path)
+            meta = ModelMeta(id=model_id, display_name=cfg.name, framework=KIND_FRAMEWORKS.get(cfg.kind, "transformers"),
+                             config={"model_path": str(spec.path)} if cfg.kind not in KIND_FRAMEWORKS else {})
+            self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()), meta)
         self.aliases = dict(settings.aliases)
         self.defaults = {Capability.OCR: list(settings.defaults.ocr),
                          Capability.CHAT: list(settings.defaults.chat),
@@ -109,6 +124,41 @@ class ModelRegistry:
 
     def entries(self) -> list[RegistryEntry]:
         return list(self._entries.values())
+
+    # ---- run-time changes (the management API): the same registry every surface reads --------
+    def add(self, entry: RegistryEntry) -> None:
+        """Register a new model; its id must not be taken by a model or an alias."""
+        if entry.id in self._entries or entry.id in self.aliases:
+            raise ValueError(f"model id '{entry.id}' is taken")
+        self._entries[entry.id] = entry
+
+    def replace(self, entry: RegistryEntry) -> None:
+        """Swap an existing model's entry (new settings); requests that start later see the new one."""
+        if entry.id not in self._entries:
+            raise KeyError(entry.id)
+        self._entries[entry.id] = entry
+
+    def remove(self, model_id: str) -> RegistryEntry | None:
+        return self._entries.pop(model_id, None)
+
+
+def spec_from_config(model_id: str, cfg: ModelConfig, path: Path | None, data_dir: Path,
+                     cache_dir: Path | None = None) -> ModelSpec:
+    """The adapter spec of one model's settings (config.yaml's or the management API's)."""
+    gen = cfg.generation
+    return ModelSpec(
+        id=model_id, name=cfg.name, kind=cfg.kind, params=cfg.params, hf_repo=cfg.hf_repo,
+        path=path, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization,
+        max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+        generation=GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                    top_p=gen.top_p, top_k=gen.top_k,
+                                    repetition_penalty=gen.repetition_penalty),
+        options=dict(cfg.options), concurrency=cfg.concurrency, data_dir=data_dir,
+        cache_dir=cache_dir if cache_dir is not None else data_dir / "cache", package=cfg.package, pip=cfg.pip,
+        max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
+        stream_interval_ms=cfg.stream_interval_ms,
+        prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+    )
 
 
 def not_installed_message(entry: RegistryEntry, reason: str) -> str:

@@ -49,7 +49,7 @@ class ModelSelector:
             return any(e is not None and e.install_state().installed and self._supports_language(e, language)
                        for e in engines)
         probe = self._probes.get(entry.id)
-        if probe is None:  # constructing an adapter is cheap: nothing is loaded
+        if probe is None or getattr(probe, "spec", entry.spec) is not entry.spec:  # cheap: nothing is loaded; new settings, new probe
             probe = self._probes[entry.id] = adapter_class(entry.spec.kind)(entry.spec)
         return probe.supports_language(language)
 

@@ -20,6 +20,7 @@ TEST_NEEDS=(
   "font:DejaVuSans|fonts-dejavu-core"
   "font:NotoSansCJK|fonts-noto-cjk"
   "cmd:curl|curl"
+  "/usr/lib/postgresql|postgresql"
 )
 
 needs=("${RUN_NEEDS[@]}")

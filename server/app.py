@@ -9,7 +9,7 @@ from fastapi_offline import FastAPIOffline
 
 from core.config import Settings
 from core.memory import IdleTrimmer
-from server.auth import AuthMiddleware, KeyRing
+from server.auth import AuthMiddleware, KeyRing, LoopbackGuard
 from server.deps import build_services
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
@@ -18,6 +18,8 @@ from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
 from server.routers import easyviz, jobs, llama_local, openai_compat, spec_v1, system, vision
+from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
+from server.routers import management
 from server.uploads import upload_form_limits
 
 log = logging.getLogger("chatvlm")
@@ -30,6 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await services.management.start()  # the store first: desired states decide what loads
         await services.manager.start(settings.manager.preload)
         await services.jobs.start()
         trimmer = IdleTrimmer(lambda: services.connections.active > 0 or services.manager.any_busy(),
@@ -42,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
             await trimmer.stop()
             await services.jobs.stop()
             try:
+                await services.management.stop()
                 await services.manager.shutdown()
             finally:
                 await services.image_fetcher.close()
@@ -60,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         images = [Depends(charge_images)] if surface in (vision, openai_compat) else None
         app.include_router(surface.router, dependencies=images)
     app.include_router(jobs.router, dependencies=[Depends(charge_images)])
+    app.include_router(management.router)
     app.include_router(metrics_router)
     install_openapi(app, settings)
 
@@ -77,9 +82,12 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.rate_limit.enabled:
         app.state.rate_limiter = RateLimiter(settings.rate_limit)
         app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter)
+    app.state.keys = KeyRing(settings.auth.api_key_sha256)
+    tokens = services.management.identity.verify
     if settings.auth.enabled:
-        app.add_middleware(AuthMiddleware, keys=KeyRing(settings.auth.api_key_sha256),
-                           public_docs=settings.auth.public_docs)
+        app.add_middleware(AuthMiddleware, keys=app.state.keys, public_docs=settings.auth.public_docs, tokens=tokens)
+    elif not settings.server.allow_unauthenticated_public:
+        app.add_middleware(LoopbackGuard, tokens=tokens)
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(ConnectionCounter, stats=services.connections)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees 413s and whole streams

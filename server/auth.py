@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Iterable
+import ipaddress
+from typing import Any, Callable, Iterable
 
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -24,6 +25,9 @@ from server.errors import error_response
 KEY_ID = "chatvlm.api_key_id"
 
 PROBE_PATHS = frozenset({"/health", "/healthz", "/readyz"})
+LOGIN_PATH = "/api/auth/token"  # the management login: how a client without a key gets a token
+# Checks a bearer token (a management JWT): its principal, or None.
+TokenCheck = Callable[[str], Any]
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 DOCS_ASSETS = "/static-offline-docs/"
 
@@ -66,7 +70,7 @@ def presented_keys(scope: Scope) -> list[str]:
 
 
 def is_public(path: str, public_docs: bool) -> bool:
-    if path in PROBE_PATHS:
+    if path in PROBE_PATHS or path == LOGIN_PATH:
         return True
     if not public_docs:
         return False
@@ -79,10 +83,12 @@ def is_public(path: str, public_docs: bool) -> bool:
 class AuthMiddleware:
     """401 for every HTTP request and WebSocket without a valid key, except the public paths."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, public_docs: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, public_docs: bool = False,
+                 tokens: TokenCheck | None = None) -> None:
         self.app = app
         self.keys = keys
         self.public_docs = public_docs
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self.keys:
@@ -93,6 +99,11 @@ class AuthMiddleware:
         for key in candidates:
             key_id = self.keys.match(key)
             if key_id:
+                break
+            # A management token (JWT) stands for a key: rate limits count it per user.
+            principal = self.tokens(key) if self.tokens is not None else None
+            if principal is not None:
+                key_id = f"user:{principal.username}"
                 break
         if key_id:
             scope[KEY_ID] = key_id
@@ -118,3 +129,43 @@ async def deny_websocket(scope: Scope, send: Send, response) -> None:
         await send({"type": "websocket.http.response.body", "body": response.body})
     else:
         await send({"type": "websocket.close", "code": 1008})
+
+
+def is_remote(client: tuple[str, int] | None) -> bool:
+    """Whether the peer is another machine: an IP address that is not loopback. A Unix socket
+    (no address) and in-process test clients (a host name, not an address) are local."""
+    if not client:
+        return False
+    try:
+        return not ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackGuard:
+    """With no API keys configured (and ``allow_unauthenticated_public`` off), only loopback clients
+    are served, whatever launched the app (``python api.py``, ``uvicorn api:app --host 0.0.0.0``,
+    gunicorn, Ray Serve): a remote client gets 401 saying how to configure keys. Probes and the
+    management login stay open, and a valid management token is accepted as authentication."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenCheck | None = None) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not is_remote(scope.get("client")):
+            return await self.app(scope, receive, send)
+        path = get_route_path(scope)
+        if path in PROBE_PATHS or path == LOGIN_PATH:
+            return await self.app(scope, receive, send)
+        if self.tokens is not None and any(self.tokens(t) is not None for t in presented_keys(scope)):
+            return await self.app(scope, receive, send)
+        response = error_response(
+            path, 401, "UNAUTHORIZED",
+            "this server has no API keys configured and serves only its own machine; configure keys "
+            "(auth.api_keys in config.yaml, CHATVLM_API_KEYS=key1,key2) and send 'Authorization: Bearer <key>', "
+            "log in at POST /api/auth/token and send the token, or set server.allow_unauthenticated_public",
+            headers={"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "http":
+            return await response(scope, receive, send)
+        await deny_websocket(scope, send, response)

@@ -13,6 +13,7 @@ from llm.embeddings import EmbeddingService
 from jobs.service import JobService
 from jobs.store import FileJobStore
 from llm.service import GenerationService
+from management.service import Management
 from models.manager import ModelManager
 from models.registry import ModelRegistry
 from models.selection import ModelSelector
@@ -37,6 +38,7 @@ class Services:
     metrics: Metrics
     image_fetcher: ImageFetcher
     jobs: JobService | None = None  # asynchronous OCR jobs (started and stopped by the app's lifespan)
+    management: Management | None = None  # the management surface (seed 004); opened by the lifespan
     draining: bool = False  # set when shutdown starts: /readyz answers 503
 
 
@@ -66,7 +68,7 @@ def build_services(settings: Settings) -> Services:
                     llm=llm, embeddings=EmbeddingService(selector, manager,
                                                          timeout_s=settings.limits.request_timeout_s),
                     connections=connections, metrics=metrics,
-                    image_fetcher=image_fetcher)
+                    image_fetcher=image_fetcher, management=Management(settings, manager))
 
 
 # Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread

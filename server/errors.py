@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -25,13 +26,15 @@ class Surface(str, Enum):
     EASYVIZ = "easyviz"    # seed 001: {"error": "..."}
     SPEC = "spec"          # seeds 002 and 004: {"error": {"code", "message", "details"}}
     OPENAI = "openai"      # {"error": {"message", "type", "param", "code"}}
+    MANAGEMENT = "management"  # seed 004: {"error": {"code", "message", "details"}, "timestamp", "path"}
 
 
 _PREFIXES: list[tuple[str, Surface]] = [
     ("/api/v1/llm/", Surface.EASYVIZ),
     ("/ws/chat/", Surface.EASYVIZ),
-    ("/api/", Surface.SPEC),
-    ("/ws/monitor", Surface.SPEC),
+    ("/api/v1/", Surface.SPEC),
+    ("/api/", Surface.MANAGEMENT),
+    ("/ws/monitor", Surface.MANAGEMENT),
     ("/v1/", Surface.OPENAI),
 ]
 
@@ -55,8 +58,17 @@ def surface_for_path(path: str) -> Surface:
     return Surface.VISION
 
 
+# Seed 004 names its own codes for the generic ones.
+_MANAGEMENT_CODES = {"UNAUTHORIZED": "AUTHENTICATION_FAILED", "FORBIDDEN": "AUTHORIZATION_FAILED",
+                     "VALIDATION_ERROR": "INVALID_REQUEST", "BAD_REQUEST": "INVALID_REQUEST",
+                     "NOT_FOUND": "RESOURCE_NOT_FOUND"}
+
+
 def error_body(surface: Surface, status: int, code: str, message: str,
-               param: str | None = None, details: Any = None) -> dict[str, Any]:
+               param: str | None = None, details: Any = None, path: str | None = None) -> dict[str, Any]:
+    if surface is Surface.MANAGEMENT:
+        return {"error": {"code": _MANAGEMENT_CODES.get(code, code), "message": message, "details": details},
+                "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"), "path": path}
     if surface is Surface.EASYVIZ:
         return {"error": message, "code": code}
     if surface is Surface.SPEC:
@@ -72,7 +84,7 @@ def error_body(surface: Surface, status: int, code: str, message: str,
 
 def error_response(path: str, status: int, code: str, message: str, *, param: str | None = None,
                    details: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = error_body(surface_for_path(path), status, code, message, param, details)
+    body = error_body(surface_for_path(path), status, code, message, param, details, path=path)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -99,6 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
         msg, param, problems = _validation_message(exc)
         # OpenAI (and its SDK's BadRequestError) answers out-of-range values with 400.
         status = 400 if surface_for_path(request.url.path) is Surface.OPENAI else 422
+        if surface_for_path(request.url.path) is Surface.MANAGEMENT and any(
+                e.get("type") == "json_invalid" for e in exc.errors()):
+            status = 400  # not JSON at all: a malformed request, not a failed validation
         return error_response(request.url.path, status, "VALIDATION_ERROR", msg, param=param, details=problems)
 
     @app.exception_handler(StarletteHTTPException)

@@ -18,9 +18,11 @@ from server.schemas.easyviz import LlmError
 from server.schemas.openai_responses import OpenAIError
 from server.schemas.spec_v1 import SpecError
 from server.schemas.vision import ErrorDetail
+from server.routers.management.common import ManagementError
 
 _ERROR_MODELS: dict[Surface, type[BaseModel]] = {
-    Surface.VISION: ErrorDetail, Surface.EASYVIZ: LlmError, Surface.SPEC: SpecError, Surface.OPENAI: OpenAIError}
+    Surface.VISION: ErrorDetail, Surface.EASYVIZ: LlmError, Surface.SPEC: SpecError, Surface.OPENAI: OpenAIError,
+    Surface.MANAGEMENT: ManagementError}
 
 _INT = {"type": "integer"}
 RATE_HEADERS = {

@@ -58,3 +58,24 @@ def fake_settings(tmp_path, models: dict, **overrides):
     overrides.setdefault("defaults", {"ocr": ids, "chat": ids})
     return load_settings(ROOT / "tests" / "empty.yaml", models=cfg, models_dir=tmp_path / "weights",
                          data_dir=tmp_path / "data", **overrides)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throw-away PostgreSQL cluster for the session (skipped when PostgreSQL is not installed)."""
+    from tests.postgres import PostgresCluster, pg_bin
+
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; scripts/system_deps.sh test)")
+    cluster = PostgresCluster(bin_dir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """Persistence tests run on both backends: a fresh database each."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'chatvlm.db'}"
+    return request.getfixturevalue("postgres_cluster").new_database()

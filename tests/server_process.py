@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,21 +23,42 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    """``python api.py`` with the given flags and CHATVLM_* environment, stopped on exit."""
+    """``python api.py`` with the given flags and CHATVLM_* environment, stopped on exit.
+
+    Each server gets a fresh data directory (its database, secrets and caches), removed when it
+    stops, unless one is passed (``data_dir``: a restart test passes the same one twice) or the
+    environment names one (CHATVLM_DATA_DIR). ``launcher="uvicorn"`` starts ``uvicorn api:app``
+    instead, on ``host`` (settings then come from the environment only)."""
 
     def __init__(self, *, models_dir: Path | None = None, config: Path | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 60.0) -> None:
-        self.port = free_port()
+                 env: dict[str, str] | None = None, startup_timeout: float = 60.0,
+                 data_dir: Path | None = None, launcher: str = "api", host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile("w+", prefix="chatvlm-server-", suffix=".log", delete=False)
-        args = [sys.executable, str(ROOT / "api.py"), "--host", "127.0.0.1", "--port", str(self.port)]
-        if config:
-            args += ["--config", str(config)]
-        if models_dir:
-            args += ["--models-dir", str(models_dir)]
         full_env = {**os.environ, "CHATVLM_SERVER__LOG_LEVEL": "warning", **(env or {})}
-        full_env.setdefault("CHATVLM_DATA_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-data"))
+        self._own_data_dir: Path | None = None
+        if data_dir is not None:
+            full_env["CHATVLM_DATA_DIR"] = str(data_dir)
+        elif "CHATVLM_DATA_DIR" not in (env or {}):
+            self._own_data_dir = Path(tempfile.mkdtemp(prefix="chatvlm-data-"))
+            full_env["CHATVLM_DATA_DIR"] = str(self._own_data_dir)
+        self.data_dir = Path(full_env["CHATVLM_DATA_DIR"])
+        if launcher == "uvicorn":
+            args = [sys.executable, "-m", "uvicorn", "api:app", "--host", host, "--port", str(self.port),
+                    "--log-level", "warning"]
+            if config:
+                full_env["CHATVLM_CONFIG"] = str(config)
+            if models_dir:
+                full_env["CHATVLM_MODELS_DIR"] = str(models_dir)
+        else:
+            args = [sys.executable, str(ROOT / "api.py"), "--host", host, "--port", str(self.port)]
+            if config:
+                args += ["--config", str(config)]
+            if models_dir:
+                args += ["--models-dir", str(models_dir)]
         # Converted weights (the SmolLM2 GGUF) are shared by every test server: converted once.
         full_env.setdefault("CHATVLM_CACHE_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-cache"))
         self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -67,6 +90,14 @@ class RemoteServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._own_data_dir is not None:
+            shutil.rmtree(self._own_data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code runs (the data directory is kept for a restart)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def __enter__(self) -> "RemoteServer":
         return self

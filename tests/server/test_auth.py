@@ -14,6 +14,7 @@ from tests.conftest import fake_settings
 
 KEY, OTHER = "k1-secret", "k2-secret"
 OPEN = {"/health", "/healthz", "/readyz"}
+LOGIN = "/api/auth/token"  # the management login: how a client without a key gets a token
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
@@ -57,7 +58,7 @@ def test_every_route_needs_a_key(client):
     routes = http_routes(client.app)
     assert {"/v1/chat/completions", "/api/v1/llm/generate/", "/api/v1/generate", "/generate", "/metrics",
             "/ocr", "/models"} <= {p for _, p in routes}
-    guarded = [(m, p) for m, p in routes if p not in OPEN]
+    guarded = [(m, p) for m, p in routes if p not in OPEN and p != LOGIN]
     refused = [(m, p) for m, p in guarded if client.request(m, p).status_code == 401]
     assert refused == guarded  # 100% of guarded routes: 401 without a key
     for method, path in guarded:
@@ -65,6 +66,7 @@ def test_every_route_needs_a_key(client):
         assert r.status_code != 401, (method, path, r.text)
     for path in OPEN:
         assert client.get(path).status_code in (200, 503)
+    assert client.post(LOGIN, json={}).status_code == 422  # reached the route: no key needed
     print(f"\nauth: {len(refused)}/{len(guarded)} guarded HTTP routes answered 401 without a key")
 
 

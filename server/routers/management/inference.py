@@ -1,5 +1,5 @@
-"""Per-model inference (seed 004): generate and chat/completions on a model named in the path, on
-the one engine and services every surface uses. Each request leaves a summary in the model's log."""
+"""Per-model inference (seed 004): generate, chat/completions and embeddings on a model named in the
+path, on the one engine and services every surface uses. Each request leaves a summary in the model's log."""
 from __future__ import annotations
 
 import time
@@ -14,6 +14,7 @@ from server.routers.management.common import CurrentUser, ManagementDep, error_r
 from server.routers.management.inference_schemas import (GenerateChunks, GenerateRequest, GenerateResponse,
                                                          StreamEvent, generate_response)
 from server.schemas.openai_compat import ChatCompletionRequest
+from server.schemas.openai_embeddings import EmbeddingRequest, EmbeddingResponse, embedding_response
 from server.schemas.openai_responses import ChatChunks, ChatCompletion, chat_completion
 from server.deps import ServicesDep
 from server.schemas.sse_doc import json_data, marker, sse_response
@@ -90,3 +91,18 @@ async def chat_completions(model_id: str, req: ChatCompletionRequest, _: Current
         return stream(deltas, on_delta=chunks.on_delta, on_error=chunks.on_error, end=chunks.end, drain_s=drain)
 
     return await _run(services, mgmt, name, "chat/completions", inp, req.stream, on_stream, chat_completion)
+
+
+@router.post("/models/{model_id}/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+async def embeddings(model_id: str, req: EmbeddingRequest, _: CurrentUser, mgmt: ManagementDep,
+                     services: ServicesDep) -> EmbeddingResponse:
+    """Sentence embeddings from this model (an embedding model), as /v1/embeddings computes them."""
+    name = mgmt.catalog.get(model_id).id
+    started = time.monotonic()
+    try:
+        result = await services.embeddings.embed(name, req.inputs(), dimensions=req.dimensions)
+    except ChatVLMError as exc:
+        mgmt.request_summary(name, "embeddings", exc.status_code, None, time.monotonic() - started)
+        raise
+    mgmt.request_summary(name, "embeddings", 200, result.prompt_tokens, time.monotonic() - started)
+    return embedding_response(result, req.encoding_format)

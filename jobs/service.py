@@ -190,7 +190,8 @@ class JobService:
             if token.cancelled or (self.store.get(job.id) or job).status == "cancelled":
                 return
             doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=index,
-                                                  text_layer=not generative and not p.get("force_ocr"))
+                                                  text_layer=not generative and not p.get("force_ocr"),
+                                                  render_text_pages=Capability.LAYOUT in entry.capabilities)
             page = await self.ocr.read_page(job.model or "", doc.pages[0], index, options, region, token)
             del doc
             await asyncio.to_thread(self.store.save_page, job.id, index, page_dict(page))

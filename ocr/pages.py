@@ -96,7 +96,8 @@ class ImageDecoder:
 
     async def decode_pages(self, data: bytes, *, target_max_pixels: int | None,
                            only_page: int | None = None, pages: list[int] | None = None,
-                           text_layer: bool = False, max_pages: int | None = None) -> Document:
+                           text_layer: bool = False, max_pages: int | None = None,
+                           render_text_pages: bool = True) -> Document:
         """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages: all of
         them, ``only_page``, or the 0-based ``pages`` (a page range); with ``text_layer``, PDF pages
         carry their embedded text."""
@@ -106,7 +107,7 @@ class ImageDecoder:
                 rendered = await asyncio.to_thread(
                     pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=max_pages or self.limits.max_pdf_pages,
                     max_pixels=self.limits.max_image_pixels, target_max_pixels=target_max_pixels,
-                    only_page=only_page, pages=pages, text_layer=text_layer)
+                    only_page=only_page, pages=pages, text_layer=text_layer, render_text_pages=render_text_pages)
             return Document([Page(r.image, r.original_size, r.index, r.text_lines) for r in rendered], "PDF",
                             only_page or 0)
         image = await self.decode(data, target_max_pixels=target_max_pixels, all_frames=True)

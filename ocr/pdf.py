@@ -53,9 +53,12 @@ def page_count(data: bytes) -> int:
 
 def render_pdf(data: bytes, *, dpi: float, max_pages: int, max_pixels: int,
                target_max_pixels: int | None = None, only_page: int | None = None,
-               pages: list[int] | None = None, text_layer: bool = False) -> list[RenderedPage]:
+               pages: list[int] | None = None, text_layer: bool = False,
+               render_text_pages: bool = True) -> list[RenderedPage]:
     """Render every page (or only ``only_page``, or the 0-based ``pages``), each scaled to fit
-    ``target_max_pixels``; with ``text_layer``, each page also carries its embedded text."""
+    ``target_max_pixels``; with ``text_layer``, each page also carries its embedded text, and
+    without ``render_text_pages`` a page that has one is not rendered (its image is a 1 x 1
+    placeholder: a caller that reads only the text layer needs no pixels)."""
     with _LOCK:
         doc = _open(data)
         try:
@@ -72,7 +75,8 @@ def render_pdf(data: bytes, *, dpi: float, max_pages: int, max_pixels: int,
                 raise PayloadTooLarge(f"{len(indices)} pages of the PDF were asked for; at most {max_pages} are "
                                       "accepted (send a page range with pages=)", param="file", code="TOO_MANY_PAGES")
             sizes = {i: _original_size(doc, i, dpi, max_pixels) for i in indices}  # refuse before rendering
-            return [_render(doc, i, sizes[i], dpi, target_max_pixels, text_layer) for i in indices]
+            return [_render(doc, i, sizes[i], dpi, target_max_pixels, text_layer, render_text_pages)
+                    for i in indices]
         finally:
             doc.close()
 
@@ -123,7 +127,7 @@ def _original_size(doc: pdfium.PdfDocument, index: int, dpi: float, max_pixels: 
 
 
 def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: float,
-            target: int | None, text_layer: bool = False) -> RenderedPage:
+            target: int | None, text_layer: bool = False, render_text_pages: bool = True) -> RenderedPage:
     w, h = size
     scale = dpi / POINTS_PER_INCH
     reduced = target is not None and w * h > target
@@ -134,6 +138,9 @@ def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: flo
     try:
         if text_layer:
             lines = page_lines(page, dpi / POINTS_PER_INCH)
+            if lines is not None and not render_text_pages:
+                return RenderedPage(image=Image.new("RGB", (1, 1), "white"), original_size=(w, h), index=index,
+                                    text_lines=lines)
         bitmap = page.render(scale=scale, draw_annots=True, may_draw_forms=True)
         try:
             image = bitmap.to_pil().convert("RGB")  # a copy: the bitmap's buffer is freed below

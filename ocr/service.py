@@ -118,9 +118,12 @@ class OcrService:
         generative = Capability.GENERATE in entry.capabilities
         # CPU models take a PDF page's text layer instead of OCR; generative ones read the pixels.
         text_layer = not generative and not request.force_ocr
+        # A plain engine reads only the text layer of a page that has one: no need to render it
+        # (unless a region must be checked against the page, or a page is drawn on).
+        needs_pixels = Capability.LAYOUT in entry.capabilities or only_page is not None or request.region is not None
         doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page,
                                               pages=request.pages if only_page is None else None,
-                                              text_layer=text_layer)
+                                              text_layer=text_layer, render_text_pages=needs_pixels)
         if request.region is not None and region_on(doc.pages[0], request.region) is None:
             raise InvalidParameter("region lies outside the image", param="region", code="INVALID_REGION")
         options = OcrOptions(language=request.language, format=request.format)

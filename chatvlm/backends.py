@@ -62,8 +62,10 @@ class LocalBackend:
         from core.errors import ChatVLMError
 
         try:
+            from ocr.page_ranges import parse_pages
+
             outcome = await self.services.ocr.ocr(data, model=opts.model, language=opts.language,
-                                                  format=opts.format)
+                                                  format=opts.format, pages=parse_pages(opts.pages))
         except ChatVLMError as exc:
             raise Failure(exc.code, exc.message) from None
         return _outcome_json(outcome)
@@ -170,7 +172,8 @@ class RemoteBackend:
     async def ocr(self, data: bytes, filename: str, opts: OcrOptions) -> dict[str, Any]:
         # The one place where long PDFs would go through the job API (POST /jobs/ocr, then
         # /jobs/{id}/events for progress and /jobs/{id}/result) once the server has it.
-        return await self._call(lambda c: c.ocr_document(data, filename, opts.model, opts.language, opts.format))
+        return await self._call(lambda c: c.ocr_document(data, filename, opts.model, opts.language, opts.format,
+                                                         opts.pages))
 
     async def chat_stream(self, prompt: str, image: bytes | None, model: str | None,
                           temperature: float | None, max_tokens: int | None) -> AsyncIterator[str]:

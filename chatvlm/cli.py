@@ -89,7 +89,8 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     from chatvlm import ocr_run
     from chatvlm.inputs import collect
     from chatvlm.outputs import DirSink, JsonlSink, StreamSink
-    from chatvlm.pages import PageSpecError, parse_pages
+    from core.errors import InvalidParameter
+    from ocr.page_ranges import parse_pages
 
     if format not in ("text", "markdown", "json"):
         _fail("--format must be text, markdown or json")
@@ -98,8 +99,8 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     try:
         parse_pages(pages)
         files = collect(paths)
-    except PageSpecError as exc:
-        _fail(str(exc))
+    except InvalidParameter as exc:
+        _fail(f"--{exc.message}")
     except FileNotFoundError as exc:
         _fail(f"no such file or folder: {exc}")
     opts = OcrOptions(model=model, language=language, format=format, pages=pages)

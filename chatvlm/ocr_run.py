@@ -16,7 +16,7 @@ from typing import Any
 
 from chatvlm.backends import Failure, OcrOptions
 from chatvlm.inputs import InputFile, content_hash
-from chatvlm.pages import PageSpecError, parse_pages, remap_pages, select_pdf_pages
+from ocr.page_ranges import parse_pages
 
 
 @dataclass
@@ -73,16 +73,8 @@ async def _read_one(backend: Any, job: _Job, opts: OcrOptions) -> dict[str, Any]
     if f.format is None:
         raise Failure("UNSUPPORTED_FILE", "not a readable image (JPG, PNG, BMP, TIFF) or PDF")
     data = await asyncio.to_thread(f.path.read_bytes)
-    selected = parse_pages(opts.pages)
-    if f.format == "PDF" and selected is not None:
-        try:
-            data, original = await asyncio.to_thread(select_pdf_pages, data, selected)
-        except PageSpecError as exc:
-            raise Failure("PAGE_OUT_OF_RANGE", str(exc)) from None
-        except Exception:  # PDFium could not open it: let the reader say why, in its words
-            original = None
-        result = await backend.ocr(data, f.path.name, opts)
-        return remap_pages(result, original) if original else result
+    # The one call per file. Long PDFs would go through the job API here, once it exists
+    # (RemoteBackend.ocr), with page-by-page progress.
     return await backend.ocr(data, f.path.name, opts)
 
 

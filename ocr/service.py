@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from core.config import LimitsSettings
 from core.deadline import deadline
 from core.errors import ChatVLMError, DeadlineExceeded, InvalidParameter
+from core.imaging import sniff_format
 from core.types import CancelToken, Capability, OcrBlock, OcrResult
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ from models.manager import ModelManager
 from models.selection import ModelSelector
 from ocr.annotate import annotate
 from ocr.formats import FORMATS, PAGE_SEPARATOR
+from ocr.page_ranges import renumber, select_pdf_pages
 from ocr.pages import Box, Document, ImageDecoder, Page, original_page, region_on, to_original
 
 __all__ = ["BatchItem", "ImageDecoder", "OcrOutcome", "OcrService", "PageOutcome", "Upload"]
@@ -87,12 +89,16 @@ class OcrService:
         self.llm = llm
 
     async def ocr(self, data: bytes, *, model: str | None, language: str | None, format: str = "text",
-                  region: Box | None = None) -> OcrOutcome:
-        """Read every page of an image, multi-frame TIFF or PDF within the deadline."""
+                  region: Box | None = None, pages: tuple[int, ...] | None = None) -> OcrOutcome:
+        """Read every page of an image, multi-frame TIFF or PDF within the deadline (of a PDF,
+        only ``pages`` when given: 0-based indices; other uploads ignore it)."""
         request = OcrRequest(language, format, region)
         model_id = self.selector.select(Capability.OCR, model, language)
         async with deadline(self.limits.request_timeout_s) as cancel:
-            return await self._ocr(data, model_id, request, cancel)
+            if pages is None or sniff_format(data) != "PDF":
+                return await self._ocr(data, model_id, request, cancel)
+            data, original = await asyncio.to_thread(select_pdf_pages, data, pages)
+            return renumber(await self._ocr(data, model_id, request, cancel), original)
 
     async def annotate(self, data: bytes, *, model: str | None, language: str | None, page: int = 0,
                        region: Box | None = None) -> bytes:

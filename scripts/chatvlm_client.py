@@ -78,10 +78,12 @@ class ChatVLMClient:
         return self.ocr_document(Path(image_path).read_bytes(), Path(image_path).name, model, language, format)
 
     def ocr_document(self, data: bytes, filename: str = "upload", model: Optional[str] = None,
-                     language: Optional[str] = None, format: Optional[str] = None) -> Dict:
-        """/ocr of an image or PDF given as bytes; ``format`` is text, markdown or json."""
+                     language: Optional[str] = None, format: Optional[str] = None,
+                     pages: Optional[str] = None) -> Dict:
+        """/ocr of an image or PDF given as bytes; ``format`` is text, markdown or json; ``pages``
+        selects PDF pages, 1-based ("1-3,7")."""
         response = self.session.post(f"{self.base_url}/ocr", files={"file": (filename, data)},
-                                     params=_params(model=model, language=language, format=format),
+                                     params=_params(model=model, language=language, format=format, pages=pages),
                                      timeout=self.timeout)
         return self._check(response)
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from core.errors import InvalidParameter, PayloadTooLarge
 from ocr import formats
+from ocr.page_ranges import parse_pages
 from ocr.service import BatchItem, OcrOutcome, Upload
 from server.deps import ServicesDep
 from server.schemas.vision import (BatchItemResponse, BatchOcrResponse, Block, ChatResponse, ChatUsage,
@@ -39,6 +40,7 @@ _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 _NUM = "([0-9]{1,9}(?:[.][0-9]{1,6})?)"
 REGION_PATTERN = rf"^$|^ *[\[(]? *{_NUM} *, *{_NUM} *, *{_NUM} *, *{_NUM} *[\])]? *$"
 _REGION_RE = re.compile(REGION_PATTERN)
+PAGES_PATTERN = r"^$|^ *[0-9]{1,6}( *- *[0-9]{1,6})?( *, *[0-9]{1,6}( *- *[0-9]{1,6})?)* *$"
 
 
 _FORMAT_DOC = {"description": "text (default), markdown or json", "json_schema_extra": {"enum": [*formats.FORMATS, ""]}}
@@ -72,7 +74,18 @@ async def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
     return f if f is not None else (q or 0)
 
 
+_PAGES_DOC = {"description": "PDF pages to read, 1-based: 2 or 1-3,7 (default: every page)",
+              "json_schema_extra": {"pattern": PAGES_PATTERN}}
+
+
+async def _pages(q: Annotated[str | None, Query(alias="pages", max_length=200, **_PAGES_DOC)] = None,
+                 f: Annotated[str | None, Form(alias="pages", max_length=200, **_PAGES_DOC)] = None
+                 ) -> tuple[int, ...] | None:
+    return parse_pages(form_or_query(q, f))
+
+
 FormatParam = Annotated[str, Depends(_format)]
+PagesParam = Annotated[tuple[int, ...] | None, Depends(_pages)]
 RegionParam = Annotated[tuple[int, int, int, int] | None, Depends(_region)]
 PageParam = Annotated[int, Depends(_page)]
 
@@ -86,10 +99,11 @@ def _blocks(outcome: OcrOutcome) -> list[Block]:
     return [Block(**d) for d in formats.blocks_json(outcome.blocks)]
 
 
-def _structured(o: OcrOutcome) -> dict:
-    """The fields that depend on the format and the page count."""
+def _structured(o: OcrOutcome, selected: bool = False) -> dict:
+    """The fields that depend on the format and the page count (and on a page selection, whose
+    page numbers a client cannot tell from a one-page answer without page_results)."""
     pages = None
-    if o.pages > 1 or o.format == "json":
+    if o.pages > 1 or o.format == "json" or selected:
         pages = [PageResult(page=p.index, text=p.text, image_size=list(p.image_size),
                             blocks=[_block(b, i) for i, b in enumerate(p.blocks)]) for p in o.page_results]
     return {"pages": o.pages, "page_results": pages,
@@ -99,15 +113,16 @@ def _structured(o: OcrOutcome) -> dict:
 @router.post("/ocr", response_model=OcrResponse, responses=_OCR_ERRORS, form_limits=_ONE_FILE,
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
-              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam) -> OcrResponse:
-    """Extract the text of an image or of every page of a PDF. With no model, the first installed OCR
-    model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
+              model: ModelParam, language: LanguageParam, format: FormatParam, region: RegionParam,
+              pages: PagesParam) -> OcrResponse:
+    """Extract the text of an image or of every page of a PDF (or of the `pages` given). With no model,
+    the first installed OCR model that reads the language serves. `format` adds markdown or per-page JSON blocks."""
     limits = services.settings.limits
     data = await read_upload(file, limits.max_file_bytes, limits.max_file_mb)
-    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region)
+    outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region, pages=pages)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
                        image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
-                       format=outcome.format, **_structured(outcome))
+                       format=outcome.format, **_structured(outcome, selected=pages is not None))
 
 
 _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},

@@ -22,11 +22,12 @@ def open_ui(page, server) -> None:
     page.wait_for_function("document.querySelectorAll('#ocr-model option').length > 1")
 
 
-def read_ocr(page, path, *, model="rapidocr", fmt="text") -> dict:
+def read_ocr(page, path, *, model="rapidocr", fmt="text", pages="") -> dict:
     page.set_input_files("#ocr-file", str(path))
     page.wait_for_selector("#ocr-run:not([disabled])")
     page.select_option("#ocr-model", model)
     page.select_option("#ocr-format", fmt)
+    page.fill("#ocr-pages", pages)
     with page.expect_response(lambda r: urlparse(r.url).path == "/ocr") as answer:
         page.click("#ocr-run")
     assert answer.value.status == 200, answer.value.text()
@@ -90,6 +91,14 @@ def test_pdf_is_shown_page_by_page(page, ui_server, tmp_path):
         texts = page.locator("#boxes rect.block title").all_text_contents()
         assert texts == [b["text"] for b in page_result["blocks"]]
     page.screenshot(path=str(tmp_path / "tab-ocr-pdf.png"), full_page=True)
+    # Only page 2: one page shown, the second one (its rendering, its boxes).
+    only = read_ocr(page, pdf, pages="2")
+    assert [p["page"] for p in only["page_results"]] == [1]
+    page.wait_for_function("document.getElementById('page-label').textContent === 'page 1 of 1'")
+    page.wait_for_function(f"document.querySelectorAll('#boxes rect.block').length === {len(only['blocks'])}")
+    texts = page.locator("#boxes rect.block title").all_text_contents()
+    assert texts == [b["text"] for b in result["page_results"][1]["blocks"]]
+    assert "PAGE 2" in page.text_content("#view-text") and "PAGE 1" not in page.text_content("#view-text")
 
 
 def test_markdown_rendered_raw_and_downloaded(page, ui_server, tmp_path):

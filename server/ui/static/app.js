@@ -260,11 +260,12 @@ function drawBoxes(page) {
 
 /** The one place an OCR request is made. Long PDFs go through the job API (POST /jobs/ocr, progress
  *  from /jobs/{id}/events, then /jobs/{id}/result) once the server has it; today: POST /ocr. */
-async function runOcr(file, { model, language, format }) {
+async function runOcr(file, { model, language, format, pages }) {
   const form = new FormData();
   form.append("file", file, file.name);
   if (model) form.append("model", model);
   if (language) form.append("language", language);
+  if (pages) form.append("pages", pages);
   form.append("format", format);
   return apiJson("/ocr", { method: "POST", body: form });
 }
@@ -272,7 +273,8 @@ async function runOcr(file, { model, language, format }) {
 $("ocr-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!ocr.file) return;
-  const params = { model: $("ocr-model").value, language: $("ocr-language").value.trim(), format: $("ocr-format").value };
+  const params = { model: $("ocr-model").value, language: $("ocr-language").value.trim(), format: $("ocr-format").value,
+    pages: $("ocr-pages").value.trim() };
   $("ocr-run").disabled = true;
   $("ocr-status").textContent = "reading…";
   showError("ocr-error", null);

@@ -16,7 +16,7 @@ from core.errors import InvalidParameter
 if TYPE_CHECKING:
     from ocr.service import OcrOutcome
 
-MAX_PAGE = 100_000
+MAX_PAGE = 99_999
 
 
 def parse_pages(spec: str | None) -> tuple[int, ...] | None:
@@ -31,6 +31,7 @@ def parse_pages(spec: str | None) -> tuple[int, ...] | None:
         except ValueError:
             raise InvalidParameter(f"pages: {part.strip()!r} is not a page number or a range like 2-5",
                                    param="pages", code="INVALID_PAGES") from None
+        first, last = min(first, last), max(first, last)  # "3-1" is pages 1 to 3
         if not 1 <= first <= last <= MAX_PAGE:
             raise InvalidParameter(f"pages: {part.strip()!r} must count from 1 upwards (at most {MAX_PAGE})",
                                    param="pages", code="INVALID_PAGES")

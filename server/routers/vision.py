@@ -40,7 +40,8 @@ _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 _NUM = "([0-9]{1,9}(?:[.][0-9]{1,6})?)"
 REGION_PATTERN = rf"^$|^ *[\[(]? *{_NUM} *, *{_NUM} *, *{_NUM} *, *{_NUM} *[\])]? *$"
 _REGION_RE = re.compile(REGION_PATTERN)
-PAGES_PATTERN = r"^$|^ *[0-9]{1,6}( *- *[0-9]{1,6})?( *, *[0-9]{1,6}( *- *[0-9]{1,6})?)* *$"
+_PAGE = "0*[1-9][0-9]{0,4}"  # 1..99999: every value the pattern allows is accepted
+PAGES_PATTERN = rf"^$|^ *{_PAGE}( *- *{_PAGE})?( *, *{_PAGE}( *- *{_PAGE})?)* *$"
 
 
 _FORMAT_DOC = {"description": "text (default), markdown or json", "json_schema_extra": {"enum": [*formats.FORMATS, ""]}}

@@ -32,10 +32,23 @@ def test_parse_pages():
     assert parse_pages("2") == (1,)
     assert parse_pages(" 1-3, 7 ,2") == (0, 1, 2, 6)
     assert parse_pages("") is None and parse_pages(None) is None
-    for bad in ("0", "3-1", "a", "1-", "1,,2", "-2"):
+    assert parse_pages("3-1") == (0, 1, 2)
+    for bad in ("0", "a", "1-", "1,,2", "-2", "100000"):
         with pytest.raises(Exception) as exc:
             parse_pages(bad)
         assert exc.value.code == "INVALID_PAGES"
+
+
+def test_the_schema_pattern_matches_what_the_parser_accepts():
+    import re
+
+    from server.routers.vision import PAGES_PATTERN
+
+    for ok in ("2", "1-3,7", " 3 - 1 , 02 ", "99999", ""):
+        assert re.match(PAGES_PATTERN, ok), ok
+        parse_pages(ok)
+    for bad in ("0", "1-0", "a", "1-", "1,,2", "-2", "100000"):
+        assert not re.match(PAGES_PATTERN, bad), bad
 
 
 def test_selected_pages_keep_their_original_numbers(client):

@@ -184,23 +184,29 @@ class RemoteBackend:
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
+        def send(item: tuple) -> None:
+            if not stop.is_set():
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the loop has closed: nobody is reading any more
+                    stop.set()
+
         def pump() -> None:
             gen = self._client().chat_stream(prompt, image, model, temperature, max_tokens)
             try:
                 for piece in gen:
                     if stop.is_set():
                         break
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+                    send(("piece", piece))
+                send(("end", None))
             except APIError as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", Failure(exc.code or f"HTTP_{exc.status}",
-                                                                               exc.message)))
+                send(("error", Failure(exc.code or f"HTTP_{exc.status}", exc.message)))
             except Exception as exc:  # connection lost: say so rather than hang
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", Failure("CONNECTION_FAILED", str(exc))))
+                send(("error", Failure("CONNECTION_FAILED", f"the stream from {self.url} broke: {type(exc).__name__}")))
             finally:
                 gen.close()  # closes the response: the server stops generating
 
-        future = loop.run_in_executor(self._pool, pump)
+        loop.run_in_executor(self._pool, pump)
         try:
             while True:
                 kind, value = await queue.get()
@@ -211,8 +217,7 @@ class RemoteBackend:
                 else:
                     break
         finally:
-            stop.set()
-            await asyncio.shield(future) if future.done() else None
+            stop.set()  # a consumer that left early: the pump closes the response at its next piece
 
     async def models(self) -> list[dict[str, Any]]:
         body = await self._call(lambda c: c.models())

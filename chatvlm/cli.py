@@ -104,7 +104,10 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     except FileNotFoundError as exc:
         _fail(f"no such file or folder: {exc}")
     opts = OcrOptions(model=model, language=language, format=format, pages=pages)
-    jobs = ocr_run.plan(files, opts)
+    try:
+        jobs = ocr_run.plan(files, opts)  # reads and hashes every file: Ctrl-C here has written nothing
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     if out:
         sink: Any = JsonlSink(out)
     elif out_dir:

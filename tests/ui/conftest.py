@@ -14,7 +14,9 @@ CHROMIUM = os.environ.get("CHATVLM_CHROMIUM") or shutil.which("chromium") or shu
 API_KEY = "ui-test-key-0123456789"
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's sync API is open, the main thread has a running
+# event loop, and tests collected after these ones would fail in asyncio.run().
+@pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM:
         pytest.skip("Chromium is not installed (apt-get install chromium; scripts/system_deps.sh test does it)")

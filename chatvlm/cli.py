@@ -100,7 +100,7 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         parse_pages(pages)
         files = collect(paths)
     except InvalidParameter as exc:
-        _fail(f"--{exc.message}")
+        _fail(f"--pages: {exc.message}")
     except FileNotFoundError as exc:
         _fail(f"no such file or folder: {exc}")
     opts = OcrOptions(model=model, language=language, format=format, pages=pages)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatvlm.backends import Failure, OcrOptions
@@ -73,6 +73,8 @@ async def _read_one(backend: Any, job: _Job, opts: OcrOptions) -> dict[str, Any]
     if f.format is None:
         raise Failure("UNSUPPORTED_FILE", "not a readable image (JPG, PNG, BMP, TIFF) or PDF")
     data = await asyncio.to_thread(f.path.read_bytes)
+    if f.format != "PDF" and opts.pages is not None:
+        opts = replace(opts, pages=None)  # --pages picks PDF pages; the images of a mixed folder are read whole
     # The one call per file. Long PDFs would go through the job API here, once it exists
     # (RemoteBackend.ocr), with page-by-page progress.
     return await backend.ocr(data, f.path.name, opts)

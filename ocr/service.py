@@ -19,7 +19,7 @@ from models.manager import ModelManager
 from models.selection import ModelSelector
 from ocr.annotate import annotate
 from ocr.formats import FORMATS, PAGE_SEPARATOR
-from ocr.page_ranges import renumber, select_pdf_pages
+from ocr.page_select import renumber, select_pdf_pages
 from ocr.pages import Box, Document, ImageDecoder, Page, original_page, region_on, to_original
 
 __all__ = ["BatchItem", "ImageDecoder", "OcrOutcome", "OcrService", "PageOutcome", "Upload"]
@@ -89,7 +89,7 @@ class OcrService:
         self.llm = llm
 
     async def ocr(self, data: bytes, *, model: str | None, language: str | None, format: str = "text",
-                  region: Box | None = None, pages: tuple[int, ...] | None = None) -> OcrOutcome:
+                  region: Box | None = None, pages: list[int] | None = None) -> OcrOutcome:
         """Read every page of an image, multi-frame TIFF or PDF within the deadline (of a PDF,
         only ``pages`` when given: 0-based indices; other uploads ignore it)."""
         request = OcrRequest(language, format, region)
@@ -97,8 +97,8 @@ class OcrService:
         async with deadline(self.limits.request_timeout_s) as cancel:
             if pages is None or sniff_format(data) != "PDF":
                 return await self._ocr(data, model_id, request, cancel)
-            data, original = await asyncio.to_thread(select_pdf_pages, data, pages)
-            return renumber(await self._ocr(data, model_id, request, cancel), original)
+            data = await asyncio.to_thread(select_pdf_pages, data, pages)
+            return renumber(await self._ocr(data, model_id, request, cancel), pages)
 
     async def annotate(self, data: bytes, *, model: str | None, language: str | None, page: int = 0,
                        region: Box | None = None) -> bytes:

@@ -40,8 +40,6 @@ _FILE_DOC = "JPG, PNG, BMP or TIFF image, or a PDF document"
 _NUM = "([0-9]{1,9}(?:[.][0-9]{1,6})?)"
 REGION_PATTERN = rf"^$|^ *[\[(]? *{_NUM} *, *{_NUM} *, *{_NUM} *, *{_NUM} *[\])]? *$"
 _REGION_RE = re.compile(REGION_PATTERN)
-_PAGE = "0*[1-9][0-9]{0,4}"  # 1..99999: every value the pattern allows is accepted
-PAGES_PATTERN = rf"^$|^ *{_PAGE}( *- *{_PAGE})?( *, *{_PAGE}( *- *{_PAGE})?)* *$"
 
 
 _FORMAT_DOC = {"description": "text (default), markdown or json", "json_schema_extra": {"enum": [*formats.FORMATS, ""]}}
@@ -75,18 +73,16 @@ async def _page(q: Annotated[int | None, Query(alias="page", ge=0, le=100_000,
     return f if f is not None else (q or 0)
 
 
-_PAGES_DOC = {"description": "PDF pages to read, 1-based: 2 or 1-3,7 (default: every page)",
-              "json_schema_extra": {"pattern": PAGES_PATTERN}}
+_PAGES_DOC = {"description": "1-based pages and ranges of a PDF to read, e.g. 1-3,7 (default: all)"}
 
 
 async def _pages(q: Annotated[str | None, Query(alias="pages", max_length=200, **_PAGES_DOC)] = None,
-                 f: Annotated[str | None, Form(alias="pages", max_length=200, **_PAGES_DOC)] = None
-                 ) -> tuple[int, ...] | None:
+                 f: Annotated[str | None, Form(alias="pages", max_length=200, **_PAGES_DOC)] = None) -> list[int] | None:
     return parse_pages(form_or_query(q, f))
 
 
 FormatParam = Annotated[str, Depends(_format)]
-PagesParam = Annotated[tuple[int, ...] | None, Depends(_pages)]
+PagesParam = Annotated[list[int] | None, Depends(_pages)]
 RegionParam = Annotated[tuple[int, int, int, int] | None, Depends(_region)]
 PageParam = Annotated[int, Depends(_page)]
 
@@ -100,11 +96,10 @@ def _blocks(outcome: OcrOutcome) -> list[Block]:
     return [Block(**d) for d in formats.blocks_json(outcome.blocks)]
 
 
-def _structured(o: OcrOutcome, selected: bool = False) -> dict:
-    """The fields that depend on the format and the page count (and on a page selection, whose
-    page numbers a client cannot tell from a one-page answer without page_results)."""
+def _structured(o: OcrOutcome) -> dict:
+    """The fields that depend on the format and the page count."""
     pages = None
-    if o.pages > 1 or o.format == "json" or selected:
+    if o.pages > 1 or o.format == "json":
         pages = [PageResult(page=p.index, text=p.text, image_size=list(p.image_size),
                             blocks=[_block(b, i) for i, b in enumerate(p.blocks)]) for p in o.page_results]
     return {"pages": o.pages, "page_results": pages,
@@ -123,7 +118,7 @@ async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(descriptio
     outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region, pages=pages)
     return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
                        image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
-                       format=outcome.format, **_structured(outcome, selected=pages is not None))
+                       format=outcome.format, **_structured(outcome))
 
 
 _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},

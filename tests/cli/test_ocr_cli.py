@@ -139,7 +139,7 @@ def test_a_cut_last_line_is_dropped_on_resume(request, tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     assert chatvlm("ocr", str(tmp_path / "missing")).returncode == 2
     assert chatvlm("ocr", str(SAMPLES), "--format", "yaml").returncode == 2
-    bad_pages = chatvlm("ocr", str(SAMPLES), "--pages", "0")
+    bad_pages = chatvlm("ocr", str(SAMPLES), "--pages", "3-1")
     assert bad_pages.returncode == 2 and "--pages" in bad_pages.stderr
 
 

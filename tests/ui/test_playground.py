@@ -93,7 +93,8 @@ def test_pdf_is_shown_page_by_page(page, ui_server, tmp_path):
     page.screenshot(path=str(tmp_path / "tab-ocr-pdf.png"), full_page=True)
     # Only page 2: one page shown, the second one (its rendering, its boxes).
     only = read_ocr(page, pdf, pages="2")
-    assert [p["page"] for p in only["page_results"]] == [1]
+    assert only["pages"] == 1 and {b["page"] for b in only["blocks"]} == {1}
+    page.wait_for_function(f"document.getElementById('page-img').naturalWidth === {result['page_results'][1]['image_size'][0]}")
     page.wait_for_function("document.getElementById('page-label').textContent === 'page 1 of 1'")
     page.wait_for_function(f"document.querySelectorAll('#boxes rect.block').length === {len(only['blocks'])}")
     texts = page.locator("#boxes rect.block title").all_text_contents()

@@ -117,7 +117,7 @@ $("ocr-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!ocr.file) return;
   const params = { model: $("ocr-model").value, language: $("ocr-language").value.trim(), format: $("ocr-format").value,
-    pages: $("ocr-pages").value.trim() };
+    pages: ocr.kind === "pdf" ? $("ocr-pages").value.trim() : "" }; // pages pick PDF pages
   $("ocr-run").disabled = true;
   $("ocr-status").textContent = "reading…";
   showError("ocr-error", null);
@@ -126,7 +126,7 @@ $("ocr-form").addEventListener("submit", async (event) => {
     ocr.result = result;
     ocr.pages = result.page_results
       ? result.page_results.map((p) => ({ index: p.page, size: p.image_size, blocks: p.blocks }))
-      : [{ index: 0, size: result.image_size, blocks: result.blocks }];
+      : [{ index: firstPage(params.pages), size: result.image_size, blocks: result.blocks }];
     $("ocr-status").textContent = `${result.pages} page(s), ${result.blocks.length} block(s), read by ${result.model} in ${result.processing_time} s`;
     showResult(result);
     await showPage(0);
@@ -137,6 +137,12 @@ $("ocr-form").addEventListener("submit", async (event) => {
     $("ocr-run").disabled = false;
   }
 });
+
+/** The 0-based page a one-page answer is about: the lowest page of the selection ("3-4,2" -> 1). */
+function firstPage(spec) {
+  const numbers = (spec || "").split(/[,-]/).map((n) => parseInt(n, 10)).filter((n) => n >= 1);
+  return numbers.length ? Math.min(...numbers) - 1 : 0;
+}
 
 const markdownOf = (result) => (result.markdown != null ? result.markdown : result.text);
 function showResult(result) {

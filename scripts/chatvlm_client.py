@@ -10,11 +10,12 @@ the status and the server's stable code instead of a KeyError on a missing field
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import requests
 
@@ -24,8 +25,23 @@ class APIError(Exception):
         self.status = status
         self.body = body
         self.code = body.get("code") if isinstance(body, dict) else None
-        message = body.get("detail") if isinstance(body, dict) else body
-        super().__init__(f"HTTP {status}: {message}")
+        self.message = error_message(body)
+        if self.code is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+            self.code = body["error"].get("code")  # the OpenAI and spec-v1 shapes nest it
+        super().__init__(f"HTTP {status}: {self.message}")
+
+
+def error_message(body: Any) -> str:
+    """The server's message in any surface's error shape (detail, error.message or error)."""
+    if isinstance(body, dict):
+        if isinstance(body.get("detail"), str):
+            return body["detail"]
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return str(body)
 
 
 def _params(**kw: Any) -> Dict[str, Any]:
@@ -33,10 +49,13 @@ def _params(**kw: Any) -> Dict[str, Any]:
 
 
 class ChatVLMClient:
-    def __init__(self, base_url: str = "http://localhost:8000", timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str = "http://localhost:8000", timeout: float = 120.0,
+                 api_key: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def _check(self, response: requests.Response) -> Dict[str, Any]:
         try:
@@ -53,12 +72,48 @@ class ChatVLMClient:
     def models(self) -> Dict:
         return self._check(self.session.get(f"{self.base_url}/models", timeout=self.timeout))
 
-    def ocr_result(self, image_path: str, model: Optional[str] = None, language: Optional[str] = None) -> Dict:
+    def ocr_result(self, image_path: str, model: Optional[str] = None, language: Optional[str] = None,
+                   format: Optional[str] = None) -> Dict:
         """The whole /ocr answer: text, model, blocks, image_size, processing_time."""
-        with open(image_path, "rb") as f:
-            response = self.session.post(f"{self.base_url}/ocr", files={"file": (Path(image_path).name, f)},
-                                         params=_params(model=model, language=language), timeout=self.timeout)
+        return self.ocr_document(Path(image_path).read_bytes(), Path(image_path).name, model, language, format)
+
+    def ocr_document(self, data: bytes, filename: str = "upload", model: Optional[str] = None,
+                     language: Optional[str] = None, format: Optional[str] = None,
+                     pages: Optional[str] = None) -> Dict:
+        """/ocr of an image or PDF given as bytes; ``format`` is text, markdown or json; ``pages``
+        selects PDF pages, 1-based ("1-3,7")."""
+        response = self.session.post(f"{self.base_url}/ocr", files={"file": (filename, data)},
+                                     params=_params(model=model, language=language, format=format, pages=pages),
+                                     timeout=self.timeout)
         return self._check(response)
+
+    def chat_stream(self, prompt: str, image: Optional[bytes] = None, model: Optional[str] = None,
+                    temperature: Optional[float] = None, max_tokens: Optional[int] = None) -> Iterator[str]:
+        """Stream an answer through /v1/chat/completions (the image as a data: URL); yields text pieces.
+        Closing the generator closes the connection, which stops the generation on the server."""
+        content: Any = prompt
+        if image is not None:
+            url = "data:application/octet-stream;base64," + base64.b64encode(image).decode("ascii")
+            content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
+        body = _params(model=model or "default", temperature=temperature, max_tokens=max_tokens)
+        body.update(stream=True, messages=[{"role": "user", "content": content}])
+        with self.session.post(f"{self.base_url}/v1/chat/completions", json=body, stream=True,
+                               timeout=self.timeout) as response:
+            if response.status_code >= 400:
+                self._check(response)
+            for line in response.iter_lines(decode_unicode=False):
+                if not line.startswith(b"data:"):
+                    continue  # keep-alive comments and blank separators
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:  # failed after the stream started: an error event, then [DONE]
+                    raise APIError(response.status_code, chunk)
+                for choice in chunk.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
 
     def ocr(self, image_path: str, model: Optional[str] = None, language: Optional[str] = None) -> str:
         return self.ocr_result(image_path, model, language)["text"]

@@ -21,6 +21,7 @@ TEST_NEEDS=(
   "font:NotoSansCJK|fonts-noto-cjk"
   "cmd:curl|curl"
   "/usr/lib/postgresql|postgresql"
+  "cmd:chromium|chromium"
 )
 
 needs=("${RUN_NEEDS[@]}")

@@ -20,6 +20,8 @@ from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
 from server.routers import easyviz, jobs, llama_local, openai_compat, spec_v1, system, vision
 from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 from server.routers import management
+from server.routers import pages as page_images
+from server.routers import ui as playground
 from server.uploads import upload_form_limits
 
 log = logging.getLogger("chatvlm")
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router, dependencies=[Depends(charge_images)])
     app.include_router(management.router)
     app.include_router(metrics_router)
+    app.include_router(page_images.router, dependencies=[Depends(charge_images)])
+    playground.mount(app)  # static files at /ui (public, like the probes; its API calls need a key)
     install_openapi(app, settings)
 
     limits = settings.limits

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import ipaddress
 from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl
 
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,6 +31,9 @@ LOGIN_PATH = "/api/auth/token"  # the management login: how a client without a k
 TokenCheck = Callable[[str], Any]
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 DOCS_ASSETS = "/static-offline-docs/"
+# The playground's static files: the page loads without a key and asks for one; every API
+# call it makes is checked like any other client's.
+UI_PATH = "/ui"
 
 
 def digest(key: str) -> bytes:
@@ -55,8 +59,11 @@ class KeyRing:
 
 
 def presented_keys(scope: Scope) -> list[str]:
-    """Keys the request carries: ``Authorization: Bearer <key>`` and ``X-API-Key: <key>``."""
+    """Keys the request carries: ``Authorization: Bearer <key>`` and ``X-API-Key: <key>``, and on a
+    WebSocket handshake also ``?token=<key>`` (a browser cannot set headers on a WebSocket)."""
     keys = []
+    if scope["type"] == "websocket":
+        keys += [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1")) if k == "token" and v]
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
@@ -71,6 +78,8 @@ def presented_keys(scope: Scope) -> list[str]:
 
 def is_public(path: str, public_docs: bool) -> bool:
     if path in PROBE_PATHS or path == LOGIN_PATH:
+        return True
+    if path == UI_PATH or (path.startswith(UI_PATH + "/") and "/.." not in path and "//" not in path):
         return True
     if not public_docs:
         return False

@@ -13,7 +13,7 @@ from server.app import create_app
 from tests.conftest import fake_settings
 
 KEY, OTHER = "k1-secret", "k2-secret"
-OPEN = {"/health", "/healthz", "/readyz"}
+OPEN = {"/health", "/healthz", "/readyz", "/ui/app.js"}  # /ui/...: the playground's static files
 LOGIN = "/api/auth/token"  # the management login: how a client without a key gets a token
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -44,7 +44,8 @@ def http_routes(app) -> list[tuple[str, str]]:
     out = []
     for route, template in all_routes(app):
         if isinstance(route, Mount):
-            out.append(("GET", concrete(template).replace("/x", "/swagger-ui.css")))
+            asset = "/app.js" if template.startswith("/ui/") else "/swagger-ui.css"
+            out.append(("GET", concrete(template).replace("/x", asset)))
         elif not isinstance(route, APIWebSocketRoute):
             out += [(m, concrete(template)) for m in sorted(route.methods) if m != "HEAD"]
     return out
@@ -175,3 +176,25 @@ def test_openai_sdk_end_to_end():
         with connect(server.ws_url + "/ws/chat/s1/", additional_headers={"Authorization": "Bearer k1"},
                      open_timeout=5) as ws:
             ws.close()
+
+
+def test_websocket_key_in_token_query(client):
+    """Browsers cannot set headers on a WebSocket: ?token= carries the key there (and only there)."""
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect("/ws/chat/s1/?token=nope"):
+            pass
+    assert denied.value.status_code == 401
+    with client.websocket_connect(f"/ws/chat/s1/?token={KEY}") as ws:
+        ws.close()
+    assert client.get(f"/models?token={KEY}").status_code == 401  # HTTP keeps keys out of URLs (and logs)
+
+
+def test_playground_page_loads_without_a_key_but_its_calls_need_one(client):
+    page = client.get("/ui/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("app.js", "style.css", "markdown.js"):
+        assert client.get(f"/ui/{asset}").status_code == 200
+    assert client.get("/ui/../models").status_code in (401, 404)  # no way out of the static folder
+    assert client.get("/ui/nothing-here").status_code == 404
+    r = client.post("/pages/render")
+    assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"

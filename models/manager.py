@@ -109,7 +109,10 @@ class ModelManager:
         model loaded instead of loading it a second time. ``quantization`` (a load request's)
         sticks to the model; a model loaded at another one is unloaded and loaded again."""
         st = self.state(model_id)
-        if quantization is not None and quantization != st.spec.quantization:
+        running = getattr(getattr(st.adapter, "precision", None), "quantization", None)
+        if quantization is not None and quantization == running:
+            st.quantization = quantization  # already runs at it (e.g. "none" for auto): no reload
+        elif quantization is not None and quantization != st.spec.quantization:
             await self.unload(model_id)
             if st.status == "failed":
                 st.status, st.error = "unloaded", None  # the failure was at the other quantization

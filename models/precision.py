@@ -6,7 +6,9 @@ can run. A precision the device cannot run is a clear load error, never a crash 
     quantization: auto | none | int8_weight_only
 
 ``auto`` dtype is bf16 on CUDA (when the GPU has bf16) and on CPUs with native bf16 dot
-products (avx512_bf16 or AMX), else fp32.
+products (avx512_bf16 or AMX), else fp32; toy-size checkpoints (under TOY_WEIGHT_BYTES on disk,
+the tests' and benchmarks' tiny models) stay fp32 on the CPU: their steps are bound by per-op
+overhead, which bf16's casts only add to.
 
 ``auto`` quantization is the smallest precision that keeps quality *and* does not slow the
 batch: for weights that came from a GGUF file (already quantized, so int8 per channel loses
@@ -30,6 +32,7 @@ QUANTIZATIONS = ("auto", "none", "int8_weight_only")
 # What `auto` quantization picks for GGUF-sourced weights on a GPU (the smallest precision that
 # kept the quality guard of docs/BENCHMARKS.md).
 GGUF_QUANTIZATION = "int8_weight_only"
+TOY_WEIGHT_BYTES = 20 * 2**20  # ~5M fp32 parameters, as engine/backend.py's TOY_MODEL_PARAMS
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def weight_bytes(spec: ModelSpec) -> int | None:
+    """Bytes of the checkpoint's weight files on disk (None: not a folder of them)."""
+    if spec.path is None or not Path(spec.path).is_dir():
+        return None
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in Path(spec.path).glob(pattern)]
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def from_gguf(spec: ModelSpec) -> bool:
     """Whether the entry's weights come from a GGUF file (the path names one)."""
     return spec.path is not None and Path(spec.path).suffix.lower() == ".gguf" or \
@@ -83,6 +94,9 @@ def resolve_precision(spec: ModelSpec, *, quantization: str | None = None, gguf:
     bf16_ok = torch.cuda.is_bf16_supported() if on_cuda else cpu_has_bf16()
     if spec.dtype == "auto":
         dtype = torch.bfloat16 if bf16_ok else (torch.float16 if on_cuda else torch.float32)
+        size = None if on_cuda else weight_bytes(spec)
+        if size is not None and size < TOY_WEIGHT_BYTES:
+            dtype = torch.float32
     elif spec.dtype in DTYPES:
         dtype = getattr(torch, spec.dtype)
     else:

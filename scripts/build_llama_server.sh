@@ -7,7 +7,7 @@
 #   JOBS=2 LLAMA_CPP_PYTHON_VERSION=0.3.16 bash ...   # pin the sdist; default: the newest
 #
 # Run the result with LD_LIBRARY_PATH=<dir>/build/bin (ggml is built as shared libraries).
-# Takes ~8 minutes on 2 cores. Idempotent: an existing binary is reused.
+# Takes ~8 minutes on 2 cores. Idempotent: an existing binary is reused (REBUILD=1 rebuilds).
 set -euo pipefail
 
 LLAMA_DIR=${LLAMA_DIR:-$HOME/.cache/chatvlm/llama.cpp}
@@ -16,7 +16,25 @@ PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 BIN="$LLAMA_DIR/build/bin/llama-server"
 
-if [ -x "$BIN" ]; then
+# CPU features: -march=native, except AMX. Some VMs list amx_* in /proc/cpuinfo but fault on
+# the first AMX instruction (SIGILL in ggml's AMX matmul, seen here), so build without it
+# unless LLAMA_AMX=1. Extra cmake flags: LLAMA_CMAKE_ARGS.
+cpu_args=(-DGGML_NATIVE=ON)
+if [ "${LLAMA_AMX:-0}" != 1 ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  cpu_args=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+  for f in avx512f:GGML_AVX512 avx512_vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16; do
+    grep -qw "${f%%:*}" /proc/cpuinfo && cpu_args+=("-D${f#*:}=ON")
+  done
+fi
+
+if [ -x "$BIN" ] && [ -z "${REBUILD:-}" ]; then
+  echo "$BIN"
+  exit 0
+fi
+if [ -f "$LLAMA_DIR/src/CMakeLists.txt" ]; then  # sources already here: reconfigure and rebuild
+  cmake -S "$LLAMA_DIR/src" -B "$LLAMA_DIR/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "${cpu_args[@]}" ${LLAMA_CMAKE_ARGS:-} >&2
+  cmake --build "$LLAMA_DIR/build" --target llama-server -j"$JOBS" >&2
   echo "$BIN"
   exit 0
 fi
@@ -40,8 +58,8 @@ src=$(ls -d "$work"/llama_cpp_python-*/vendor/llama.cpp | head -1)
 rm -rf "$LLAMA_DIR/src"
 cp -a "$src" "$LLAMA_DIR/src"
 cmake -S "$LLAMA_DIR/src" -B "$LLAMA_DIR/build" -DCMAKE_BUILD_TYPE=Release \
-  -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  "${cpu_args[@]}" ${LLAMA_CMAKE_ARGS:-} >&2
 cmake --build "$LLAMA_DIR/build" --target llama-server -j"$JOBS" >&2
 [ -x "$BIN" ] || { echo "build finished without $BIN" >&2; exit 1; }
 echo "$BIN"

@@ -40,6 +40,16 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_without(flags):
     assert (p.dtype, p.quantization, p.label) == (torch.float32, "none", "float32")
 
 
+def test_auto_keeps_toy_checkpoints_at_fp32_on_the_cpu(flags, tiny_models_dir, tmp_path):
+    flags("avx512_bf16")
+    assert resolve_precision(spec(tiny_models_dir / "qwen2_5_0_5b")).dtype == torch.float32
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:
+        f.truncate(precision_mod.TOY_WEIGHT_BYTES + 1)  # sparse: the size is what is read
+    assert resolve_precision(spec(big)).dtype == torch.bfloat16
+
+
 def test_auto_quantization_on_the_cpu_stays_bf16_even_for_gguf_weights(flags, tmp_path):
     """The int8 CPU kernel loses at batch 16 (docs/BENCHMARKS.md): auto never picks it on the CPU."""
     flags("avx512_bf16")

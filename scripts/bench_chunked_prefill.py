@@ -1,0 +1,105 @@
+"""Chunked prefill: the worst gap between tokens that running streams see while a long prompt
+(4,000 tokens) joins their batch, against their usual step time; one prefill vs chunks, side by
+side in one run through the engine on one real model.
+
+    .venv/bin/python scripts/bench_chunked_prefill.py /tmp/bench-llm-peers/smollm2 --chunks 0,512,128
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int) -> tuple[float, float, float, str]:
+    """(median gap, worst gap during the join, TTFT of the long prompt, its reply) in seconds."""
+    from core.types import CancelToken, GenerationParams
+    from engine.backend import BatchBackend, EncodedPrompt
+    from engine.engine import Engine
+
+    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=chunk)
+
+    async def main():
+        engine = Engine(backend, name="bench", stream_interval=0.0)
+        engine.start()
+        params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        stamps: list[list[float]] = [[] for _ in range(streams)]
+
+        async def consume(i: int, handle) -> None:
+            async for delta in handle:
+                if delta.text:
+                    stamps[i].append(time.perf_counter())
+
+        try:
+            handles = [engine.submit(EncodedPrompt(adapter.tokenizer(f"Story number {i}: once upon a time")["input_ids"]),
+                                     params, CancelToken()) for i in range(streams)]
+            tasks = [asyncio.create_task(consume(i, h)) for i, h in enumerate(handles)]
+            while min(len(s) for s in stamps) < 8:  # all streams running at their usual pace
+                await asyncio.sleep(0.01)
+            joined_at = time.perf_counter()
+            long = engine.submit(EncodedPrompt(long_ids), GenerationParams(max_new_tokens=4, temperature=0.0,
+                                                                           ignore_eos=True), CancelToken())
+            first, text = None, ""
+            async for delta in long:
+                first = first or time.perf_counter()
+                text += delta.text
+            await asyncio.gather(*tasks)
+        finally:
+            await asyncio.to_thread(engine.stop)
+        gaps_before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b < joined_at]
+        gaps_join = [b - a for s in stamps for a, b in zip(s, s[1:]) if a <= first and b >= joined_at]
+        return statistics.median(gaps_before), max(gaps_join, default=0.0), first - joined_at, text
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--chunks", default="0,512,128", help="prefill chunk sizes to compare (0: one prefill)")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--long-tokens", type=int, default=4000)
+    parser.add_argument("--threads", type=int, default=None)
+    a = parser.parse_args(argv)
+    from llm.causal import CausalLMAdapter
+    from models.adapter import ModelSpec
+
+    adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
+                                        threads=a.threads))
+    adapter.load()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    words = ("the river carries boats past the old mill while children count the ducks " * 600).split()
+    long_ids = adapter.tokenizer(" ".join(words))["input_ids"][:a.long_tokens]
+    # Enough new tokens that the streams are still running when the long prompt has joined.
+    print(f"load average before: {os.getloadavg()}; {adapter.precision.label}; {a.streams} streams; "
+          f"a {len(long_ids)}-token prompt joins", flush=True)
+    rows, replies = [], set()
+    for chunk in (int(c) for c in a.chunks.split(",")):
+        step, worst, ttft, text = run(adapter, chunk, a.streams, long_ids, 400)
+        replies.add(text)
+        rows.append((chunk, step, worst, ttft))
+        print(f"  chunk {chunk or 'off'}: step {step * 1000:.0f} ms, worst gap {worst * 1000:.0f} ms "
+              f"({worst / step:.1f}×), long prompt TTFT {ttft:.2f} s", flush=True)
+    print(f"load average after: {os.getloadavg()}\n")
+    print("| prefill | usual step (median gap) | worst gap while the long prompt joins | worst / step | "
+          "TTFT of the long prompt |")
+    print("|---|---|---|---|---|")
+    for chunk, step, worst, ttft in rows:
+        print(f"| {'one prefill' if not chunk else f'chunks of {chunk}'} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
+              f"{worst / step:.1f}× | {ttft:.2f} s |")
+    print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")
+    return 0 if len(replies) == 1 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,7 +75,7 @@ async def completions(req: CompletionRequest, services: ServicesDep):
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=error_responses(400, 404, 503, 504))
-async def embeddings(req: EmbeddingRequest, services: ServicesDep) -> EmbeddingResponse:
+async def embeddings(req: EmbeddingRequest, services: ServicesDep):
     """Sentence embeddings; concurrent requests share forward passes."""
     result = await services.embeddings.embed(req.model, req.inputs(), dimensions=req.dimensions)
     return embedding_response(result, req.encoding_format)

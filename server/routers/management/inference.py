@@ -95,7 +95,7 @@ async def chat_completions(model_id: str, req: ChatCompletionRequest, _: Current
 
 @router.post("/models/{model_id}/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
 async def embeddings(model_id: str, req: EmbeddingRequest, _: CurrentUser, mgmt: ManagementDep,
-                     services: ServicesDep) -> EmbeddingResponse:
+                     services: ServicesDep):
     """Sentence embeddings from this model (an embedding model), as /v1/embeddings computes them."""
     name = mgmt.catalog.get(model_id).id
     started = time.monotonic()

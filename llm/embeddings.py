@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from core.errors import BadRequest, Overloaded
+from core.errors import BadRequest, Cancelled, DeadlineExceeded, Overloaded
 from core.types import CancelToken, Capability
 from models.manager import ModelManager
 from models.selection import ModelSelector
@@ -97,7 +97,11 @@ class EmbeddingService:
         if batcher.task is None or batcher.task.done():
             batcher.task = asyncio.create_task(self._drain(model_id, batcher))
         try:
-            return await asyncio.shield(item.future)
+            # The drain task always settles the future; the bound is a guard against a hang.
+            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s + 5)
+        except asyncio.TimeoutError:
+            item.cancel.cancel()
+            raise DeadlineExceeded(f"the embeddings did not finish within {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
             item.cancel.cancel()  # the client left: its rows are skipped if not yet running
             raise
@@ -121,6 +125,8 @@ class EmbeddingService:
                 deadline = min(item.cancel.deadline for item in batch)
                 vectors = await self.manager.run(model_id, "embed", rows, cancel=CancelToken(deadline=deadline))
             except Exception as exc:  # noqa: BLE001 - every waiter of this batch gets the failure
+                if isinstance(exc, Cancelled):  # its deadline passed while it queued for the model
+                    exc = DeadlineExceeded(f"the embeddings did not finish within {self.timeout_s:g} s")
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)

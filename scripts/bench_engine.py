@@ -36,9 +36,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from scripts.bench_llm_peers import process_server  # noqa: E402
 from scripts.bench_models import SMALL_ID, build_small_causal_lm  # noqa: E402
 from scripts.make_tiny_models import build_tiny_models  # noqa: E402
 from tests.server_process import RemoteServer, free_port  # noqa: E402
@@ -342,35 +341,8 @@ def transformers_serve(model_path: Path, continuous_batching: bool):
         # worker dies on the first request ("num_sectors = -4"): 1024 batch tokens hold all 16
         # prompts' prefill in one step.
         args += ["--continuous-batching", "--cb-max-memory-percent", "0.02", "--cb-max-batch-tokens", "1024"]
-    log = tempfile.NamedTemporaryFile("w+", prefix="bench-transformers-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}: "
-                                   f"{Path(log.name).read_text(errors='replace')[-400:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("transformers serve did not start within 120 s")
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+    with process_server(args, port, startup_s=120) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
 
 
 def bench_transformers_serve(ck: Checkpoint, continuous_batching: bool, rounds: int) -> Measure:

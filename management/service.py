@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from core.config import Settings
 from management.catalog import ModelCatalog, ModelDraft
+from management.events import EventHub
 from management.identity import Identity
 from management.lifecycle import Lifecycle
 from management.logbook import ModelLogBook
@@ -39,10 +40,12 @@ class Management:
         self.catalog = ModelCatalog(settings, manager)
         self.lifecycle = Lifecycle(manager, self.logbook, start_timeout_s=cfg.start_timeout_s,
                                    stop_timeout_s=cfg.stop_timeout_s)
+        self.events = EventHub()  # lifecycle, sampler, alerts and config publish; /ws/monitor subscribes
         self.db: Database | None = None
         self.stats: dict[str, RequestStats] = {}
 
     async def start(self) -> None:
+        self.events.bind(asyncio.get_running_loop())
         self.db = Database(self.settings.database.url or sqlite_url(self.settings.data_dir))
         await asyncio.to_thread(self._open)
         self.logbook.start()

@@ -61,7 +61,7 @@ class Database:
             if self.backend == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, "heads")  # independent branches (e.g. monitoring, alerts, jobs) all apply
         log.info("database schema is current (%s)", self.backend)
 
     @contextmanager

@@ -299,6 +299,33 @@ class ManagementSettings(_Strict):
     stop_timeout_s: float = Field(60, gt=0, le=86400)
 
 
+class MonitoringSettings(_Strict):
+    """The management sampler and its history (seed 004's monitoring routes)."""
+
+    gpu_monitor_interval: float = Field(60, ge=1, le=86400)  # seconds between samples
+    retention_days: float = Field(7, gt=0, le=3650)          # samples older than this are pruned
+
+
+class AlertThresholds(_Strict):
+    """The built-in threshold rules (seed 004's ``alert_thresholds``): each fires above its value."""
+
+    gpu_utilization_high: float = Field(90, ge=0, le=100)     # percent
+    gpu_temperature_high: float = Field(80, ge=0, le=200)     # Celsius
+    gpu_memory_percent_high: float = Field(95, ge=0, le=100)
+    cpu_percent_high: float = Field(95, ge=0, le=100)
+    memory_percent_high: float = Field(90, ge=0, le=100)
+    disk_percent_high: float = Field(90, ge=0, le=100)
+    response_time_high: float = Field(2.0, gt=0, le=86400)    # seconds, a model's mean over a sample
+    error_rate_high: float = Field(0.05, ge=0, le=1)          # a model's errors / requests over a sample
+    queue_depth_high: int = Field(64, ge=0, le=1_000_000)
+
+
+class AlertsSettings(_Strict):
+    """Alert rules' defaults and notification channels."""
+
+    thresholds: AlertThresholds = AlertThresholds()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATVLM_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -319,6 +346,8 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     database: DatabaseSettings = DatabaseSettings()
     management: ManagementSettings = ManagementSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    alerts: AlertsSettings = AlertsSettings()
     models: dict[str, ModelConfig] = {}
     # Other names clients use for a model (seed 001's examples say "qwen"): alias -> model id,
     # or a list of ids: the first installed one serves.

@@ -1,5 +1,15 @@
 """Weight-only quantization of a loaded model's linear layers, on torch's own kernels.
 
+Two modes:
+- ``int8_weight_only``: every weight int8 per output channel; no dense copy is kept.
+- ``int4_weight_only`` (CPU): every weight int4 per group of 32 inputs with a scale and a
+  minimum per group, which is GGUF Q4_1's own layout, so weights read from a Q4 GGUF file are
+  recovered exactly (to the dtype's rounding of the scales). Decoding a few rows (a small batch)
+  runs ATen's int4 kernel, a quarter of bf16's bytes per step; many rows (prefill, a big batch)
+  run the dense weight, which is kept: the memory is dense + 1/4, and the step never gets
+  slower than bf16 (docs/BENCHMARKS.md). The output head keeps its dense weight (tied to the
+  embeddings in small models, so it costs nothing) and decodes through the int8 kernel.
+
 Decoding reads every weight once per step, so the bytes per weight set the step time once the
 Python overhead is gone. int8 weight-only keeps activations in the model's dtype and stores
 each ``nn.Linear`` weight as int8 with one scale per output channel (symmetric, absmax / 127).
@@ -15,7 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8_weight_only")
+QUANTIZATIONS = ("none", "int8_weight_only", "int4_weight_only")
+INT4_GROUP = 32
+# A layer whose int4 copy differs from its weights by more than this (relative Frobenius norm)
+# was not stored at 4 bits: the lossless mode (``auto`` on GGUF Q4 weights) keeps it dense.
+LOSSLESS_INT4_ERROR = 0.01
 # Rows up to which the int8 kernel beats dequantize + GEMM (measured: scripts/bench_precision.py).
 GEMV_ROWS = 4
 
@@ -26,12 +40,19 @@ def int8_kernel_available(device: torch.device | str) -> bool:
     return kind in ("cpu", "cuda") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def int4_kernel_available(device: torch.device | str) -> bool:
+    """Whether ATen has the int4 weight-only matmul with this packing (the CPU one)."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear whose weight is int8 per output channel; activations keep their dtype."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, keep_dense: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # With the dense weight kept (int4 mode's output head), many rows run a plain GEMM.
+        self.dense = linear.weight if keep_dense else None
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -47,6 +68,8 @@ class Int8WeightOnlyLinear(nn.Module):
             flat = flat.to(self.scales.dtype)
         if flat.shape[0] <= GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        elif self.dense is not None:
+            out = flat @ self.dense.t()
         else:
             # ATen's CPU kernel walks the weights once per few rows: past a handful of rows
             # (a batch of decodes, a prefill) one dequantized copy and a GEMM read fewer bytes.
@@ -70,3 +93,72 @@ def quantize_int8_weight_only(model: nn.Module, dtype: torch.dtype, skip: tuple[
                 setattr(module, child_name, Int8WeightOnlyLinear(child, dtype))
                 swapped += 1
     return swapped
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """A Linear with an int4 copy of its weight (groups of 32 inputs, scale and minimum each) for
+    matmuls of a few rows, and its dense weight for the rest."""
+
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, scales_zeros: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter: shared with whatever it was tied to
+        self.bias = linear.bias
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= GEMV_ROWS:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.weight.dtype), self.weight_int4,
+                                                             INT4_GROUP, self.scales_zeros)
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = nn.functional.linear(flat, self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only (+dense)"
+
+
+def int4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(packed int4 weight, scales and zeros, relative error of the int4 copy) of a (out, in) weight."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = ((w - low) / scale).round().clamp(0, 15)
+    error = float((low + q * scale - w).norm() / w.norm().clamp(min=1e-12))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), 1)
+    # The kernel computes (q - 8) * scale + zero: zero is the group's minimum plus 8 steps.
+    scales_zeros = torch.stack([scale.squeeze(-1).t(), (low + 8 * scale).squeeze(-1).t()], -1)
+    return packed, scales_zeros.to(weight.dtype).contiguous(), error
+
+
+def quantize_int4_weight_only(model: nn.Module, *, lossless: bool = False,
+                              head: tuple[str, ...] = ("lm_head",)) -> dict[str, int]:
+    """Give every nn.Linear of ``model`` an int4 copy, in place; the output head (names containing
+    one of ``head``) gets an int8 one. ``lossless``: layers whose weights were not already at
+    4 bits (their int4 copy differs by more than LOSSLESS_INT4_ERROR) stay as they are.
+    Returns how many layers went int4, int8, and stayed dense."""
+    counts = {"int4": 0, "int8": 0, "dense": 0}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if any(h in full for h in head):
+                setattr(module, child_name, Int8WeightOnlyLinear(child, child.weight.dtype, keep_dense=True))
+                counts["int8"] += 1
+                continue
+            if child.in_features % INT4_GROUP:
+                counts["dense"] += 1
+                continue
+            packed, scales_zeros, error = int4_pack(child.weight)
+            if lossless and error > LOSSLESS_INT4_ERROR:
+                counts["dense"] += 1
+                continue
+            setattr(module, child_name, Int4WeightOnlyLinear(child, packed, scales_zeros))
+            counts["int4"] += 1
+    return counts

@@ -3,7 +3,7 @@ an optional weight-only quantization, resolved from the registry entry and what 
 can run. A precision the device cannot run is a clear load error, never a crash mid-request.
 
     dtype: auto | float32 | bfloat16 | float16
-    quantization: auto | none | int8_weight_only
+    quantization: auto | none | int8_weight_only | int4_weight_only
 
 ``auto`` dtype is bf16 on CUDA (when the GPU has bf16) and on CPUs with native bf16 dot
 products (avx512_bf16 or AMX), else fp32; toy-size checkpoints (under TOY_WEIGHT_BYTES on disk,
@@ -11,24 +11,29 @@ the tests' and benchmarks' tiny models) stay fp32 on the CPU: their steps are bo
 overhead, which bf16's casts only add to.
 
 ``auto`` quantization is the smallest precision that keeps quality *and* does not slow the
-batch: for weights that came from a GGUF file (already quantized, so int8 per channel loses
-nothing measurable: docs/BENCHMARKS.md, quality guard) on a GPU it is int8 weight-only; on
-the CPU it stays none (bf16), because ATen's int8 CPU kernel wins at batch 1 but loses 3-4x
-at batch 16 (docs/BENCHMARKS.md). Set ``quantization: int8_weight_only`` for a latency-bound,
-one-user CPU server. Everything else: none.
+batch, for weights that came from a GGUF file (already quantized):
+- on a GPU, int8 weight-only (per channel, it loses nothing measurable: docs/BENCHMARKS.md);
+- on the CPU, lossless int4 weight-only (engine/quant.py): the layers the file held at 4 bits
+  get an exact int4 copy for small-batch decoding and keep their dense weight for big batches
+  and prefill, so no batch size gets slower; layers stored at more bits stay dense.
+``int8_weight_only`` alone loses 3-4x at batch 16 on the CPU (ATen's int8 kernel walks the
+weights per few rows): set it for a latency-bound, one-user CPU server. Everything else: none.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ModelLoadFailed
 from models.adapter import ModelSpec
 
+log = logging.getLogger(__name__)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("auto", "none", "int8_weight_only")
+QUANTIZATIONS = ("auto", "none", "int8_weight_only", "int4_weight_only")
 # What `auto` quantization picks for GGUF-sourced weights on a GPU (the smallest precision that
 # kept the quality guard of docs/BENCHMARKS.md).
 GGUF_QUANTIZATION = "int8_weight_only"
@@ -39,8 +44,9 @@ TOY_WEIGHT_BYTES = 20 * 2**20  # ~5M fp32 parameters, as engine/backend.py's TOY
 class Precision:
     device: str
     dtype: object  # torch.dtype
-    quantization: str  # "none" | "int8_weight_only"
+    quantization: str  # "none" | "int8_weight_only" | "int4_weight_only"
     attn: str
+    lossless: bool = False  # int4: only the layers already stored at 4 bits (auto on GGUF weights)
 
     @property
     def label(self) -> str:
@@ -109,8 +115,16 @@ def resolve_precision(spec: ModelSpec, *, quantization: str | None = None, gguf:
                               "use dtype auto, bfloat16 or float32")
 
     quant = quantization if quantization is not None else getattr(spec, "quantization", "none")
+    lossless = False
     if quant == "auto":
-        quant = GGUF_QUANTIZATION if on_cuda and (from_gguf(spec) if gguf is None else gguf) else "none"
+        quant = "none"
+        if from_gguf(spec) if gguf is None else gguf:
+            from engine.quant import int4_kernel_available
+
+            if on_cuda:
+                quant = GGUF_QUANTIZATION
+            elif int4_kernel_available(device) and dtype != torch.float16:
+                quant, lossless = "int4_weight_only", True
     if quant not in QUANTIZATIONS:
         raise ModelLoadFailed(f"model '{spec.id}': unknown quantization '{quant}' "
                               f"(one of {', '.join(QUANTIZATIONS)})")
@@ -122,9 +136,18 @@ def resolve_precision(spec: ModelSpec, *, quantization: str | None = None, gguf:
         if dtype == torch.float16 and not on_cuda:
             raise ModelLoadFailed(f"model '{spec.id}': int8_weight_only on the CPU runs with float32 or "
                                   "bfloat16 activations, not float16")
+    if quant == "int4_weight_only":
+        from engine.quant import int4_kernel_available
+
+        if not int4_kernel_available(device):
+            raise ModelLoadFailed(f"model '{spec.id}': int4_weight_only runs on the CPU only here "
+                                  "(use int8_weight_only on a GPU)")
+        if dtype == torch.float16:
+            raise ModelLoadFailed(f"model '{spec.id}': int4_weight_only runs with float32 or bfloat16 "
+                                  "activations, not float16")
     attn = spec.options.get("attn_implementation") or (
         "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa")
-    return Precision(device, dtype, quant, attn)
+    return Precision(device, dtype, quant, attn, lossless)
 
 
 def apply_quantization(model, precision: Precision) -> None:
@@ -133,3 +156,8 @@ def apply_quantization(model, precision: Precision) -> None:
         from engine.quant import quantize_int8_weight_only
 
         quantize_int8_weight_only(model, precision.dtype)
+    elif precision.quantization == "int4_weight_only":
+        from engine.quant import quantize_int4_weight_only
+
+        counts = quantize_int4_weight_only(model, lossless=precision.lossless)
+        log.info("int4 weight-only%s: %s", " (lossless)" if precision.lossless else "", counts)

@@ -47,7 +47,9 @@ def load(path: Path, dtype: str, quantization: str):
     from models.precision import Precision, apply_quantization
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    apply_quantization(model, Precision("cpu", getattr(torch, dtype), quantization, "sdpa"))
+    lossless = quantization.endswith("+lossless")  # int4 as `auto` applies it to GGUF weights
+    quantization = quantization.removesuffix("+lossless")
+    apply_quantization(model, Precision("cpu", getattr(torch, dtype), quantization, "sdpa", lossless))
     return model
 
 
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()}; {a.threads} threads", flush=True)
     ref_tokens = ref_ppl = None
     rows = []
-    for dtype, quant in (tuple(p.split("+")) for p in a.precisions.split(",")):
+    for dtype, quant in (tuple(p.split("+", 1)) for p in a.precisions.split(",")):
         if dtype == "bfloat16" and not cpu_has_bf16() or dtype == "float16" and "avx512_fp16" not in cpu_flags():
             print(f"  {dtype}+{quant}: skipped, the CPU cannot run it natively", flush=True)
             continue

@@ -134,10 +134,14 @@ class ModelsResponse(BaseModel):
 
 
 # The seed's load-time quantization names -> what the engine runs (models/precision.py).
-# None keeps the model's configured quantization; int8 / q8_0 load int8 weight-only.
+# None keeps the model's configured quantization; int8 / q8_0 load int8 weight-only; int4 /
+# q4_0 / q4_1 load int4 weight-only (groups of 32, Q4_1's layout; the CPU kernel).
 QUANTIZATION_MAP: dict[str | None, str | None] = {None: None, "none": "none", "int8": "int8_weight_only",
                                                   "q8_0": "int8_weight_only",
-                                                  "int8_weight_only": "int8_weight_only"}
+                                                  "int8_weight_only": "int8_weight_only",
+                                                  "int4": "int4_weight_only", "q4_0": "int4_weight_only",
+                                                  "q4_1": "int4_weight_only",
+                                                  "int4_weight_only": "int4_weight_only"}
 QUANTIZATIONS: list[str | None] = list(QUANTIZATION_MAP)
 
 
@@ -146,7 +150,8 @@ class LoadRequest(BaseModel):
     # specific 400 below rather than a generic validation error; the schema lists what works.
     quantization: Annotated[str | None, WithJsonSchema({"enum": QUANTIZATIONS})] = Field(
         None, description='null: as configured; "none": the model\'s dtype unquantized; "int8", "q8_0" or '
-                          '"int8_weight_only": int8 weight-only (anything else: 400 QUANTIZATION_UNSUPPORTED). '
+                          '"int8_weight_only": int8 weight-only; "int4", "q4_0", "q4_1" or "int4_weight_only": int4 '
+                          'weight-only, on the CPU (anything else: 400 QUANTIZATION_UNSUPPORTED). '
                           "A loaded model at another quantization is reloaded.")
     prefer_gpu: JsonBool | None = Field(None, description="Ask for a GPU; without one the model loads on the CPU")
 
@@ -154,7 +159,7 @@ class LoadRequest(BaseModel):
         """Reject what cannot be honoured, before anything is loaded."""
         if self.quantization not in QUANTIZATION_MAP:
             raise BadRequest(f"Quantization '{self.quantization}' is not supported: models load at their "
-                             "configured dtype, optionally int8 weight-only", param="quantization",
+                             "configured dtype, optionally int8 or int4 weight-only", param="quantization",
                              code="QUANTIZATION_UNSUPPORTED", details={"supported": QUANTIZATIONS})
 
     @property

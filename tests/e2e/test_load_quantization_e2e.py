@@ -1,4 +1,4 @@
-"""Seed 002's load with `quantization` on the real server: int8 / q8_0 load the model int8
+"""Seed 002's load with `quantization` on the real server: int8 / q8_0 (q4_0 / int4) load the model int8 (int4)
 weight-only (reloading it when it ran at another precision), and it then generates; what cannot
 be honoured keeps its 400."""
 from __future__ import annotations
@@ -40,7 +40,12 @@ def test_int8_load_reloads_then_generates_and_sticks(tiny_server):
     same = load(tiny_server, model, quantization="int8")
     assert same.json()["already_loaded"] is True
 
-    err = assert_error(load(tiny_server, model, quantization="q4_0"), 400, "QUANTIZATION_UNSUPPORTED")
-    assert "q4_0" in err["message"]
+    r = load(tiny_server, model, quantization="q4_0")  # the seed's example: int4 weight-only
+    assert r.status_code == 200, r.text
+    assert r.json()["precision"].endswith("+int4_weight_only") and r.json()["already_loaded"] is False
+    assert generate(tiny_server, model)["usage"]["completion_tokens"] == 5
+
+    err = assert_error(load(tiny_server, model, quantization="awq"), 400, "QUANTIZATION_UNSUPPORTED")
+    assert "awq" in err["message"]
     back = load(tiny_server, model, quantization="none")  # leave it as the other tests expect
     assert back.status_code == 200 and "int8" not in back.json()["precision"]

@@ -50,12 +50,17 @@ def test_auto_keeps_toy_checkpoints_at_fp32_on_the_cpu(flags, tiny_models_dir, t
     assert resolve_precision(spec(big)).dtype == torch.bfloat16
 
 
-def test_auto_quantization_on_the_cpu_stays_bf16_even_for_gguf_weights(flags, tmp_path):
-    """The int8 CPU kernel loses at batch 16 (docs/BENCHMARKS.md): auto never picks it on the CPU."""
+def test_auto_quantization_on_the_cpu_is_lossless_int4_for_gguf_weights_only(flags, tmp_path):
+    """The int8 CPU kernel loses at batch 16 (docs/BENCHMARKS.md): auto never picks it on the CPU;
+    GGUF weights get the lossless int4 copy (dense kept for big batches), other weights nothing."""
     flags("avx512_bf16")
-    assert resolve_precision(spec(tmp_path / "m.gguf")).label == "bfloat16"
-    assert resolve_precision(spec(tmp_path), gguf=True).label == "bfloat16"
+    p = resolve_precision(spec(tmp_path / "m.gguf"))
+    assert (p.label, p.lossless) == ("bfloat16+int4_weight_only", True)
+    assert resolve_precision(spec(tmp_path), gguf=True).label == "bfloat16+int4_weight_only"
+    assert resolve_precision(spec(tmp_path)).label == "bfloat16"
     assert resolve_precision(spec(tmp_path / "m.gguf", quantization="none")).quantization == "none"
+    p = resolve_precision(spec(tmp_path), quantization="int4_weight_only")
+    assert (p.label, p.lossless) == ("bfloat16+int4_weight_only", False)
     p = resolve_precision(spec(tmp_path), quantization="int8_weight_only")
     assert p.label == "bfloat16+int8_weight_only"
 
@@ -64,7 +69,8 @@ def test_auto_quantization_on_the_cpu_stays_bf16_even_for_gguf_weights(flags, tm
     ({"dtype": "bfloat16"}, ("avx2",), "bfloat16 is not supported on this CPU"),
     ({"dtype": "float16"}, ("avx2", "avx512_bf16"), "float16 needs a GPU or a CPU with avx512_fp16"),
     ({"dtype": "float16", "quantization": "int8_weight_only"}, ("avx512_fp16",), "not float16"),
-    ({"quantization": "int4_weight_only"}, ("avx512_bf16",), "unknown quantization 'int4_weight_only'"),
+    ({"quantization": "int4_weight_only", "dtype": "float16"}, ("avx512_fp16",), "not float16"),
+    ({"quantization": "int2"}, ("avx512_bf16",), "unknown quantization 'int2'"),
 ])
 def test_a_precision_the_device_cannot_run_is_refused(flags, kw, flag_set, message):
     flags(*flag_set)
@@ -89,9 +95,9 @@ def test_refused_precision_fails_the_adapter_load_cleanly(flags, tiny_models_dir
 
 
 def runnable() -> list[tuple[str, str]]:
-    out = [("float32", "none"), ("float32", "int8_weight_only")]
+    out = [("float32", "none"), ("float32", "int8_weight_only"), ("float32", "int4_weight_only")]
     if cpu_has_bf16():
-        out += [("bfloat16", "none"), ("bfloat16", "int8_weight_only")]
+        out += [("bfloat16", "none"), ("bfloat16", "int8_weight_only"), ("bfloat16", "int4_weight_only")]
     if "avx512_fp16" in precision_mod.cpu_flags():
         out.append(("float16", "none"))
     return out
@@ -99,7 +105,7 @@ def runnable() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("dtype, quantization", runnable())
 def test_each_precision_loads_and_generates_alone_and_batched(tiny_models_dir, dtype, quantization):
-    from engine.quant import Int8WeightOnlyLinear
+    from engine.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
     from llm.causal import CausalLMAdapter
 
     adapter = CausalLMAdapter(spec(tiny_models_dir / "qwen2_5_0_5b", dtype=dtype, quantization=quantization))
@@ -107,7 +113,9 @@ def test_each_precision_loads_and_generates_alone_and_batched(tiny_models_dir, d
     try:
         assert adapter.model.dtype == getattr(torch, dtype)
         int8 = [m for m in adapter.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
-        assert bool(int8) == (quantization == "int8_weight_only")
+        int4 = [m for m in adapter.model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+        assert bool(int8) == (quantization != "none")  # int4 mode: the output head is int8
+        assert bool(int4) == (quantization == "int4_weight_only")
         if int8:
             assert all(m.weight_int8.dtype == torch.int8 for m in int8)
         params = greedy(6)
@@ -132,3 +140,43 @@ def test_int8_weight_only_linear_matches_the_dequantized_weights():
     for rows in (1, GEMV_ROWS, GEMV_ROWS + 3):  # the int8 kernel and the dequantized GEMM
         x = torch.randn(rows, 64)
         torch.testing.assert_close(q(x), x @ dequant.t() + linear.bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if cpu_has_bf16() else [torch.float32])
+def test_int4_linear_matches_its_dequantized_weights_and_keeps_the_dense_path(dtype):
+    from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, int4_pack
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96).to(dtype)
+    packed, scales_zeros, error = int4_pack(linear.weight)
+    assert 0 < error < 0.2
+    q = Int4WeightOnlyLinear(linear, packed, scales_zeros)
+    # The int4 copy's own dequantization: minimum + step * q per group of 32 inputs.
+    w = linear.weight.float().reshape(96, -1, INT4_GROUP)
+    low, step = w.amin(-1, keepdim=True), (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+    dequant = (low + ((w - low) / step).round() * step).reshape(96, 128)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    for rows in (1, GEMV_ROWS):  # the int4 kernel
+        x = torch.randn(rows, 128, dtype=dtype)
+        torch.testing.assert_close(q(x).float(), x.float() @ dequant.t() + linear.bias.float(), rtol=tol, atol=tol)
+    x = torch.randn(GEMV_ROWS + 3, 128, dtype=dtype)  # many rows: the dense weight, exactly
+    torch.testing.assert_close(q(x), linear(x))
+
+
+def test_lossless_int4_takes_only_layers_already_at_4_bits():
+    """A layer whose weights sit on a 4-bit grid per group (a GGUF Q4 file's) is recovered to the
+    dtype's rounding and goes int4; one with more levels stays dense in lossless mode."""
+    from engine.quant import INT4_GROUP, Int4WeightOnlyLinear, quantize_int4_weight_only
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        w = torch.randn(32, 64).reshape(32, -1, INT4_GROUP)
+        low, step = w.amin(-1, keepdim=True), (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+        model[0].weight.copy_((low + ((w - low) / step).round() * step).reshape(32, 64))
+    counts = quantize_int4_weight_only(model, lossless=True)
+    assert counts == {"int4": 1, "int8": 0, "dense": 1}
+    assert isinstance(model[0], Int4WeightOnlyLinear) and type(model[1]) is torch.nn.Linear
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias),
+                               rtol=1e-4, atol=1e-4)

@@ -108,14 +108,15 @@ def test_v1_stream_serializer_ends_with_finished():
 
 @pytest.mark.parametrize("quantization, engine", [(None, None), ("none", "none"), ("int8", "int8_weight_only"),
                                                   ("q8_0", "int8_weight_only"),
-                                                  ("int8_weight_only", "int8_weight_only")])
+                                                  ("int8_weight_only", "int8_weight_only"),
+                                                  ("q4_0", "int4_weight_only"), ("int4", "int4_weight_only")])
 def test_load_maps_the_quantizations_it_can_honour(quantization, engine):
     request = v1.LoadRequest(quantization=quantization)
     request.check()
     assert request.engine_quantization == engine
 
 
-@pytest.mark.parametrize("quantization", ["q4_0", "awq", "int4", "NONE", "INT8", ""])  # the schema's enum, exactly
+@pytest.mark.parametrize("quantization", ["q4_k_m", "awq", "int2", "NONE", "INT8", ""])  # the schema's enum, exactly
 def test_load_rejects_quantization(quantization):
     with pytest.raises(BadRequest) as exc:
         v1.LoadRequest(quantization=quantization, prefer_gpu=False).check()
@@ -288,7 +289,7 @@ def test_v1_models_load_unload(client):
     models = {m["name"]: m for m in client.get("/api/v1/models").json()["models"]}
     assert models["fast"]["installed"] and not models["fast"]["loaded"] and models["fast"]["format"] == "fake"
     assert not models["absent"]["installed"] and models["absent"]["reason"]
-    r = client.post("/api/v1/models/fast/load", json={"quantization": "q4_0", "prefer_gpu": False})
+    r = client.post("/api/v1/models/fast/load", json={"quantization": "awq", "prefer_gpu": False})
     assert r.status_code == 400 and r.json()["error"]["code"] == "QUANTIZATION_UNSUPPORTED"
     assert client.app.state.services.manager.state("fast").status == "unloaded"
     r = client.post("/api/v1/models/fast/load", json={"quantization": None, "prefer_gpu": True})

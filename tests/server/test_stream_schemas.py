@@ -156,7 +156,7 @@ def test_openai_schema_lists_only_what_is_served(client):
     assert {"type": "integer", "const": 1} in chat["n"]["anyOf"]
     assert {"type": "array", "maxItems": 0} in chat["tools"]["anyOf"]
     load = schemas["LoadRequest"]["properties"]["quantization"]
-    assert load["enum"] == [None, "none", "int8", "q8_0", "int8_weight_only"]
+    assert load["enum"] == [None, "none", "int8", "q8_0", "int8_weight_only", "int4", "q4_0", "q4_1", "int4_weight_only"]
     # ... and the server refuses what the schema leaves out, with a 400 in OpenAI's shape
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "UNSUPPORTED_PARAMETER"

@@ -81,8 +81,10 @@ def weight_bytes(spec: ModelSpec) -> int | None:
 
 
 def from_gguf(spec: ModelSpec) -> bool:
-    """Whether the entry's weights come from a GGUF file (the path names one)."""
-    return spec.path is not None and Path(spec.path).suffix.lower() == ".gguf" or \
+    """Whether the entry's weights come from a GGUF file (the path names one, or a folder of one)."""
+    from models.gguf import gguf_file
+
+    return gguf_file(Path(spec.path) if spec.path is not None else None) is not None or \
         bool(spec.options.get("from_gguf"))
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from engine.kv_cache import make_growing
 from engine.prefix_cache import PrefixCache
 
 
@@ -198,7 +199,7 @@ class BatchBackend:
 
     def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
         if self.cache is None:
-            self.cache, self.mask, self.deltas = cache, mask, deltas
+            self.cache, self.mask, self.deltas = make_growing(cache), mask, deltas
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)

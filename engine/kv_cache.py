@@ -1,0 +1,82 @@
+"""A KV cache layer that grows in place: one buffer per layer with headroom, written at the end
+each step, instead of transformers' ``DynamicLayer``, which concatenates the whole cache with
+the new token on every step (a copy of every layer's keys and values per token: at 16 rows and
+1,000 positions that copy was a quarter of the decode step, docs/BENCHMARKS.md).
+
+``keys`` and ``values`` stay plain attributes to their readers (views of the used part), and
+assigning them (the engine joins, filters and pads rows that way) adopts the tensor as the new
+buffer; the next step that does not fit grows it by a quarter (at least GROW_MIN positions).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+GROW_MIN = 64  # positions of headroom at least, per reallocation
+
+
+class GrowingLayer(DynamicLayer):
+    def __init__(self) -> None:
+        super().__init__()
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0   # positions of keys in use
+        self._vn = 0  # of values: the same after every update; apart only between two assignments
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k[:, :, :self._n] if self._k is not None and self._k.dim() == 4 else self._k
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k = t
+        self._n = t.shape[-2] if t is not None and t.dim() == 4 else 0
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v[:, :, :self._vn] if self._v is not None and self._v.dim() == 4 else self._v
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v = t
+        self._vn = t.shape[-2] if t is not None and t.dim() == 4 else 0
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[-2] if self._k is not None and self._k.dim() == 4 else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, used = key_states.shape[-2], self._n
+        if self._vn != used:
+            raise RuntimeError("keys and values of a cache layer were assigned different lengths")
+        if used + n > self.capacity or self._v.shape[-2] < used + n or self._k.shape[0] != key_states.shape[0]:
+            size = used + n + max(GROW_MIN, (used + n) // 4)
+            k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[3]))
+            v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[3]))
+            if used:
+                k[:, :, :used] = self._k[:, :, :used]
+                v[:, :, :used] = self._v[:, :, :used]
+            self._k, self._v = k, v
+        self._k[:, :, used:used + n] = key_states
+        self._v[:, :, used:used + n] = value_states
+        self._n = self._vn = used + n
+        return self.keys, self.values
+
+
+def make_growing(cache: Any) -> Any:
+    """Swap a transformers cache's plain dynamic layers for growing ones, in place (sliding-window
+    and other layer kinds are left as they are). Returns the cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            grown = GrowingLayer()
+            grown.dtype, grown.device, grown.is_initialized = layer.dtype, layer.device, True
+            grown.keys, grown.values = layer.keys, layer.values
+            layers[i] = grown
+    return cache

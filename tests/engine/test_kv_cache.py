@@ -1,0 +1,57 @@
+"""The growing KV cache layer: the same keys and values as transformers' DynamicLayer through
+updates, row filtering and re-assignment, written in place while the headroom lasts."""
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from engine.kv_cache import GROW_MIN, GrowingLayer, make_growing
+
+
+def kv(batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 2, n, 8), torch.randn(batch, 2, n, 8)
+
+
+def test_updates_match_the_dynamic_layer_and_write_in_place():
+    torch.manual_seed(0)
+    ref, grown = DynamicLayer(), GrowingLayer()
+    k, v = kv(3, 10)
+    ref.update(k, v)
+    grown.update(k, v)
+    buffer = grown._k.data_ptr()
+    for _ in range(GROW_MIN):  # within the headroom: no new buffer
+        k, v = kv(3, 1)
+        rk, rv = ref.update(k, v)
+        gk, gv = grown.update(k, v)
+        assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    assert grown._k.data_ptr() == buffer and grown.get_seq_length() == 10 + GROW_MIN
+    k, v = kv(3, 50)  # past it: a bigger buffer, same contents
+    assert torch.equal(ref.update(k, v)[0], grown.update(k, v)[0])
+    assert grown.capacity >= grown.get_seq_length() + GROW_MIN
+
+
+def test_assigning_rows_and_positions_like_the_engine_does():
+    torch.manual_seed(1)
+    ref, grown = DynamicLayer(), GrowingLayer()
+    k, v = kv(4, 20)
+    ref.update(k, v)
+    grown.update(k, v)
+    index = torch.tensor([2, 0])
+    for layer in (ref, grown):  # engine/backend.py keep(): rows kept, leading padding dropped
+        layer.keys = layer.keys[index, :, 5:]
+        layer.values = layer.values[index, :, 5:]
+    assert torch.equal(ref.keys, grown.keys) and torch.equal(ref.values, grown.values)
+    k, v = kv(2, 1)
+    rk, rv = ref.update(k, v)
+    gk, gv = grown.update(k, v)
+    assert torch.equal(rk, gk) and torch.equal(rv, gv) and gk.shape == (2, 2, 16, 8)
+
+
+def test_make_growing_converts_a_filled_dynamic_cache():
+    torch.manual_seed(2)
+    cache = DynamicCache()
+    k, v = kv(1, 4)
+    cache.update(k, v, 0)
+    make_growing(cache)
+    assert isinstance(cache.layers[0], GrowingLayer) and torch.equal(cache.layers[0].keys, k)
+    k2, v2 = kv(1, 1)
+    keys, _ = cache.update(k2, v2, 0)
+    assert torch.equal(keys, torch.cat([k, k2], dim=2)) and cache.get_seq_length() == 5

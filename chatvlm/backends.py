@@ -116,18 +116,10 @@ class LocalBackend:
 
 
 def _outcome_json(o: Any) -> dict[str, Any]:
-    """An OcrOutcome in the shape of the server's /ocr answer."""
-    from ocr import formats
+    """An OcrOutcome as the server's /ocr answers it: the same builder, so the same JSON."""
+    from server.routers.vision import ocr_response
 
-    out: dict[str, Any] = {"text": o.text, "model": o.model, "processing_time": round(o.processing_time, 3),
-                           "image_size": list(o.image_size), "language": o.language, "pages": o.pages,
-                           "format": o.format, "blocks": formats.blocks_json(o.blocks),
-                           "page_results": None, "markdown": None}
-    if o.pages > 1 or o.format == "json":
-        out["page_results"] = [formats.page_dict(p) for p in o.page_results]
-    if o.format == "markdown":
-        out["markdown"] = formats.document_markdown(o)
-    return out
+    return ocr_response(o).model_dump(mode="json")
 
 
 class RemoteBackend:

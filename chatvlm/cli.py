@@ -77,7 +77,14 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         pages: Annotated[Optional[str], typer.Option(help="PDF pages to read, e.g. 1-3,7 (1-based).")] = None,
         concurrency: Annotated[int, typer.Option(min=1, max=64, help="Files read at once.")] = 1,
         server: ServerOpt = None, api_key: KeyOpt = None, config: ConfigOpt = None, models_dir: ModelsDirOpt = None,
-        timeout: Annotated[float, typer.Option(help="Seconds allowed per file.")] = 300.0) -> None:
+        timeout: Annotated[float, typer.Option(help="Seconds allowed per file.")] = 300.0,
+        job_pages: Annotated[int, typer.Option("--job-pages", min=0, help="PDFs of this many pages or more are "
+                                               "read as jobs (POST /jobs/ocr; in-process, the same job service): "
+                                               "progress per page, and an interrupted run carries on with the "
+                                               "job. 0: never.")] = 4,
+        wait: Annotated[bool, typer.Option("--wait/--no-wait", help="--no-wait (with --server): submit the long "
+                                           "PDFs' jobs and exit; the same command run again collects them.")] = True
+        ) -> None:
     """OCR files and folders into JSONL, a folder of outputs, or stdout; resumable.
 
     Examples:
@@ -96,6 +103,8 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         _fail("--format must be text, markdown or json")
     if out and out_dir:
         _fail("give --out or --out-dir, not both")
+    if not wait and not server:
+        _fail("--no-wait needs --server: in-process, nothing runs once the command ends")
     try:
         parse_pages(pages)
         files = collect(paths)
@@ -113,7 +122,7 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     elif out_dir:
         sink = DirSink(out_dir, format)
     else:
-        sink = StreamSink(console=Console(soft_wrap=True) if sys.stdout.isatty() else None)
+        sink = StreamSink(console=Console(soft_wrap=True) if sys.stdout.isatty() else None, show_pending=not wait)
 
     def on_failure(path: Path, exc: Failure) -> None:
         err.print(f"[red]failed[/red] {path}: {exc.message} ({exc.code})", highlight=False)
@@ -122,17 +131,21 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         async with _backend(server, api_key, config, models_dir, workers=concurrency,
                             request_timeout_s=timeout) as backend:
             with _progress() as progress:
-                return await ocr_run.run(jobs, backend, opts, sink, concurrency, progress, on_failure)
+                return await ocr_run.run(jobs, backend, opts, sink, concurrency, progress, on_failure,
+                                         job_pages=job_pages, wait=wait)
 
     try:
         summary = asyncio.run(go())
     finally:
         sink.close()
     parts = [f"{summary.read} read", f"{summary.skipped} already done" if summary.skipped else "",
+             f"{summary.submitted} left running as jobs (run the same command again to collect them)"
+             if summary.submitted else "",
              f"[red]{len(summary.failed)} failed[/red]" if summary.failed else "", f"in {summary.seconds:.1f} s"]
     err.print(", ".join(p for p in parts if p), highlight=False)
     if summary.interrupted:
-        err.print(f"interrupted: {summary.total - summary.read - summary.skipped - len(summary.failed)} file(s) "
+        left = summary.total - summary.read - summary.skipped - summary.submitted - len(summary.failed)
+        err.print(f"interrupted: {left} file(s) "
                   "not read; run the same command again to continue", highlight=False)
     raise typer.Exit(summary.exit_code)
 

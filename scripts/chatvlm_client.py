@@ -139,6 +139,26 @@ class ChatVLMClient:
                 h.close()
         return self._check(response)
 
+    def submit_ocr_job(self, data: bytes, filename: str = "upload", model: Optional[str] = None,
+                       language: Optional[str] = None, format: Optional[str] = None,
+                       pages: Optional[str] = None) -> Dict:
+        """POST /jobs/ocr: a long document read as a job; returns ``{job_id, status, position}``."""
+        response = self.session.post(f"{self.base_url}/jobs/ocr", files={"file": (filename, data)},
+                                     data=_params(model=model, language=language, format=format, pages=pages),
+                                     timeout=self.timeout)
+        return self._check(response)
+
+    def job(self, job_id: str) -> Dict:
+        """GET /jobs/{id}: status, pages_done, pages_total, error."""
+        return self._check(self.session.get(f"{self.base_url}/jobs/{job_id}", timeout=self.timeout))
+
+    def job_result(self, job_id: str) -> Dict:
+        """GET /jobs/{id}/result: the finished job's answer, the same body as /ocr."""
+        return self._check(self.session.get(f"{self.base_url}/jobs/{job_id}/result", timeout=self.timeout))
+
+    def cancel_job(self, job_id: str) -> Dict:
+        return self._check(self.session.delete(f"{self.base_url}/jobs/{job_id}", timeout=self.timeout))
+
     def load(self, model: str) -> Dict:
         return self._check(self.session.post(f"{self.base_url}/models/{model}/load", timeout=self.timeout))
 

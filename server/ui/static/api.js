@@ -34,10 +34,11 @@ const errorCode = (body) => (body && (body.code || (body.error && body.error.cod
 const TOKEN = "chatvlm.managementToken";
 const apiKey = () => sessionStorage.getItem(KEY) || "";
 const managementToken = () => sessionStorage.getItem(TOKEN) || "";
-/** The management routes (/api/...) take a login token, or an API key (as admin); the rest an API key. */
+/** The management routes (/api/...) take a login token first, or an API key (as admin); the others
+ *  an API key first (a login token stands for one when keys are on). */
 const isManagement = (path) => path.startsWith("/api/");
 const authHeaders = (path) => {
-  const token = (isManagement(path) && managementToken()) || apiKey();
+  const token = isManagement(path) ? managementToken() || apiKey() : apiKey() || managementToken();
   return token ? { Authorization: `Bearer ${token}` } : {};
 };
 

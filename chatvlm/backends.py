@@ -100,6 +100,17 @@ class LocalBackend:
         await self.services.manager.shutdown()
         await self.services.image_fetcher.close()
 
+    async def warm(self, model: str | None) -> None:
+        """Load the named model before the run starts (its rate and ETA are then the reading's own, as
+        against a running server); a model that cannot load fails each file with its reason."""
+        from core.errors import ChatVLMError
+
+        if model:
+            try:
+                await self.services.manager.ensure_loaded(model)
+            except ChatVLMError:
+                pass
+
     async def ocr_job(self, data: bytes, filename: str, opts: OcrOptions, *, job_id: str | None, on_job,
                       on_pages, wait: bool = True) -> dict[str, Any] | None:
         """A long document read as a job (page by page, resumable); ``job_id``: carry on with that one."""
@@ -209,6 +220,9 @@ class RemoteBackend:
 
     async def __aenter__(self) -> "RemoteBackend":
         return self
+
+    async def warm(self, model: str | None) -> None:
+        """Nothing to do: a server loads its models itself."""
 
     async def __aexit__(self, *exc: Any) -> None:
         # An interrupted run does not wait for the requests still out; their answers are dropped.

@@ -131,12 +131,17 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     async def go() -> ocr_run.Summary:
         async with _backend(server, api_key, config, models_dir, workers=concurrency,
                             request_timeout_s=timeout) as backend:
+            if any(j.key not in sink.done for j in jobs):
+                await backend.warm(model)
             with _progress() as progress:
                 return await ocr_run.run(jobs, backend, opts, sink, concurrency, progress, on_failure,
                                          job_pages=job_pages, wait=wait)
 
     try:
         summary = asyncio.run(go())
+    except KeyboardInterrupt:  # while the model was loading: nothing was read or written
+        err.print("interrupted before the first file; run the same command again to start", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         sink.close()
     parts = [f"{summary.read} read", f"{summary.skipped} already done" if summary.skipped else "",

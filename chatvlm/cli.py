@@ -92,6 +92,7 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
       [bold]chatvlm ocr samples/ --out out.jsonl[/bold]
       [bold]chatvlm ocr scans/ --out-dir md/ --format markdown --concurrency 2 --server http://127.0.0.1:8000[/bold]
       [bold]chatvlm ocr receipt.png | jq -r .result.text[/bold]
+      [bold]chatvlm ocr big.pdf --out out.jsonl --server http://127.0.0.1:8000 --no-wait[/bold]  (rerun to collect)
     Exit status: 0 when every file was read, 1 when any failed, 130 when interrupted (rerun to continue).
     """
     from chatvlm import ocr_run

@@ -33,6 +33,32 @@ class OcrOptions:
         return {"model": self.model, "language": self.language, "format": self.format, "pages": self.pages}
 
 
+POLL_S = 0.3
+RETRY_FULL_S = 2.0  # a job queue that is full (TOO_MANY_JOBS, 503) is asked again after this
+
+
+class JobGone(Exception):
+    """The job a previous run recorded no longer exists or was cancelled: submit it again."""
+
+
+async def follow_job(get, result, job_id: str, on_pages, wait: bool) -> dict[str, Any] | None:
+    """Poll a job (``get`` gives its status as a dict) until it ends, reporting pages as they finish;
+    its answer (``result``), None when not waiting and it is still running."""
+    while True:
+        status = await get(job_id)
+        if on_pages is not None:
+            on_pages(status["pages_done"], status["pages_total"])
+        if status["status"] == "succeeded":
+            return await result(job_id)
+        if status["status"] == "cancelled":
+            raise JobGone(job_id)
+        if status["status"] == "failed":
+            raise Failure("JOB_FAILED", f"job {job_id} failed: {status.get('error') or 'no reason given'}")
+        if not wait:
+            return None
+        await asyncio.sleep(POLL_S)
+
+
 class LocalBackend:
     """The server's own services, built in this process; models load on first use."""
 
@@ -52,11 +78,71 @@ class LocalBackend:
         _prepare_environment(self.settings)
         self.services = build_services(self.settings)
         await self.services.manager.start([])
+        self.jobs = None
         return self
 
+    async def _jobs(self) -> Any:
+        """The job service on the CLI's own folder (never a server's: both would run its jobs), started
+        on first use; it carries on with the jobs an interrupted run left, from their next page."""
+        if self.jobs is None:
+            from jobs.service import JobService
+            from jobs.store import FileJobStore
+
+            cfg = self.settings.jobs.model_copy(update={"max_per_client": 100_000, "max_total": 100_000})
+            self.jobs = JobService(FileJobStore(self.settings.data_dir / "cli-jobs"), self.services.ocr, cfg,
+                                   self.settings.limits)
+            await self.jobs.start()
+        return self.jobs
+
     async def __aexit__(self, *exc: Any) -> None:
+        if self.jobs is not None:
+            await self.jobs.stop()  # an unfinished job stays on disk: the next run resumes it
         await self.services.manager.shutdown()
         await self.services.image_fetcher.close()
+
+    async def warm(self, model: str | None) -> None:
+        """Load the named model before the run starts (its rate and ETA are then the reading's own, as
+        against a running server); a model that cannot load fails each file with its reason."""
+        from core.errors import ChatVLMError
+
+        if model:
+            try:
+                await self.services.manager.ensure_loaded(model)
+            except ChatVLMError:
+                pass
+
+    async def ocr_job(self, data: bytes, filename: str, opts: OcrOptions, *, job_id: str | None, on_job,
+                      on_pages, wait: bool = True) -> dict[str, Any] | None:
+        """A long document read as a job (page by page, resumable); ``job_id``: carry on with that one."""
+        from core.errors import ChatVLMError, NotFound
+        from jobs.service import JobService
+        from ocr.page_ranges import parse_pages
+
+        jobs: JobService = await self._jobs()
+
+        async def get(jid: str) -> dict[str, Any]:
+            job = jobs.get(jid, None)
+            return {"status": job.status, "pages_done": job.pages_done, "pages_total": job.pages_total,
+                    "error": job.error}
+
+        async def result(jid: str) -> dict[str, Any]:
+            return _outcome_json(await asyncio.to_thread(jobs.outcome, jobs.get(jid, None)))
+
+        try:
+            if job_id is not None:
+                try:
+                    return await follow_job(get, result, job_id, on_pages, wait)
+                except (NotFound, JobGone):
+                    pass  # expired or cancelled: read it again
+            job, _ = await jobs.submit(data, filename=filename, model=opts.model, language=opts.language,
+                                       format=opts.format, region=None, pages=parse_pages(opts.pages),
+                                       force_ocr=False, callback_url=None, owner=None, client="cli")
+            on_job(job.id)
+            return await follow_job(get, result, job.id, on_pages, wait)
+        except ChatVLMError as exc:
+            raise Failure(exc.code, exc.message) from None
+        except JobGone as exc:
+            raise Failure("JOB_CANCELLED", f"job {exc} was cancelled") from None
 
     async def ocr(self, data: bytes, filename: str, opts: OcrOptions) -> dict[str, Any]:
         from core.errors import ChatVLMError
@@ -116,18 +202,10 @@ class LocalBackend:
 
 
 def _outcome_json(o: Any) -> dict[str, Any]:
-    """An OcrOutcome in the shape of the server's /ocr answer."""
-    from ocr import formats
+    """An OcrOutcome as the server's /ocr answers it: the same builder, so the same JSON."""
+    from server.routers.vision import ocr_response
 
-    out: dict[str, Any] = {"text": o.text, "model": o.model, "processing_time": round(o.processing_time, 3),
-                           "image_size": list(o.image_size), "language": o.language, "pages": o.pages,
-                           "format": o.format, "blocks": formats.blocks_json(o.blocks),
-                           "page_results": None, "markdown": None}
-    if o.pages > 1 or o.format == "json":
-        out["page_results"] = [formats.page_dict(p) for p in o.page_results]
-    if o.format == "markdown":
-        out["markdown"] = formats.document_markdown(o)
-    return out
+    return ocr_response(o).model_dump(mode="json")
 
 
 class RemoteBackend:
@@ -142,6 +220,9 @@ class RemoteBackend:
 
     async def __aenter__(self) -> "RemoteBackend":
         return self
+
+    async def warm(self, model: str | None) -> None:
+        """Nothing to do: a server loads its models itself."""
 
     async def __aexit__(self, *exc: Any) -> None:
         # An interrupted run does not wait for the requests still out; their answers are dropped.
@@ -170,10 +251,37 @@ class RemoteBackend:
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     async def ocr(self, data: bytes, filename: str, opts: OcrOptions) -> dict[str, Any]:
-        # The one place where long PDFs would go through the job API (POST /jobs/ocr, then
-        # /jobs/{id}/events for progress and /jobs/{id}/result) once the server has it.
         return await self._call(lambda c: c.ocr_document(data, filename, opts.model, opts.language, opts.format,
                                                          opts.pages))
+
+    async def ocr_job(self, data: bytes, filename: str, opts: OcrOptions, *, job_id: str | None, on_job,
+                      on_pages, wait: bool = True) -> dict[str, Any] | None:
+        """A long document through the job API (POST /jobs/ocr, GET /jobs/{id}, /jobs/{id}/result); an
+        interrupted run leaves the job running on the server, and ``job_id`` carries on with it."""
+        get = lambda jid: self._call(lambda c: c.job(jid))  # noqa: E731
+        result = lambda jid: self._call(lambda c: c.job_result(jid))  # noqa: E731
+        if job_id is not None:
+            try:
+                return await follow_job(get, result, job_id, on_pages, wait)
+            except JobGone:
+                pass
+            except Failure as exc:
+                if exc.code != "JOB_NOT_FOUND":  # expired: read it again
+                    raise
+        while True:
+            try:
+                accepted = await self._call(lambda c: c.submit_ocr_job(data, filename, opts.model, opts.language,
+                                                                       opts.format, opts.pages))
+                break
+            except Failure as exc:
+                if exc.code not in ("TOO_MANY_JOBS", "OVERLOADED", "HTTP_503"):
+                    raise
+                await asyncio.sleep(RETRY_FULL_S)  # the server's job queue is full for now
+        on_job(accepted["job_id"])
+        try:
+            return await follow_job(get, result, accepted["job_id"], on_pages, wait)
+        except JobGone:
+            raise Failure("JOB_CANCELLED", f"job {accepted['job_id']} was cancelled on the server") from None
 
     async def chat_stream(self, prompt: str, image: bytes | None, model: str | None,
                           temperature: float | None, max_tokens: int | None) -> AsyncIterator[str]:

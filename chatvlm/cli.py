@@ -15,7 +15,8 @@ from chatvlm.backends import Failure, LocalBackend, OcrOptions, RemoteBackend
 app = typer.Typer(help="ChatVLMLLM from the command line: serve the API, OCR files and folders, chat about an "
                        "image, and manage models, in-process or against a server (--server URL).",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
-models_app = typer.Typer(help="List, load and unload models.\n\nExample: [bold]chatvlm models ls --server "
+models_app = typer.Typer(help="List, load and unload models; start, stop and read the logs of models on a "
+                              "server (management service).\n\nExample: [bold]chatvlm models ls --server "
                               "http://127.0.0.1:8000[/bold]", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
@@ -77,13 +78,21 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         pages: Annotated[Optional[str], typer.Option(help="PDF pages to read, e.g. 1-3,7 (1-based).")] = None,
         concurrency: Annotated[int, typer.Option(min=1, max=64, help="Files read at once.")] = 1,
         server: ServerOpt = None, api_key: KeyOpt = None, config: ConfigOpt = None, models_dir: ModelsDirOpt = None,
-        timeout: Annotated[float, typer.Option(help="Seconds allowed per file.")] = 300.0) -> None:
+        timeout: Annotated[float, typer.Option(help="Seconds allowed per file.")] = 300.0,
+        job_pages: Annotated[int, typer.Option("--job-pages", min=0, help="PDFs of this many pages or more are "
+                                               "read as jobs (POST /jobs/ocr; in-process, the same job service): "
+                                               "progress per page, and an interrupted run carries on with the "
+                                               "job. 0: never.")] = 4,
+        wait: Annotated[bool, typer.Option("--wait/--no-wait", help="--no-wait (with --server): submit the long "
+                                           "PDFs' jobs and exit; the same command run again collects them.")] = True
+        ) -> None:
     """OCR files and folders into JSONL, a folder of outputs, or stdout; resumable.
 
     Examples:
       [bold]chatvlm ocr samples/ --out out.jsonl[/bold]
       [bold]chatvlm ocr scans/ --out-dir md/ --format markdown --concurrency 2 --server http://127.0.0.1:8000[/bold]
       [bold]chatvlm ocr receipt.png | jq -r .result.text[/bold]
+      [bold]chatvlm ocr big.pdf --out out.jsonl --server http://127.0.0.1:8000 --no-wait[/bold]  (rerun to collect)
     Exit status: 0 when every file was read, 1 when any failed, 130 when interrupted (rerun to continue).
     """
     from chatvlm import ocr_run
@@ -96,6 +105,8 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
         _fail("--format must be text, markdown or json")
     if out and out_dir:
         _fail("give --out or --out-dir, not both")
+    if not wait and not server:
+        _fail("--no-wait needs --server: in-process, nothing runs once the command ends")
     try:
         parse_pages(pages)
         files = collect(paths)
@@ -113,7 +124,7 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     elif out_dir:
         sink = DirSink(out_dir, format)
     else:
-        sink = StreamSink(console=Console(soft_wrap=True) if sys.stdout.isatty() else None)
+        sink = StreamSink(console=Console(soft_wrap=True) if sys.stdout.isatty() else None, show_pending=not wait)
 
     def on_failure(path: Path, exc: Failure) -> None:
         err.print(f"[red]failed[/red] {path}: {exc.message} ({exc.code})", highlight=False)
@@ -121,18 +132,27 @@ def ocr(paths: Annotated[list[Path], typer.Argument(help="Files and folders (wal
     async def go() -> ocr_run.Summary:
         async with _backend(server, api_key, config, models_dir, workers=concurrency,
                             request_timeout_s=timeout) as backend:
+            if any(j.key not in sink.done for j in jobs):
+                await backend.warm(model)
             with _progress() as progress:
-                return await ocr_run.run(jobs, backend, opts, sink, concurrency, progress, on_failure)
+                return await ocr_run.run(jobs, backend, opts, sink, concurrency, progress, on_failure,
+                                         job_pages=job_pages, wait=wait)
 
     try:
         summary = asyncio.run(go())
+    except KeyboardInterrupt:  # while the model was loading: nothing was read or written
+        err.print("interrupted before the first file; run the same command again to start", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         sink.close()
     parts = [f"{summary.read} read", f"{summary.skipped} already done" if summary.skipped else "",
+             f"{summary.submitted} left running as jobs (run the same command again to collect them)"
+             if summary.submitted else "",
              f"[red]{len(summary.failed)} failed[/red]" if summary.failed else "", f"in {summary.seconds:.1f} s"]
     err.print(", ".join(p for p in parts if p), highlight=False)
     if summary.interrupted:
-        err.print(f"interrupted: {summary.total - summary.read - summary.skipped - len(summary.failed)} file(s) "
+        left = summary.total - summary.read - summary.skipped - summary.submitted - len(summary.failed)
+        err.print(f"interrupted: {left} file(s) "
                   "not read; run the same command again to continue", highlight=False)
     raise typer.Exit(summary.exit_code)
 
@@ -249,6 +269,136 @@ def models_unload(model: Annotated[str, typer.Argument(help="Model id.")], serve
     Example: [bold]chatvlm models unload rapidocr --server http://127.0.0.1:8000[/bold]
     """
     print(json.dumps(_models_call(server, api_key, config, models_dir, lambda b: b.unload(model))))
+
+
+# ---- the management service: login, start, stop, logs -------------------------------------------
+TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="CHATVLM_TOKEN",
+                     help="A management token (POST /api/auth/token); default: the one `chatvlm login` saved.")]
+
+
+def _need_server(server: str | None) -> str:
+    if not server:
+        _fail("this talks to a running server's management service: give --server URL (or $CHATVLM_SERVER)")
+    return server
+
+
+def _managed(fn):
+    from chatvlm.manage import Refused
+
+    try:
+        return fn()
+    except Refused as exc:
+        _fail(exc.message, exc.status)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def login(server: ServerOpt = None,
+          user: Annotated[str, typer.Option("--user", help="Management user name.")] = "admin",
+          password: Annotated[Optional[str], typer.Option("--password", envvar="CHATVLM_PASSWORD",
+                                                          help="Default: asked for, not echoed.")] = None) -> None:
+    """Sign in to a server's management service; the token is saved for that server (0600 file).
+
+    Example: [bold]chatvlm login --server http://127.0.0.1:8000 --user admin[/bold]
+    """
+    from chatvlm.manage import login as do_login, token_file
+
+    server = _need_server(server)
+    if password is None:
+        password = typer.prompt("password", hide_input=True)
+    answer = _managed(lambda: do_login(server, user, password))
+    err.print(f"signed in to {server} as {user} for {answer['expires_in'] // 60} min (token in {token_file()})",
+              highlight=False)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def logout(server: ServerOpt = None) -> None:
+    """Forget the token saved for a server.
+
+    Example: [bold]chatvlm logout --server http://127.0.0.1:8000[/bold]
+    """
+    from chatvlm.manage import forget_token
+
+    server = _need_server(server)
+    err.print(f"signed out of {server}" if forget_token(server) else f"no token was saved for {server}",
+              highlight=False)
+
+
+def _lifecycle(action: str, model: str, server: str | None, token: str | None, api_key: str | None,
+               force: bool, timeout: float | None, wait: bool) -> None:
+    from chatvlm.manage import call, wait_task
+
+    server = _need_server(server)
+    accepted = _managed(lambda: call(server, token, api_key, lambda c: c.lifecycle(model, action, force, timeout)))
+    if not wait:
+        print(json.dumps(accepted))
+        return
+    task = _managed(lambda: wait_task(server, token, api_key, accepted["task_id"], (timeout or 600) + 30))
+    print(json.dumps(task))
+    if task["status"] == "failed":
+        _fail(f"{action} of {model} failed: {task.get('error')} ({task.get('error_code')})", 1)
+    if task["status"] != "succeeded":
+        _fail(f"{action} of {model} is still {task['status']} (task {task['task_id']})", 1)
+
+
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the task to end (default), or print "
+                                       "its id at once.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", min=0.001, help="Seconds: start = the load, "
+                                                     "stop = the wait for in-flight requests.")]
+
+
+@models_app.command("start")
+def models_start(model: Annotated[str, typer.Argument(help="Model id.")], server: ServerOpt = None,
+                 token: TokenOpt = None, api_key: KeyOpt = None, timeout: TimeoutOpt = None,
+                 wait: WaitOpt = True) -> None:
+    """Start a model on the server (management service): it loads now and runs also after a restart.
+
+    Example: [bold]chatvlm models start rapidocr --server http://127.0.0.1:8000[/bold]
+    """
+    _lifecycle("start", model, server, token, api_key, False, timeout, wait)
+
+
+@models_app.command("stop")
+def models_stop(model: Annotated[str, typer.Argument(help="Model id.")], server: ServerOpt = None,
+                token: TokenOpt = None, api_key: KeyOpt = None, timeout: TimeoutOpt = None, wait: WaitOpt = True,
+                force: Annotated[bool, typer.Option("--force", help="Cancel in-flight requests at once.")] = False
+                ) -> None:
+    """Stop a model on the server: its requests get 503 MODEL_NOT_RUNNING until it is started.
+
+    Example: [bold]chatvlm models stop rapidocr --server http://127.0.0.1:8000[/bold]
+    """
+    _lifecycle("stop", model, server, token, api_key, force, timeout, wait)
+
+
+@models_app.command("logs")
+def models_logs(model: Annotated[str, typer.Argument(help="Model id.")], server: ServerOpt = None,
+                token: TokenOpt = None, api_key: KeyOpt = None,
+                lines: Annotated[int, typer.Option("--lines", "-n", min=0, max=100_000)] = 100,
+                follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines (Ctrl-C ends).")]
+                = False) -> None:
+    """A model's log on the server: lifecycle events, warnings, errors, request summaries.
+
+    Example: [bold]chatvlm models logs rapidocr --follow --server http://127.0.0.1:8000[/bold]
+    """
+    from chatvlm.manage import call, print_log_line
+
+    server = _need_server(server)
+    if not follow:
+        for line in _managed(lambda: call(server, token, api_key, lambda c: c.model_logs(model, lines))):
+            print_log_line(line)
+        return
+
+    def stream(client) -> None:
+        gen = client.follow_model_logs(model, lines)
+        try:
+            for line in gen:
+                print_log_line(line)
+        finally:
+            gen.close()
+
+    try:
+        _managed(lambda: call(server, token, api_key, stream))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ class Summary:
     read: int = 0
     skipped: int = 0
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # path, code, message
+    submitted: int = 0  # --no-wait: left running as jobs on the server
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -68,20 +69,28 @@ def plan(files: list[InputFile], opts: OcrOptions) -> list[_Job]:
     return jobs
 
 
-async def _read_one(backend: Any, job: _Job, opts: OcrOptions) -> dict[str, Any]:
+async def _read_one(backend: Any, job: _Job, opts: OcrOptions, sink: Any, record: dict[str, Any],
+                    on_pages: Any, job_pages: int, wait: bool) -> dict[str, Any] | None:
+    """The file's answer; None when it was left running as a job (--no-wait)."""
     f = job.file
     if f.format is None:
         raise Failure("UNSUPPORTED_FILE", "not a readable image (JPG, PNG, BMP, TIFF) or PDF")
     data = await asyncio.to_thread(f.path.read_bytes)
     if f.format != "PDF" and opts.pages is not None:
         opts = replace(opts, pages=None)  # --pages picks PDF pages; the images of a mixed folder are read whole
-    # The one call per file. Long PDFs would go through the job API here, once it exists
-    # (RemoteBackend.ocr), with page-by-page progress.
+    if f.format == "PDF" and job_pages and job.pages >= job_pages:
+        # A long PDF is read as a job, page by page. Its id is recorded at once, so a run that is
+        # interrupted (or --no-wait) is carried on by the next one instead of starting again.
+        def on_job(job_id: str) -> None:
+            sink.write_pending({**record, "status": "submitted", "job_id": job_id})
+
+        return await backend.ocr_job(data, f.path.name, opts, job_id=sink.pending.get(job.key), on_job=on_job,
+                                     on_pages=on_pages, wait=wait)
     return await backend.ocr(data, f.path.name, opts)
 
 
 async def run(jobs: list[_Job], backend: Any, opts: OcrOptions, sink: Any, concurrency: int,
-              progress: Any = None, on_failure: Any = None) -> Summary:
+              progress: Any = None, on_failure: Any = None, job_pages: int = 0, wait: bool = True) -> Summary:
     summary = Summary(total=len(jobs))
     started = time.perf_counter()
     files_task = pages_task = None
@@ -89,10 +98,19 @@ async def run(jobs: list[_Job], backend: Any, opts: OcrOptions, sink: Any, concu
         files_task = progress.add_task("files", total=len(jobs))
         pages_task = progress.add_task("pages", total=sum(j.pages for j in jobs))
 
-    def advance(job: _Job) -> None:
+    def advance(job: _Job, pages_seen: int = 0) -> None:
         if progress is not None:
             progress.advance(files_task)
-            progress.advance(pages_task, job.pages)
+            progress.advance(pages_task, max(0, job.pages - pages_seen))
+
+    def page_counter(job: _Job) -> tuple[Any, list[int]]:
+        seen = [0]
+
+        def on_pages(done: int, total: int) -> None:  # a job's pages, as they finish
+            if progress is not None and done > seen[0]:
+                progress.advance(pages_task, min(done, job.pages) - seen[0])
+                seen[0] = min(done, job.pages)
+        return on_pages, seen
 
     queue: asyncio.Queue[_Job] = asyncio.Queue()
     for job in jobs:
@@ -107,18 +125,23 @@ async def run(jobs: list[_Job], backend: Any, opts: OcrOptions, sink: Any, concu
             job = queue.get_nowait()
             record = {"path": str(job.file.path), "name": job.file.name.as_posix(), "sha256": job.sha256,
                       "key": job.key, "options": opts.key()}
+            on_pages, seen = page_counter(job)
             try:
-                result = await _read_one(backend, job, opts)
+                result = await _read_one(backend, job, opts, sink, record, on_pages, job_pages, wait)
             except Failure as exc:
                 summary.failed.append((str(job.file.path), exc.code, exc.message))
                 if on_failure is not None:
                     on_failure(job.file.path, exc)
                 sink.write({**record, "status": "error", "error": {"code": exc.code, "message": exc.message}}, None)
             else:
+                if result is None:
+                    summary.submitted += 1
+                    advance(job, seen[0])
+                    continue  # its "submitted" record is written; the next run collects it
                 summary.read += 1
                 sink.write({**record, "status": "ok", "model": result.get("model"),
                             "pages": result.get("pages")}, result)
-            advance(job)
+            advance(job, seen[0])
 
     loop = asyncio.get_running_loop()
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]

@@ -41,7 +41,10 @@ def _load_done(path: Path) -> dict[str, dict[str, Any]]:
 class _Appender:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.done = {k: r for k, r in _load_done(path).items() if r.get("status") == "ok"}
+        last = _load_done(path)
+        self.done = {k: r for k, r in last.items() if r.get("status") == "ok"}
+        # Files whose job was submitted but not collected (an interrupted run, or --no-wait): job ids.
+        self.pending = {k: r["job_id"] for k, r in last.items() if r.get("status") == "submitted" and r.get("job_id")}
         self._f: IO[str] = path.open("a", encoding="utf-8")
 
     def append(self, record: dict[str, Any]) -> None:
@@ -59,9 +62,13 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         self._out = _Appender(path)
         self.done = self._out.done
+        self.pending = self._out.pending
 
     def write(self, record: dict[str, Any], result: dict[str, Any] | None) -> None:
         self._out.append({**record, "result": result} if result is not None else record)
+
+    def write_pending(self, record: dict[str, Any]) -> None:
+        self._out.append(record)
 
     def close(self) -> None:
         self._out.close()
@@ -75,6 +82,7 @@ class DirSink:
         self.fmt = fmt
         self._out = _Appender(directory / MANIFEST)
         self.done = self._out.done
+        self.pending = self._out.pending
         self._taken = {r["output"]: k for k, r in self.done.items() if r.get("output")}
 
     def _name(self, record: dict[str, Any]) -> str:
@@ -96,6 +104,9 @@ class DirSink:
             record = {**record, "output": name}
         self._out.append(record)
 
+    def write_pending(self, record: dict[str, Any]) -> None:
+        self._out.append(record)
+
     def close(self) -> None:
         self._out.close()
 
@@ -103,10 +114,21 @@ class DirSink:
 class StreamSink:
     """No ``--out``: JSONL on a piped stdout (for scripts), readable text on a terminal."""
 
-    def __init__(self, stream: IO[str] | None = None, console: Any = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, console: Any = None, show_pending: bool = False) -> None:
         self.stream = stream or sys.stdout
         self.console = console
+        self.show_pending = show_pending  # --no-wait: the submitted jobs' ids are the output
         self.done: dict[str, dict[str, Any]] = {}  # stdout keeps no state: nothing to resume
+        self.pending: dict[str, str] = {}
+
+    def write_pending(self, record: dict[str, Any]) -> None:
+        if not self.show_pending:
+            return
+        if self.console is not None:
+            self.console.print(f"{record['path']}: job {record['job_id']} submitted", markup=False, highlight=False)
+            return
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
 
     def write(self, record: dict[str, Any], result: dict[str, Any] | None) -> None:
         if self.console is not None:

@@ -139,6 +139,59 @@ class ChatVLMClient:
                 h.close()
         return self._check(response)
 
+    def submit_ocr_job(self, data: bytes, filename: str = "upload", model: Optional[str] = None,
+                       language: Optional[str] = None, format: Optional[str] = None,
+                       pages: Optional[str] = None) -> Dict:
+        """POST /jobs/ocr: a long document read as a job; returns ``{job_id, status, position}``."""
+        response = self.session.post(f"{self.base_url}/jobs/ocr", files={"file": (filename, data)},
+                                     data=_params(model=model, language=language, format=format, pages=pages),
+                                     timeout=self.timeout)
+        return self._check(response)
+
+    def job(self, job_id: str) -> Dict:
+        """GET /jobs/{id}: status, pages_done, pages_total, error."""
+        return self._check(self.session.get(f"{self.base_url}/jobs/{job_id}", timeout=self.timeout))
+
+    def job_result(self, job_id: str) -> Dict:
+        """GET /jobs/{id}/result: the finished job's answer, the same body as /ocr."""
+        return self._check(self.session.get(f"{self.base_url}/jobs/{job_id}/result", timeout=self.timeout))
+
+    def cancel_job(self, job_id: str) -> Dict:
+        return self._check(self.session.delete(f"{self.base_url}/jobs/{job_id}", timeout=self.timeout))
+
+    # ---- the management service (seed 004, /api/...): a login token, or an API key (as admin) ----
+    def login(self, username: str, password: str) -> Dict:
+        """POST /api/auth/token: ``{access_token, token_type, expires_in}``; later calls of this client use it."""
+        body = self._check(self.session.post(f"{self.base_url}/api/auth/token", timeout=self.timeout,
+                                             json={"username": username, "password": password}))
+        self.session.headers["Authorization"] = f"Bearer {body['access_token']}"
+        return body
+
+    def lifecycle(self, model: str, action: str, force: bool = False, timeout: Optional[float] = None) -> Dict:
+        """POST /api/models/{id}/start|stop|restart: 202 with ``{message, task_id}``."""
+        body = {"force": force, **({"timeout": timeout} if timeout else {})}
+        return self._check(self.session.post(f"{self.base_url}/api/models/{model}/{action}", json=body,
+                                             timeout=self.timeout))
+
+    def task(self, task_id: str) -> Dict:
+        """GET /api/tasks/{id}: a lifecycle task's status and error."""
+        return self._check(self.session.get(f"{self.base_url}/api/tasks/{task_id}", timeout=self.timeout))
+
+    def model_logs(self, model: str, lines: int = 100) -> List[Dict]:
+        """GET /api/models/{id}/logs: the last lines, ``{timestamp, level, message}`` each."""
+        return self._check(self.session.get(f"{self.base_url}/api/models/{model}/logs", params={"lines": lines},
+                                            timeout=self.timeout))["logs"]
+
+    def follow_model_logs(self, model: str, lines: int = 100) -> Iterator[Dict]:
+        """The last lines, then each new one as it is written (SSE), until the generator is closed."""
+        with self.session.get(f"{self.base_url}/api/models/{model}/logs", params={"lines": lines, "follow": "true"},
+                              stream=True, timeout=(self.timeout, None)) as response:
+            if response.status_code >= 400:
+                self._check(response)
+            for line in response.iter_lines(decode_unicode=False):
+                if line.startswith(b"data:"):
+                    yield json.loads(line[5:].strip())
+
     def load(self, model: str) -> Dict:
         return self._check(self.session.post(f"{self.base_url}/models/{model}/load", timeout=self.timeout))
 

@@ -14,8 +14,8 @@ from jobs.store import Job
 from server.auth import KEY_ID
 from server.deps import ServicesDep
 from server.ratelimit import client_identity
-from server.routers.vision import (FormatParam, ForceOcrParam, PagesParam, RegionParam, _accepts, _blocks,
-                                   _structured, mark_fallback)
+from server.routers.vision import (FormatParam, ForceOcrParam, PagesParam, RegionParam, _accepts, mark_fallback,
+                                   ocr_response)
 from server.schemas.vision import OcrResponse, error_responses
 from server.uploads import LanguageParam, ModelParam, UploadRoute, filename_of, read_upload, upload_form_limits
 
@@ -88,9 +88,7 @@ async def result(services: ServicesDep, request: Request, job_id: str, response:
                        code="JOB_NOT_FINISHED")
     o = await asyncio.to_thread(services.jobs.outcome, job)
     mark_fallback(response, o.model, o.requested_model, o.fallback_reason)
-    return OcrResponse(text=o.text, model=o.model, processing_time=round(o.processing_time, 3),
-                       image_size=list(o.image_size), language=o.language, blocks=_blocks(o), format=o.format,
-                       requested_model=o.requested_model, fallback_reason=o.fallback_reason, **_structured(o))
+    return ocr_response(o)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus, responses=error_responses(404))

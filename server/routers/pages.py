@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from PIL import Image
 
+from ocr import pdf
 from server.deps import ServicesDep
 from server.schemas.vision import error_responses
 from server.uploads import UploadRoute, read_upload, upload_form_limits
@@ -17,6 +18,8 @@ from server.uploads import UploadRoute, read_upload, upload_form_limits
 router = APIRouter(tags=["vision"], route_class=UploadRoute)
 
 _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "headers": {"X-Page-Count": {"description": "Pages of a PDF (the playground sends long ones to "
+                                                          "POST /jobs/ocr)", "schema": {"type": "integer"}}},
               "description": "The page at its original size (a PDF page as rendered at limits.pdf_dpi)"}}
 _ACCEPTS = {"requestBody": {"content": {"multipart/form-data": {"encoding": {"file": {
     "contentType": "image/jpeg, image/png, image/bmp, image/tiff, application/pdf"}}}}}}
@@ -41,4 +44,5 @@ async def render_page(services: ServicesDep,
     page = page_f if page_f is not None else (page_q or 0)
     doc = await services.decoder.decode_pages(data, target_max_pixels=None, only_page=page)
     png = await asyncio.to_thread(_png, doc.pages[0].image)
-    return Response(content=png, media_type="image/png")
+    headers = {"X-Page-Count": str(await asyncio.to_thread(pdf.page_count, data))} if doc.format == "PDF" else None
+    return Response(content=png, media_type="image/png", headers=headers)

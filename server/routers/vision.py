@@ -120,6 +120,13 @@ def _structured(o: OcrOutcome) -> dict:
             "markdown": formats.document_markdown(o) if o.format == "markdown" else None}
 
 
+def ocr_response(o: OcrOutcome) -> OcrResponse:
+    """The /ocr answer for an outcome; the job result and the CLI's in-process output use it too."""
+    return OcrResponse(text=o.text, model=o.model, processing_time=round(o.processing_time, 3),
+                       image_size=list(o.image_size), language=o.language, blocks=_blocks(o), format=o.format,
+                       requested_model=o.requested_model, fallback_reason=o.fallback_reason, **_structured(o))
+
+
 @router.post("/ocr", response_model=OcrResponse, responses=_OCR_OK | _OCR_ERRORS, form_limits=_ONE_FILE,
              openapi_extra=_accepts("file", pdf=True))
 async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(description=_FILE_DOC)],
@@ -132,10 +139,7 @@ async def ocr(services: ServicesDep, file: Annotated[UploadFile, File(descriptio
     outcome = await services.ocr.ocr(data, model=model, language=language, format=format, region=region,
                                      pages=pages, force_ocr=force_ocr)
     mark_fallback(response, outcome.model, outcome.requested_model, outcome.fallback_reason)
-    return OcrResponse(text=outcome.text, model=outcome.model, processing_time=round(outcome.processing_time, 3),
-                       image_size=list(outcome.image_size), language=outcome.language, blocks=_blocks(outcome),
-                       format=outcome.format, requested_model=outcome.requested_model,
-                       fallback_reason=outcome.fallback_reason, **_structured(outcome))
+    return ocr_response(outcome)
 
 
 _PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "headers": FALLBACK_HEADER,

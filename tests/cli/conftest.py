@@ -43,11 +43,14 @@ def docs_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ocr_server(tmp_path_factory):
-    with RemoteServer(models_dir=tmp_path_factory.mktemp("no_weights")) as server:
-        yield server
+def no_weights(tmp_path_factory) -> Path:
+    """An empty models folder, shared by the server and the in-process runs (answers that name a
+    folder, as a fallback's reason does, are then the same)."""
+    return tmp_path_factory.mktemp("no_weights")
 
 
 @pytest.fixture(scope="session")
-def no_weights(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("no_weights_local")
+def ocr_server(no_weights):
+    # A busy shared machine can take longer than the default 30 s for a first load (doc_cpu).
+    with RemoteServer(models_dir=no_weights, env={"CHATVLM_LIMITS__REQUEST_TIMEOUT_S": "300"}) as server:
+        yield server

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import SAMPLES, chatvlm, cli_env
+from scripts.make_doc_pages import draw_png, make_page
 from tests.pdf_docs import text_page
 from tests.server_process import ROOT
 
@@ -54,27 +55,31 @@ def test_folder_to_jsonl_with_a_broken_file(mode, request, docs_folder, tmp_path
     assert len(records(out)) == 6
 
 
-def without_nulls(value):
-    """A null field and an absent one say the same (the HTTP schema lists optional fields as null)."""
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_nulls(v) for v in value]
-    return value
-
-
-def test_in_process_and_server_give_the_same_answers(request, docs_folder, tmp_path):
+def test_in_process_and_server_print_the_same_json(request, docs_folder, tmp_path):
+    """The same files and options give the same records both ways, every field of the answer
+    included (a table's cells, a fallback's requested_model and reason), but the timing."""
+    page = tmp_path / "doc_page.png"
+    draw_png(make_page(0, "en", two_column=False, seed=101)).save(page)
     outs = {}
     for mode in ("in-process", "server"):
         outs[mode] = tmp_path / f"{mode}.jsonl"
-        run = chatvlm("ocr", str(SAMPLES / "receipt_en.png"), str(SAMPLES / "doc_zh.png"),
-                      str(docs_folder / "contract.pdf"), "--format", "json", "--pages", "2", "--model", "rapidocr",
-                      "--out", str(outs[mode]), *mode_args(mode, request), env=cli_env(tmp_path))
+        # qwen_vl_7b is not installed: the default route (doc_cpu) serves, and the answer says so.
+        run = chatvlm("ocr", str(page), str(SAMPLES / "receipt_en.png"), str(docs_folder / "contract.pdf"),
+                      "--format", "json", "--pages", "2", "--model", "qwen_vl_7b", "--out", str(outs[mode]),
+                      *mode_args(mode, request), env=cli_env(tmp_path))
         assert run.returncode == 0, run.stderr
-    keys = ("text", "model", "image_size", "language", "pages", "format", "blocks", "page_results", "markdown")
-    strip = lambda r: {k: without_nulls(r["result"][k]) for k in keys}  # noqa: E731
-    assert [strip(r) for r in records(outs["in-process"])] == [strip(r) for r in records(outs["server"])]
-    pdf = records(outs["in-process"])[2]["result"]
+
+    def untimed(record: dict) -> dict:
+        return {**record, "result": {k: v for k, v in record["result"].items() if k != "processing_time"}}
+
+    local, remote = records(outs["in-process"]), records(outs["server"])
+    assert [untimed(r) for r in local] == [untimed(r) for r in remote]
+    doc = local[0]["result"]
+    assert doc["model"] == "doc_cpu" and doc["requested_model"] == "qwen_vl_7b"
+    assert "not installed" in doc["fallback_reason"]
+    tables = [b for b in doc["blocks"] if b["category"] == "Table"]
+    assert tables and all(b["cells"] for b in tables) and tables[0]["text"].startswith("<table")
+    pdf = local[2]["result"]
     assert [p["page"] for p in pdf["page_results"]] == [1] and "PAGE 2" in pdf["text"]
 
 

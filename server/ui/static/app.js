@@ -47,15 +47,25 @@ function renderModelsTable() {
     body.append(row);
   }
 }
-/** Buttons per model. The management service's start, stop and logs (with follow) belong here. */
+/** Buttons per model: load and unload (/models), and the management service's start, stop and logs
+ *  (/api/models/{id}/..., which need a sign-in or an API key). */
 function modelActions(m) {
+  const id = encodeURIComponent(m.id);
   const load = el("button", { type: "button", "data-action": "load" }, "Load");
   load.disabled = !m.installed || m.loaded;
-  load.onclick = () => modelCall(load, `/models/${encodeURIComponent(m.id)}/load`, "POST");
+  load.onclick = () => modelCall(load, `/models/${id}/load`, "POST");
   const unload = el("button", { type: "button", "data-action": "unload" }, "Unload");
   unload.disabled = !m.loaded;
-  unload.onclick = () => modelCall(unload, `/models/${encodeURIComponent(m.id)}`, "DELETE");
-  return [load, unload];
+  unload.onclick = () => modelCall(unload, `/models/${id}`, "DELETE");
+  const start = el("button", { type: "button", "data-action": "start", title: "Load it and keep it running, also after a restart" }, "Start");
+  start.disabled = !m.installed || m.loaded;
+  start.onclick = () => lifecycle(start, m.id, "start");
+  const stop = el("button", { type: "button", "data-action": "stop", title: "Stop it: requests for it get 503 until it is started" }, "Stop");
+  stop.disabled = !m.installed;
+  stop.onclick = () => lifecycle(stop, m.id, "stop");
+  const logs = el("button", { type: "button", "data-action": "logs" }, "Logs");
+  logs.onclick = () => showLogs(m.id);
+  return [load, unload, start, stop, logs];
 }
 async function modelCall(button, path, method) {
   button.disabled = true;
@@ -68,6 +78,65 @@ async function modelCall(button, path, method) {
   }
   await refreshModels();
 }
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+/** Start or stop: the server answers 202 with a task, followed here until it ends. */
+async function lifecycle(button, modelId, action) {
+  button.disabled = true;
+  button.textContent += "…";
+  try {
+    const id = encodeURIComponent(modelId);
+    const accepted = await (await managementApi(`/api/models/${id}/${action}`, { method: "POST" })).json();
+    for (;;) {
+      const task = await (await managementApi(`/api/tasks/${encodeURIComponent(accepted.task_id)}`)).json();
+      if (task.status === "succeeded") break;
+      if (task.status === "failed") throw new ApiError(0, task.error || `${action} failed`, task.error_code);
+      await sleep(300);
+    }
+    showError("models-error", null);
+  } catch (err) {
+    showError("models-error", err);
+  }
+  await refreshModels();
+}
+
+// ---------------------------------------------------------------- a model's log (follows new lines)
+let logStream = null;
+async function showLogs(modelId) {
+  closeLogs();
+  const stream = logStream = { modelId, controller: new AbortController() };
+  const follow = $("logs-follow").checked;
+  $("logs").hidden = false;
+  $("logs-title").textContent = `Log of ${modelId}`;
+  $("logs-view").textContent = "";
+  try {
+    const res = await managementApi(`/api/models/${encodeURIComponent(modelId)}/logs?lines=200${follow ? "&follow=true" : ""}`,
+      { signal: stream.controller.signal });
+    if (!follow) {
+      for (const line of (await res.json()).logs) appendLog(line);
+      return;
+    }
+    for await (const { data } of sseEvents(res)) {
+      if (logStream !== stream) return;
+      appendLog(JSON.parse(data));
+    }
+  } catch (err) {
+    if (err.name !== "AbortError") showError("models-error", err);
+  }
+}
+function appendLog(line) {
+  const view = $("logs-view");
+  const atEnd = view.scrollTop + view.clientHeight >= view.scrollHeight - 4;
+  view.append(el("div", { class: `log ${line.level.toLowerCase()}` }, `${line.timestamp}  ${line.level.padEnd(7)} ${line.message}`));
+  if (atEnd) view.scrollTop = view.scrollHeight;
+}
+function closeLogs() {
+  if (logStream) logStream.controller.abort();
+  logStream = null;
+  $("logs").hidden = true;
+}
+$("logs-close").addEventListener("click", closeLogs);
+$("logs-follow").addEventListener("change", () => { if (logStream) showLogs(logStream.modelId); });
 $("models-refresh").addEventListener("click", refreshModels);
 
 // ---------------------------------------------------------------- start

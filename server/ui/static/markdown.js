@@ -1,9 +1,35 @@
-// A small Markdown renderer for OCR output: headings, lists, emphasis, code, $$ formulas and
-// paragraphs. Every piece of text is HTML-escaped first, so a document can never inject markup;
-// HTML tables that layout models emit are therefore shown as source, not as tables.
+// A small Markdown renderer for OCR output: headings, lists, emphasis, code, $$ formulas,
+// paragraphs and the HTML tables layout models emit. Every piece of text is HTML-escaped, so a
+// document can never inject markup; a table is parsed in an inert document and rebuilt from
+// table elements only (rowspan/colspan as plain numbers, no other attribute; other tags keep
+// their text, scripts and styles are dropped).
 "use strict";
 (function (global) {
   const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+  const TABLE_TAGS = new Set(["TABLE", "CAPTION", "COLGROUP", "COL", "THEAD", "TBODY", "TFOOT", "TR", "TH", "TD", "BR"]);
+  const DROPPED = new Set(["SCRIPT", "STYLE", "TEMPLATE", "NOSCRIPT", "IFRAME", "OBJECT", "EMBED", "TEXTAREA", "TITLE", "SVG", "MATH"]);
+  function rebuild(from, to) {
+    for (const node of from.childNodes) {
+      if (node.nodeType === Node.TEXT_NODE) { to.append(node.data); continue; }
+      if (node.nodeType !== Node.ELEMENT_NODE || DROPPED.has(node.tagName)) continue;
+      if (!TABLE_TAGS.has(node.tagName)) { rebuild(node, to); continue; } // unwrapped: its text stays
+      const clean = document.createElement(node.tagName.toLowerCase());
+      for (const name of ["rowspan", "colspan"]) {
+        const value = (node.getAttribute(name) || "").trim();
+        if (/^[1-9][0-9]{0,2}$/.test(value)) clean.setAttribute(name, value);
+      }
+      rebuild(node, clean);
+      to.append(clean);
+    }
+  }
+  /** HTML with only table markup: parsed by DOMParser (inert: no script runs, nothing loads). */
+  function safeTable(html) {
+    const parsed = new DOMParser().parseFromString(html, "text/html");
+    const out = document.createElement("div");
+    rebuild(parsed.body, out);
+    return `<div class="table-wrap">${out.innerHTML}</div>`;
+  }
 
   function inline(text) {
     return escapeHtml(text)
@@ -34,6 +60,17 @@
         out.push(`<pre class="${end === "$$" ? "formula" : "code"}">` + escapeHtml(body.join("\n")) + "</pre>");
         continue;
       }
+      if (/^\s*<table[\s>]/i.test(line)) { // an HTML table, up to the line that closes it
+        flushPara(); flushList();
+        const body = [line];
+        while (!/<\/table>/i.test(body[body.length - 1]) && i + 1 < lines.length) body.push(lines[++i]);
+        const html = body.join("\n");
+        const end = html.search(/<\/table>/i);
+        out.push(safeTable(end < 0 ? html : html.slice(0, end + 8)));
+        const rest = end < 0 ? "" : html.slice(end + 8).trim();
+        if (rest) para.push(rest);
+        continue;
+      }
       const heading = line.match(/^(#{1,6})\s+(.*)$/);
       const bullet = line.match(/^\s*[-*+]\s+(.*)$/);
       const numbered = line.match(/^\s*\d+[.)]\s+(.*)$/);
@@ -51,5 +88,5 @@
     return out.join("\n");
   }
 
-  global.Markdown = { render, escapeHtml };
+  global.Markdown = { render, escapeHtml, safeTable };
 })(window);

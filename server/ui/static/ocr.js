@@ -10,7 +10,9 @@ const colourOf = (category) => {
   return categoryColour.get(key);
 };
 
-const ocr = { file: null, kind: null, result: null, pages: [], page: 0, images: new Map() };
+const ocr = { file: null, kind: null, result: null, pages: [], page: 0, images: new Map(), pageCount: 1, job: null };
+// PDFs of this many pages or more (of those selected) are read as a job: progress, and Cancel.
+const JOB_PAGES = 4;
 
 /** The file's kind from its first bytes (as the server decides), not from its name. */
 async function sniff(file) {
@@ -24,12 +26,14 @@ async function sniff(file) {
 async function chooseFile(file) {
   if (!file) return;
   for (const url of ocr.images.values()) URL.revokeObjectURL(url);
-  Object.assign(ocr, { file, kind: await sniff(file), result: null, pages: [{ index: 0, size: null, blocks: [] }], page: 0, images: new Map() });
+  Object.assign(ocr, { file, kind: await sniff(file), result: null, pages: [{ index: 0, size: null, blocks: [] }], page: 0,
+    images: new Map(), pageCount: 1 });
   $("drop").firstChild.textContent = `${file.name} (${Math.ceil(file.size / 1024)} KB) — drop another or `;
-  $("ocr-run").disabled = false;
+  $("ocr-run").disabled = true;
   showError("ocr-error", null);
   showResult(null);
-  await showPage(0);
+  await showPage(0); // a PDF's first rendering also tells its page count (a long one is read as a job)
+  $("ocr-run").disabled = false;
 }
 
 /** The page image at its original size: the file itself, or the server's rendering for PDF and TIFF. */
@@ -40,7 +44,9 @@ async function pageImage(index) {
     const form = new FormData();
     form.append("file", ocr.file, ocr.file.name);
     form.append("page", String(index));
-    blob = await (await api("/pages/render", { method: "POST", body: form })).blob();
+    const res = await api("/pages/render", { method: "POST", body: form });
+    if (res.headers.get("X-Page-Count")) ocr.pageCount = Number(res.headers.get("X-Page-Count"));
+    blob = await res.blob();
   }
   const url = URL.createObjectURL(blob);
   ocr.images.set(index, url);
@@ -101,8 +107,19 @@ function drawBoxes(page) {
   }));
 }
 
-/** The one place an OCR request is made. Long PDFs go through the job API (POST /jobs/ocr, progress
- *  from /jobs/{id}/events, then /jobs/{id}/result) once the server has it; today: POST /ocr. */
+/** The number of pages a selection ("1-3,7") picks from a document of n pages. */
+function selectedPages(spec, n) {
+  if (!spec) return n;
+  const picked = new Set();
+  for (const part of spec.split(",")) {
+    const [a, b] = part.split("-").map((x) => parseInt(x, 10));
+    for (let p = a; p <= (Number.isNaN(b) || b === undefined ? a : b) && p <= n; p++) if (p >= 1) picked.add(p);
+  }
+  return picked.size;
+}
+
+/** The one place an OCR request is made: POST /ocr, or for a long PDF a job (POST /jobs/ocr), followed
+ *  page by page on /jobs/{id}/events, then its /jobs/{id}/result (the same body as /ocr). */
 async function runOcr(file, { model, language, format, pages }) {
   const form = new FormData();
   form.append("file", file, file.name);
@@ -110,8 +127,58 @@ async function runOcr(file, { model, language, format, pages }) {
   if (language) form.append("language", language);
   if (pages) form.append("pages", pages);
   form.append("format", format);
-  return apiJson("/ocr", { method: "POST", body: form });
+  if (ocr.kind !== "pdf" || selectedPages(pages, ocr.pageCount) < JOB_PAGES) return apiJson("/ocr", { method: "POST", body: form });
+  return runJob(form);
 }
+
+async function runJob(form) {
+  const accepted = await apiJson("/jobs/ocr", { method: "POST", body: form });
+  const job = ocr.job = { id: accepted.job_id, controller: new AbortController(), done: 0, total: 0 };
+  showProgress(job, accepted.position ? `queued behind ${accepted.position} job(s)` : "starting");
+  try {
+    let final = null;
+    const res = await api(`/jobs/${encodeURIComponent(job.id)}/events`, { signal: job.controller.signal });
+    for await (const { event, data } of sseEvents(res)) {
+      const body = JSON.parse(data);
+      if (event === "status" || event === "end") {
+        Object.assign(job, { done: body.pages_done ?? job.done, total: body.pages_total ?? job.total });
+        showProgress(job, body.status);
+        if (event === "end") { final = body; break; }
+      } else if (event === "page") {
+        job.done += 1;
+        showProgress(job, "running");
+      }
+    }
+    if (!final) throw new ApiError(0, "the job's progress stream ended early; its id is " + job.id);
+    if (final.status === "cancelled") throw new ApiError(0, `job ${job.id} was cancelled after ${final.pages_done} of ${final.pages_total} page(s)`, "JOB_CANCELLED");
+    if (final.status !== "succeeded") throw new ApiError(0, final.error || `job ${job.id} ${final.status}`, "JOB_FAILED");
+    return await apiJson(`/jobs/${encodeURIComponent(job.id)}/result`);
+  } finally {
+    ocr.job = null;
+    $("ocr-job").hidden = true;
+  }
+}
+
+function showProgress(job, status) {
+  $("ocr-job").hidden = false;
+  $("ocr-progress").max = Math.max(1, job.total);
+  $("ocr-progress").value = job.done;
+  $("ocr-progress-label").textContent = `job ${job.id.slice(0, 8)}: ${status}, page ${job.done} of ${job.total || "?"}`;
+  $("ocr-status").textContent = "reading as a job…";
+}
+
+$("ocr-cancel").addEventListener("click", async () => {
+  const job = ocr.job;
+  if (!job) return;
+  $("ocr-cancel").disabled = true;
+  try {
+    await api(`/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" }); // the events stream then ends
+  } catch (err) {
+    showError("ocr-error", err);
+  } finally {
+    $("ocr-cancel").disabled = false;
+  }
+});
 
 $("ocr-form").addEventListener("submit", async (event) => {
   event.preventDefault();

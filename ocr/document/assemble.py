@@ -180,10 +180,15 @@ def _text_blocks(lines: list[Line], titles: list[Region], cjk: bool) -> list[_Bl
 def _continues(block: _Block, line: Line, body: int) -> bool:
     """The line follows the block's last line closely, in the same column, at the same size."""
     last = block.lines[-1]
-    gap = line.box[1] - last.box[3]
+    # A line of short letters only ("качество регион", "neon ocean") has no ascenders: its box
+    # starts lower and is shorter than its neighbours' (15 px against 20 at 10 pt, 150 dpi). Its
+    # top is taken as the body text's height above its bottom, its height as at least 0.8 of it.
+    floor = 0.8 * body
+    top = min(line.box[1], line.box[3] - body)
+    gap = top - last.box[3]
     same_column = min(block.box[2], line.box[2]) - max(block.box[0], line.box[0]) > 0.3 * min(
         block.box[2] - block.box[0], line.box[2] - line.box[0])
-    h1, h2 = last.box[3] - last.box[1], line.box[3] - line.box[1]
+    h1, h2 = max(floor, last.box[3] - last.box[1]), max(floor, line.box[3] - line.box[1])
     return -0.3 * body < gap < 0.75 * body and same_column and 0.75 < h2 / max(1, h1) < 1.33
 
 

@@ -4,8 +4,11 @@ shared with /ocr), and assemble.py turns lines and regions into ordered, categor
 
 Engines: RapidOCR reads the whole upright page in one call (its detector keeps columns and table
 cells apart); Tesseract, whose single-block mode would run lines of two columns together, reads
-each ink segment and each ruled-table cell on its own. A PDF page with a text layer is not OCR'd
-at all unless the client asks for ``force_ocr``.
+each ink segment and each ruled-table cell on its own. RapidOCR's detector sees the page scaled
+down to 1216 px, where 8-pt print can vanish: ink segments no line covers are read again from
+their own full-resolution crop. Lone dots and dashes are then checked against their ink
+(glyphs.py). A PDF page with a text layer is not OCR'd at all unless the client asks for
+``force_ocr``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import asyncio
 import unicodedata
 from dataclasses import replace
 
+import numpy as np
 from PIL import Image
 
 from core.errors import BadRequest
@@ -22,6 +26,7 @@ from models.manager import ModelManager
 from models.selection import ModelSelector
 from ocr.document.adapter import PageAnalysis
 from ocr.document.assemble import Line, assemble
+from ocr.document.glyphs import fix_symbols
 
 Box = tuple[int, int, int, int]
 _CELL_INSET = 3  # px: keeps the rules out of a cell's crop
@@ -73,10 +78,6 @@ class DocumentReader:
                          cancel: CancelToken) -> list[Line]:
         opts = replace(options, format="text", region=None)
         page = analysis.image
-        if self.selector.entry(engine).spec.kind == "rapidocr":
-            result = await self.manager.run(engine, "ocr", page, opts, cancel=cancel)
-            return [Line(b.text, b.box, b.confidence) for b in result.blocks if b.box is not None]
-        units = _units(analysis)
         slots = asyncio.Semaphore(max(1, self.selector.entry(engine).spec.concurrency))
 
         async def one(box: Box) -> list[Line]:
@@ -86,8 +87,62 @@ class DocumentReader:
             return [Line(b.text, (b.box[0] + dx, b.box[1] + dy, b.box[2] + dx, b.box[3] + dy), b.confidence)
                     for b in result.blocks if b.box is not None and b.text.strip()]
 
-        found = await asyncio.gather(*(one(u) for u in units))
-        return [line for part in found for line in part]
+        if self.selector.entry(engine).spec.kind == "rapidocr":
+            result = await self.manager.run(engine, "ocr", page, opts, cancel=cancel)
+            lines = [Line(b.text, b.box, b.confidence) for b in result.blocks if b.box is not None]
+            # The detector sees the page scaled down to its input size: small print it missed
+            # there (an 8-pt page number) is read again from its own crop at full resolution.
+            missed = _missed(analysis, lines)
+            found = await asyncio.gather(*(one(u) for u in missed))
+            lines += [line for part in found for line in part]
+        else:
+            found = await asyncio.gather(*(one(u) for u in _units(analysis)))
+            lines = [line for part in found for line in part]
+        return await asyncio.to_thread(_check_symbols, lines, page)
+
+
+def _check_symbols(lines: list[Line], page: Image.Image) -> list[Line]:
+    """Lone dots and dashes re-decided from their ink (glyphs.py: the engines cannot tell them apart)."""
+    gray = np.asarray(page.convert("L"))
+    for line in lines:
+        x1, y1, x2, y2 = line.box
+        line.text = fix_symbols(line.text, gray[y1:y2, x1:x2])
+    return lines
+
+
+def _missed(analysis: PageAnalysis, lines: list[Line]) -> list[Box]:
+    """Crops of the ink segments no text line covers, outside tables and figures, of text height."""
+    boxes = [l.box for l in lines]
+    heights = sorted(b[3] - b[1] for b in boxes)
+    body = heights[len(heights) // 2] if heights else 0
+    skip = [g.box for g in analysis.grids] + [r.box for r in analysis.regions if r.label == "figure"]
+    w, h = analysis.image.size
+    out = []
+    for seg in analysis.segments:
+        sx1, sy1, sx2, sy2 = seg
+        sh = sy2 - sy1
+        if body and sh > 3 * body:
+            continue
+        centre = ((sx1 + sx2) / 2, (sy1 + sy2) / 2)
+        if any(b[0] <= centre[0] <= b[2] and b[1] <= centre[1] <= b[3] for b in skip):
+            continue
+        if _covered(seg, boxes) >= 0.5:
+            continue
+        pad = max(8, sh)  # the detector needs some white around a short line
+        out.append((max(0, sx1 - pad), max(0, sy1 - pad), min(w, sx2 + pad), min(h, sy2 + pad)))
+    return out
+
+
+def _covered(seg: Box, boxes: list[Box]) -> float:
+    """The share of ``seg``'s area under the boxes (boxes of one page's lines barely overlap)."""
+    area = max(1, (seg[2] - seg[0]) * (seg[3] - seg[1]))
+    inter = 0
+    for b in boxes:
+        iw = min(seg[2], b[2]) - max(seg[0], b[0])
+        ih = min(seg[3], b[3]) - max(seg[1], b[1])
+        if iw > 0 and ih > 0:
+            inter += iw * ih
+    return min(1.0, inter / area)
 
 
 def _units(analysis: PageAnalysis) -> list[Box]:

@@ -180,16 +180,24 @@ def _text_blocks(lines: list[Line], titles: list[Region], cjk: bool) -> list[_Bl
 def _continues(block: _Block, line: Line, body: int) -> bool:
     """The line follows the block's last line closely, in the same column, at the same size."""
     last = block.lines[-1]
-    # A line of short letters only ("качество регион", "neon ocean") has no ascenders: its box
-    # starts lower and is shorter than its neighbours' (15 px against 20 at 10 pt, 150 dpi). Its
-    # top is taken as the body text's height above its bottom, its height as at least 0.8 of it.
-    floor = 0.8 * body
-    top = min(line.box[1], line.box[3] - body)
-    gap = top - last.box[3]
     same_column = min(block.box[2], line.box[2]) - max(block.box[0], line.box[0]) > 0.3 * min(
         block.box[2] - block.box[0], line.box[2] - line.box[0])
+    # A line of short letters only ("качество регион", "neon ocean") has no ascenders: its box is
+    # shorter than its neighbours' (15 px against 20 at 10 pt, 150 dpi); its height counts as at
+    # least 0.8 of the body text's.
+    floor = 0.8 * body
     h1, h2 = max(floor, last.box[3] - last.box[1]), max(floor, line.box[3] - line.box[1])
-    return -0.3 * body < gap < 0.75 * body and same_column and 0.75 < h2 / max(1, h1) < 1.33
+    if not (same_column and 0.75 < h2 / max(1, h1) < 1.33 and line.box[1] - last.box[3] > -0.3 * body):
+        return False
+    if len(block.lines) >= 2:
+        # The block's own line pitch (centre to centre, which ascenders barely move): a new
+        # paragraph starts further down than the lines of this one are apart.
+        centres = [(l.box[1] + l.box[3]) / 2 for l in block.lines]
+        pitch = sorted(b - a for a, b in zip(centres, centres[1:]))[(len(centres) - 1) // 2]
+        if pitch > 0.5 * body:
+            return (line.box[1] + line.box[3]) / 2 - centres[-1] <= 1.35 * pitch
+    top = min(line.box[1], line.box[3] - body) if line.box[3] - line.box[1] < floor else line.box[1]
+    return top - last.box[3] < 0.75 * body
 
 
 def _mark_title(blocks: list[_Block], first_page: bool, height: int) -> None:

@@ -11,16 +11,20 @@ of the line's tall-glyph height across, a middle dot "·" when smaller; a single
 as wide as a tall glyph is high is an em dash "—".
 
 Characters are paired with ink glyphs (connected components grouped by horizontal overlap)
-one to one when their counts agree; otherwise only the first character of the line is checked
-against the first glyph (a list marker). Anything else is left as the engine read it.
+one to one when their counts agree; otherwise the line's first character is paired with its
+first glyph (a list marker), and one-character words with one-glyph ink words when the line's
+words and its ink words (split at wide gaps) agree in number. Anything else is left as the
+engine read it.
 """
 from __future__ import annotations
+
+import re
 
 import cv2
 import numpy as np
 
 # What engines write for a dot or a dash they cannot tell apart.
-CANDIDATES = frozenset("•·・∙⋅●◦*+.-–—−‐¢°")
+CANDIDATES = frozenset("•·・∙⋅●◦*+.:-–—−‐¢°")
 BULLET = "•"
 MIDDLE_DOT = "·"
 EM_DASH = "—"
@@ -39,8 +43,8 @@ def _glyphs(gray: np.ndarray) -> list[dict]:
     comps = []
     for i in range(1, n):
         x, y, w, hh, area = (int(v) for v in stats[i])
-        # neighbouring lines' ascenders and descenders reach into a padded box from its edges
-        if y + hh <= 0.25 * h or y >= 0.75 * h or area < 2:
+        # a neighbouring line's descenders or ascenders, cut by the crop's top or bottom edge
+        if area < 2 or ((y == 0 or y + hh == h) and hh < 0.5 * h):
             continue
         comps.append((x, y, w, hh, area))
     comps.sort()
@@ -62,7 +66,7 @@ def _decide(char: str, glyph: dict, tall: float, baseline: float) -> str:
     _, y, w, h, area = glyph["parts"][0]
     fill = area / max(1, w * h)
     raised = (baseline - (y + h / 2)) / tall
-    if 0.6 <= w / h <= 1.67 and fill >= 0.55 and 0.3 <= raised <= 0.75 and max(w, h) <= 0.8 * tall:
+    if 0.6 <= w / h <= 1.67 and fill >= 0.62 and 0.3 <= raised <= 0.65 and max(w, h) <= 0.8 * tall:
         return BULLET if max(w, h) / tall >= BULLET_MIN else MIDDLE_DOT
     if w / h >= 2.5 and fill >= 0.6 and 0.1 <= raised <= 0.75 and char in _DASHES and w / tall >= EM_DASH_MIN:
         return EM_DASH
@@ -82,13 +86,30 @@ def fix_symbols(text: str, gray: np.ndarray) -> str:
     if tall < 6 or not body:
         return text
     baseline = float(np.median([g["y2"] for g in body]))
-    chars = [i for i, c in enumerate(text) if not c.isspace()]
     out = list(text)
-    if len(chars) == len(glyphs):
-        pairs = list(zip(chars, glyphs))
-    else:  # the counts disagree (a letter in two pieces, a missed glyph): the list marker only
-        pairs = [(chars[0], glyphs[0])] if chars else []
-    for i, glyph in pairs:
+    for i, glyph in _pairs(text, glyphs, tall):
         if out[i] in CANDIDATES:
             out[i] = _decide(out[i], glyph, tall, baseline)
     return "".join(out)
+
+
+def _pairs(text: str, glyphs: list[dict], tall: float) -> list[tuple[int, dict]]:
+    """(index in text, glyph) of the characters that can be matched with their ink."""
+    chars = [i for i, c in enumerate(text) if not c.isspace()]
+    if not chars:
+        return []
+    if len(chars) == len(glyphs):
+        return list(zip(chars, glyphs))
+    pairs = [(chars[0], glyphs[0])]  # the list marker
+    # Letters that touch make fewer glyphs than characters: match words instead (ink words are
+    # split at gaps wider than 0.4 of a tall glyph), and the one-character words in them.
+    words: list[list[dict]] = [[glyphs[0]]]
+    for g in glyphs[1:]:
+        if g["x1"] - words[-1][-1]["x2"] >= 0.4 * tall:
+            words.append([g])
+        else:
+            words[-1].append(g)
+    spans = [(m.start(), m.group()) for m in re.finditer(r"\S+", text)]
+    if len(spans) == len(words):
+        pairs += [(start, ink[0]) for (start, word), ink in zip(spans, words) if len(word) == 1 and len(ink) == 1]
+    return pairs

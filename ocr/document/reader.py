@@ -104,9 +104,10 @@ class DocumentReader:
 def _check_symbols(lines: list[Line], page: Image.Image) -> list[Line]:
     """Lone dots and dashes re-decided from their ink (glyphs.py: the engines cannot tell them apart)."""
     gray = np.asarray(page.convert("L"))
+    pad = 2  # Tesseract's boxes touch the ink; a little white keeps a glyph apart from the edge
     for line in lines:
         x1, y1, x2, y2 = line.box
-        line.text = fix_symbols(line.text, gray[y1:y2, x1:x2])
+        line.text = fix_symbols(line.text, gray[max(0, y1 - pad):y2 + pad, max(0, x1 - pad):x2 + pad])
     return lines
 
 

@@ -106,13 +106,27 @@ def score_page(spec: PageSpec, blocks: list[dict], acc: dict) -> None:
                                            if (c.row, c.col) in got_cells else 0.0)
     # reading order on two-column pages (body blocks, furniture left out)
     if spec.two_column:
-        t_body = [b.text for b in spec.blocks if not b.category.startswith("Page-") and b.category != "Table"]
-        g_body = [b for b in blocks if not (b["category"] or "").startswith("Page-") and b["category"] != "Table"]
+        t_body = [b.text for b in spec.blocks if not b.category.startswith("Page-") and b.category not in OBJECTS]
+        g_body = [b for b in blocks if not (b["category"] or "").startswith("Page-") and b["category"] not in OBJECTS]
         pairs = sorted(match(t_body, [b["text"] for b in g_body], 0.6))
         acc["tau"].append(kendall_tau([g_body[j]["reading_order"] for _, j in pairs]))
-    # text CER over the text blocks (tables are scored by their cells)
-    t_text = [b.text for b in spec.blocks if b.category != "Table"]
-    g_text = [b["text"] for b in blocks if b["category"] != "Table"]
+    # captions: found as Caption and read right beside their figure or table
+    for k, tb in enumerate(spec.blocks):
+        if tb.category != "Caption":
+            continue
+        obj = next(spec.blocks[j] for j in (k + 1, k - 1) if 0 <= j < len(spec.blocks)
+                   and spec.blocks[j].category in OBJECTS)
+        acc["caption_n"] += 1
+        got = max(blocks, key=lambda g: sim(tb.text, g["text"]))
+        if got["category"] != "Caption" or sim(tb.text, got["text"]) < 0.6:
+            continue
+        acc["caption_found"] += 1
+        i = blocks.index(got)
+        beside = [blocks[j] for j in (i - 1, i + 1) if 0 <= j < len(blocks)]
+        acc["caption_beside"] += any(g["category"] in OBJECTS and _iou(obj.box, g["box"]) > 0.5 for g in beside)
+    # text CER over the text blocks (tables are scored by their cells, figures carry no text)
+    t_text = [b.text for b in spec.blocks if b.category not in OBJECTS]
+    g_text = [b["text"] for b in blocks if b["category"] not in OBJECTS]
     for i, j in match(t_text, g_text, 0.3):
         t, g = norm(t_text[i]), norm(g_text[j])
         acc[f"cer_{lang}"].append((levenshtein(t, g), len(t)))
@@ -121,6 +135,7 @@ def score_page(spec: PageSpec, blocks: list[dict], acc: dict) -> None:
 
 
 HEADS_ALL = ("Title", "Section-header")
+OBJECTS = ("Table", "Picture")
 
 
 def _iou(a, b) -> float:
@@ -133,7 +148,7 @@ def _iou(a, b) -> float:
 
 def new_acc() -> dict:
     acc = {k: 0 for k in ("head_tp", "head_fp", "head_fn", "ruled_n", "ruled_exact", "borderless_n",
-                          "borderless_exact")}
+                          "borderless_exact", "caption_n", "caption_found", "caption_beside")}
     acc.update({"ruled_cell_sims": [], "borderless_cell_sims": [], "tau": [], "cer_en": [], "cer_zh": [],
                 "cer_ru": []})
     return acc
@@ -154,6 +169,8 @@ def report(acc: dict) -> dict:
             "borderless_cell_similarity": round(statistics.mean(acc["borderless_cell_sims"]), 3)
             if acc["borderless_cell_sims"] else None,
             "two_column_kendall_tau": round(statistics.mean(acc["tau"]), 3) if acc["tau"] else None,
+            "captions_found": f"{acc['caption_found']}/{acc['caption_n']}",
+            "captions_beside_their_object": f"{acc['caption_beside']}/{acc['caption_n']}",
             "cer_en": _r(cer("cer_en")), "cer_zh": _r(cer("cer_zh")), "cer_ru": _r(cer("cer_ru"))}
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from core.errors import Cancelled, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
 from core.types import CancelToken, Capability
 from models.adapter import InstallState, ModelSpec
-from ocr.document.tables import Grid, find_grids, ruling_masks, segments
+from ocr.document.tables import Grid, find_grids, paper_grids, ruling_masks, segments
 
 log = logging.getLogger("chatvlm.ocr.document")
 
@@ -156,7 +156,7 @@ class LayoutPipelineAdapter:
             raise Cancelled("request cancelled")
         gray = np.asarray(rgb.convert("L"))
         ink, horizontal, vertical = ruling_masks(gray)
-        grids = find_grids(horizontal, vertical)
+        grids = paper_grids(find_grids(horizontal, vertical), gray)
         return PageAnalysis(angle, rgb, regions, grids, segments(ink, horizontal, vertical) if with_segments else [])
 
     def analyze_upright(self, image: Image.Image, cancel: CancelToken) -> PageAnalysis:

@@ -98,14 +98,21 @@ def assemble(lines: list[Line], analysis: PageAnalysis, *, first_page: bool, cjk
         rest = [l for l in rest if not _inside(_centre(l.box), grid.box)]
         fill_cells(grid, [(l.text, l.box) for l in inside], joiner)
         blocks.append(_Block("Table", inside, grid, extra={"ruled": True}).finish())
-    for region in analysis.regions:
-        if region.label != "table" or any(_overlap(region.box, g.box) > 0.3 for g in analysis.grids):
+    # The model sometimes calls a borderless table a figure: a figure region whose text fills a
+    # grid of at least 3 rows (two cells in three or more) is read as a table too.
+    candidates = [r for r in analysis.regions if r.label == "table"] + \
+                 [r for r in analysis.regions if r.label == "figure"]
+    for region in candidates:
+        if any(_overlap(region.box, g.box) > 0.3 for g in analysis.grids) or \
+                any(b.category == "Table" and _overlap(region.box, b.box) > 0.5 for b in blocks):
             continue
         inside = [l for l in rest if _inside(_centre(l.box), region.box)]
         grid = borderless(region.box, [(l.text, l.box) for l in inside], joiner)
-        if grid is not None:
-            rest = [l for l in rest if l not in inside]
-            blocks.append(_Block("Table", inside, grid, extra={"ruled": False}).finish())
+        if grid is None or (region.label == "figure" and (
+                grid.rows < 3 or 3 * sum(bool(c.text) for c in grid.cells) < 2 * len(grid.cells))):
+            continue
+        rest = [l for l in rest if l not in inside]
+        blocks.append(_Block("Table", inside, grid, extra={"ruled": False}).finish())
     # 2. regions whose category the model decides (figures, captions, formulas, headers, footers);
     # a "caption" in large type is the section heading above a table, which the model often mistakes
     body = _body_height(rest)

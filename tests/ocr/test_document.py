@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw
 
 from core.errors import InvalidParameter
 from ocr.document.adapter import PageAnalysis, Region
-from ocr.document.assemble import Line, assemble
-from ocr.document.tables import borderless, find_grids, ruling_masks, to_html
+from ocr.document.assemble import Line, _overlap, assemble
+from ocr.document.tables import borderless, find_grids, paper_grids, ruling_masks, to_html
 from ocr.page_ranges import parse_pages
 
 
@@ -170,3 +170,20 @@ def test_caption_above_a_figure_and_captions_far_from_any_object():
     assert ("Text", "Table 3 shows that nothing is here.") in order   # a label word alone is not a caption
     assert order[-1] == ("Caption", "Table 9. An orphan caption")    # no object within reach: its own place
     assert blocks[p].box == (100, 330, 600, 640)                      # a picture keeps the model's box
+
+
+def test_a_bar_chart_is_not_a_ruled_table():
+    """A generated page's bar chart: its filled bars have straight edges the rule masks keep, and
+    their grid is dropped; the page's ruled table is kept (seed of the tests, not the benchmark)."""
+    from scripts.make_doc_pages import draw_png, make_page
+
+    spec = make_page(0, "en", two_column=False, seed=101)
+    gray = np.asarray(draw_png(spec).convert("L"))
+    _, h, v = ruling_masks(gray)
+    grids = find_grids(h, v)
+    kept = paper_grids(grids, gray)
+    truth = next(b for b in spec.blocks if b.category == "Table" and b.ruled)
+    chart = next(b for b in spec.blocks if b.category == "Picture")
+    assert any(_overlap(g.box, tuple(chart.box)) > 0.5 for g in grids)  # the bars did look like a grid
+    assert len(kept) == 1 and (kept[0].rows, kept[0].cols) == (5, 4)
+    assert _overlap(kept[0].box, tuple(truth.box)) > 0.9

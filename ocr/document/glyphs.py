@@ -66,7 +66,7 @@ def _decide(char: str, glyph: dict, tall: float, baseline: float) -> str:
     _, y, w, h, area = glyph["parts"][0]
     fill = area / max(1, w * h)
     raised = (baseline - (y + h / 2)) / tall
-    if 0.6 <= w / h <= 1.67 and fill >= 0.62 and 0.3 <= raised <= 0.65 and max(w, h) <= 0.8 * tall:
+    if 0.6 <= w / h <= 1.67 and fill >= 0.62 and 0.3 <= raised <= 0.8 and max(w, h) <= 0.8 * tall:
         return BULLET if max(w, h) / tall >= BULLET_MIN else MIDDLE_DOT
     if w / h >= 2.5 and fill >= 0.6 and 0.1 <= raised <= 0.75 and char in _DASHES and w / tall >= EM_DASH_MIN:
         return EM_DASH
@@ -81,7 +81,9 @@ def fix_symbols(text: str, gray: np.ndarray) -> str:
     if not glyphs:
         return text
     heights = sorted(g["y2"] - g["y1"] for g in glyphs)
-    tall = float(heights[min(len(heights) - 1, int(0.9 * len(heights)))])
+    # the height of capitals and ascenders; a line of Cyrillic lower case has few of them, so its
+    # 90th percentile can be the x-height: the tallest glyph (a capital, a bracket) bounds it below
+    tall = max(float(heights[min(len(heights) - 1, int(0.9 * len(heights)))]), 0.8 * heights[-1])
     body = [g for g in glyphs if g["y2"] - g["y1"] >= 0.5 * tall]
     if tall < 6 or not body:
         return text

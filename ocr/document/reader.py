@@ -166,12 +166,17 @@ def _units(analysis: PageAnalysis) -> list[Box]:
 def _paragraphs(segments: list[Box]) -> list[Box]:
     """Merge line segments that stack closely in one column into paragraph boxes."""
     out: list[list[int]] = []
+    heights = sorted(s[3] - s[1] for s in segments)
+    line_h = heights[len(heights) // 2] if heights else 0  # most segments are one line of text
     for s in sorted(segments, key=lambda b: (b[1], b[0])):
         h = s[3] - s[1]
         for p in reversed(out):
             overlap = min(p[2], s[2]) - max(p[0], s[0])
             v_overlap = min(p[3], s[3]) - max(p[1], s[1])
-            same_line = v_overlap > 0.5 * min(h, p[3] - p[1]) and -h < s[0] - p[2] < 1.5 * h  # words of a heading
+            # words of a heading: side by side, a word space apart (of one line's height, not of a
+            # paragraph's: two columns' paragraphs are side by side too, a gutter apart)
+            gap = min(h, p[3] - p[1], line_h)
+            same_line = v_overlap > 0.5 * min(h, p[3] - p[1]) and -gap < s[0] - p[2] < gap
             if same_line or (overlap > 0.3 * min(p[2] - p[0], s[2] - s[0]) and 0 <= s[1] - p[3] < 0.8 * h):
                 p[0], p[1], p[2], p[3] = min(p[0], s[0]), min(p[1], s[1]), max(p[2], s[2]), max(p[3], s[3])
                 break

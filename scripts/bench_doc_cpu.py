@@ -1,6 +1,6 @@
 """Quality and speed of the CPU document pipeline (doc_cpu) on generated pages of known structure.
 
-    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--job-pages 200]
+    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--job-pages 200] [--only quality] [--errors]
 
 Starts a real server (no weights: RapidOCR, Tesseract, doc_cpu), sends the quality set made by
 scripts/make_doc_pages.py (a seed the tests do not use), and prints:
@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--job-pages", type=int, default=200)
     ap.add_argument("--only", choices=("quality", "speed", "jobs"), help="run one part only")
+    ap.add_argument("--errors", action="store_true", help="print each text block the CER counts errors in")
     args = ap.parse_args()
     specs = quality_set(args.pages, args.seed)
     images = {s.name: draw_png(s) for s in specs}
@@ -244,19 +245,40 @@ def main() -> None:
         post(server, png(images[specs[0].name]), "warm.png")
         results = {}
         if args.only in (None, "quality"):
-            quality(server, specs, images, results)
+            quality(server, specs, images, results, args.errors)
         if args.only in (None, "speed"):
             speed(server, specs, images)
         if args.only in (None, "jobs"):
             jobs(server, specs, images, args.job_pages)
 
 
-def quality(server, specs, images, results) -> None:
+def print_errors(spec: PageSpec, blocks: list[dict]) -> None:
+    """The text blocks the CER counts errors in: truth against its matched answer, as edits."""
+    import difflib
+
+    truth = [b for b in spec.blocks if b.category not in OBJECTS]
+    got = [b for b in blocks if b["category"] not in OBJECTS]
+    pairs = dict(match([b.text for b in truth], [g["text"] for g in got], 0.3))
+    for i, tb in enumerate(truth):
+        t = norm(tb.text)
+        if i not in pairs:
+            print(f"  {spec.name} {tb.category}: not found: {tb.text!r}")
+            continue
+        g = norm(got[pairs[i]]["text"])
+        if t != g:
+            ops = difflib.SequenceMatcher(None, t, g, autojunk=False).get_opcodes()
+            edits = [(op, t[a:b], g[c:d]) for op, a, b, c, d in ops if op != "equal"]
+            print(f"  {spec.name} {tb.category} [{levenshtein(t, g)}/{len(t)}]: {edits}")
+
+
+def quality(server, specs, images, results, show_errors: bool = False) -> None:
     # quality on scans
     acc = new_acc()
     for s in specs:
         body, _ = post(server, png(images[s.name]), s.name + ".png", format="json", language=LANG[s.language])
         score_page(s, body["blocks"], acc)
+        if show_errors:
+            print_errors(s, body["blocks"])
     results["scanned (PNG)"] = report(acc)
     # quality on text-layer PDFs (en, ru: the generator embeds DejaVu only)
     acc = new_acc()

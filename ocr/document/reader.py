@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from core.errors import BadRequest
+from core.errors import BadRequest, Overloaded
 from core.types import CancelToken, Capability, OcrBlock
 from models.adapter import OcrOptions
 from models.manager import ModelManager
@@ -92,8 +92,15 @@ class DocumentReader:
             lines = [Line(b.text, b.box, b.confidence) for b in result.blocks if b.box is not None]
             # The detector sees the page scaled down to its input size: small print it missed
             # there (an 8-pt page number) is read again from its own crop at full resolution.
-            missed = _missed(analysis, lines)
-            found = await asyncio.gather(*(one(u) for u in missed))
+            # Best effort: when the engine is too busy for these extra calls to finish before the
+            # deadline (another page's full-page call ahead of them), the page goes without them.
+            async def again(box: Box) -> list[Line]:
+                try:
+                    return await one(box)
+                except Overloaded:
+                    return []
+
+            found = await asyncio.gather(*(again(u) for u in _missed(analysis, lines)))
             lines += [line for part in found for line in part]
         else:
             found = await asyncio.gather(*(one(u) for u in _units(analysis)))

@@ -1,6 +1,6 @@
 """Quality and speed of the CPU document pipeline (doc_cpu) on generated pages of known structure.
 
-    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--job-pages 200]
+    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--job-pages 200] [--only quality] [--errors]
 
 Starts a real server (no weights: RapidOCR, Tesseract, doc_cpu), sends the quality set made by
 scripts/make_doc_pages.py (a seed the tests do not use), and prints:
@@ -106,13 +106,27 @@ def score_page(spec: PageSpec, blocks: list[dict], acc: dict) -> None:
                                            if (c.row, c.col) in got_cells else 0.0)
     # reading order on two-column pages (body blocks, furniture left out)
     if spec.two_column:
-        t_body = [b.text for b in spec.blocks if not b.category.startswith("Page-") and b.category != "Table"]
-        g_body = [b for b in blocks if not (b["category"] or "").startswith("Page-") and b["category"] != "Table"]
+        t_body = [b.text for b in spec.blocks if not b.category.startswith("Page-") and b.category not in OBJECTS]
+        g_body = [b for b in blocks if not (b["category"] or "").startswith("Page-") and b["category"] not in OBJECTS]
         pairs = sorted(match(t_body, [b["text"] for b in g_body], 0.6))
         acc["tau"].append(kendall_tau([g_body[j]["reading_order"] for _, j in pairs]))
-    # text CER over the text blocks (tables are scored by their cells)
-    t_text = [b.text for b in spec.blocks if b.category != "Table"]
-    g_text = [b["text"] for b in blocks if b["category"] != "Table"]
+    # captions: found as Caption and read right beside their figure or table
+    for k, tb in enumerate(spec.blocks):
+        if tb.category != "Caption":
+            continue
+        obj = next(spec.blocks[j] for j in (k + 1, k - 1) if 0 <= j < len(spec.blocks)
+                   and spec.blocks[j].category in OBJECTS)
+        acc["caption_n"] += 1
+        got = max(blocks, key=lambda g: sim(tb.text, g["text"]))
+        if got["category"] != "Caption" or sim(tb.text, got["text"]) < 0.6:
+            continue
+        acc["caption_found"] += 1
+        i = blocks.index(got)
+        beside = [blocks[j] for j in (i - 1, i + 1) if 0 <= j < len(blocks)]
+        acc["caption_beside"] += any(g["category"] in OBJECTS and _iou(obj.box, g["box"]) > 0.5 for g in beside)
+    # text CER over the text blocks (tables are scored by their cells, figures carry no text)
+    t_text = [b.text for b in spec.blocks if b.category not in OBJECTS]
+    g_text = [b["text"] for b in blocks if b["category"] not in OBJECTS]
     for i, j in match(t_text, g_text, 0.3):
         t, g = norm(t_text[i]), norm(g_text[j])
         acc[f"cer_{lang}"].append((levenshtein(t, g), len(t)))
@@ -121,6 +135,7 @@ def score_page(spec: PageSpec, blocks: list[dict], acc: dict) -> None:
 
 
 HEADS_ALL = ("Title", "Section-header")
+OBJECTS = ("Table", "Picture")
 
 
 def _iou(a, b) -> float:
@@ -133,7 +148,7 @@ def _iou(a, b) -> float:
 
 def new_acc() -> dict:
     acc = {k: 0 for k in ("head_tp", "head_fp", "head_fn", "ruled_n", "ruled_exact", "borderless_n",
-                          "borderless_exact")}
+                          "borderless_exact", "caption_n", "caption_found", "caption_beside")}
     acc.update({"ruled_cell_sims": [], "borderless_cell_sims": [], "tau": [], "cer_en": [], "cer_zh": [],
                 "cer_ru": []})
     return acc
@@ -154,6 +169,8 @@ def report(acc: dict) -> dict:
             "borderless_cell_similarity": round(statistics.mean(acc["borderless_cell_sims"]), 3)
             if acc["borderless_cell_sims"] else None,
             "two_column_kendall_tau": round(statistics.mean(acc["tau"]), 3) if acc["tau"] else None,
+            "captions_found": f"{acc['caption_found']}/{acc['caption_n']}",
+            "captions_beside_their_object": f"{acc['caption_beside']}/{acc['caption_n']}",
             "cer_en": _r(cer("cer_en")), "cer_zh": _r(cer("cer_zh")), "cer_ru": _r(cer("cer_ru"))}
 
 
@@ -215,6 +232,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--job-pages", type=int, default=200)
     ap.add_argument("--only", choices=("quality", "speed", "jobs"), help="run one part only")
+    ap.add_argument("--errors", action="store_true", help="print each text block the CER counts errors in")
     args = ap.parse_args()
     specs = quality_set(args.pages, args.seed)
     images = {s.name: draw_png(s) for s in specs}
@@ -227,19 +245,40 @@ def main() -> None:
         post(server, png(images[specs[0].name]), "warm.png")
         results = {}
         if args.only in (None, "quality"):
-            quality(server, specs, images, results)
+            quality(server, specs, images, results, args.errors)
         if args.only in (None, "speed"):
             speed(server, specs, images)
         if args.only in (None, "jobs"):
             jobs(server, specs, images, args.job_pages)
 
 
-def quality(server, specs, images, results) -> None:
+def print_errors(spec: PageSpec, blocks: list[dict]) -> None:
+    """The text blocks the CER counts errors in: truth against its matched answer, as edits."""
+    import difflib
+
+    truth = [b for b in spec.blocks if b.category not in OBJECTS]
+    got = [b for b in blocks if b["category"] not in OBJECTS]
+    pairs = dict(match([b.text for b in truth], [g["text"] for g in got], 0.3))
+    for i, tb in enumerate(truth):
+        t = norm(tb.text)
+        if i not in pairs:
+            print(f"  {spec.name} {tb.category}: not found: {tb.text!r}")
+            continue
+        g = norm(got[pairs[i]]["text"])
+        if t != g:
+            ops = difflib.SequenceMatcher(None, t, g, autojunk=False).get_opcodes()
+            edits = [(op, t[a:b], g[c:d]) for op, a, b, c, d in ops if op != "equal"]
+            print(f"  {spec.name} {tb.category} [{levenshtein(t, g)}/{len(t)}]: {edits}")
+
+
+def quality(server, specs, images, results, show_errors: bool = False) -> None:
     # quality on scans
     acc = new_acc()
     for s in specs:
         body, _ = post(server, png(images[s.name]), s.name + ".png", format="json", language=LANG[s.language])
         score_page(s, body["blocks"], acc)
+        if show_errors:
+            print_errors(s, body["blocks"])
     results["scanned (PNG)"] = report(acc)
     # quality on text-layer PDFs (en, ru: the generator embeds DejaVu only)
     acc = new_acc()

@@ -73,7 +73,8 @@ class PageSpec:
     language: str
     two_column: bool
     blocks: list[TruthBlock] = field(default_factory=list)  # in reading order
-    # drawing operations in points: ("text", x, y, size, bold, s) and ("line", x1, y1, x2, y2)
+    # drawing operations in points: ("text", x, y, size, bold, s), ("line", x1, y1, x2, y2) and
+    # ("rect", x1, y1, x2, y2, grey) (a filled bar of a chart)
     ops: list[tuple] = field(default_factory=list)
 
 
@@ -118,6 +119,21 @@ class _Writer:
         sep = "" if self.spec.language == "zh" else " "
         self.spec.blocks.append(TruthBlock(category, sep.join(lines), box))
         self.y += gap
+
+    def figure(self, width: float, height: float, rng: random.Random) -> None:
+        """A bar chart without text (axes and filled bars), centred in the frame."""
+        x0 = self.x + (self.width - width) / 2
+        top, bottom = self.y, self.y + height
+        self.spec.ops.append(("line", x0, top, x0, bottom))
+        self.spec.ops.append(("line", x0, bottom, x0 + width, bottom))
+        n = 6
+        step = (width - 10) / n
+        for i in range(n):
+            bar_top = top + rng.uniform(0.05, 0.7) * height
+            self.spec.ops.append(("rect", x0 + 10 + i * step, bar_top, x0 + 10 + i * step + step * 0.6, bottom,
+                                  rng.choice((60, 110, 160))))
+        self.spec.blocks.append(TruthBlock("Picture", "", _px_box(x0, top, x0 + width, bottom)))
+        self.y = bottom + 8
 
     def table(self, rows: list[list[str]], ruled: bool, span_header: str | None, size: float = 10) -> None:
         """A table; with ``span_header`` a first header row whose cell spans every column but the first."""
@@ -176,6 +192,17 @@ def _px_box(x1: float, y1: float, x2: float, y2: float) -> list[int]:
     return [round(x1 * PX), round(y1 * PX), round(x2 * PX), round(y2 * PX)]
 
 
+CAPTION_LABELS = {"en": ("Figure", "Table"), "ru": ("Рисунок", "Таблица"), "zh": ("图", "表")}
+
+
+def _caption(rng: random.Random, lang: str, kind: str, number: int) -> str:
+    label = CAPTION_LABELS[lang][0 if kind == "figure" else 1]
+    words = [rng.choice(WORDS[lang]) for _ in range(6 if lang == "zh" else 4)]
+    if lang == "zh":
+        return f"{label}{number} " + "".join(words)
+    return f"{label} {number}. " + " ".join(words).capitalize()
+
+
 def _sentence(rng: random.Random, lang: str, n: int) -> str:
     words = [rng.choice(WORDS[lang]) for _ in range(n)]
     if lang == "zh":
@@ -214,6 +241,7 @@ def make_page(index: int, language: str, two_column: bool, seed: int = 7) -> Pag
                              str(rng.randint(10, 99)), str(2018 + r)] for r in range(3)]
     span = {"en": "Amount, thousands", "ru": "Сумма, тыс.", "zh": "金额（千元）"}[language]
     w.text_block("Section-header", f"{number}.1 {sections[(index + 1) % len(sections)]}", 13, bold=True)
+    w.text_block("Caption", _caption(rng, language, "table", index + 1), 9, gap=6)
     w.table(rows, ruled=True, span_header=span)
     if two_column:
         colw = (width - 20) / 2
@@ -230,6 +258,10 @@ def make_page(index: int, language: str, two_column: bool, seed: int = 7) -> Pag
         brows = [[rng.choice(WORDS[language]), str(rng.randint(100, 999)), str(rng.randint(100, 999))]
                  for _ in range(4)]
         w.table([[heads[0], heads[1], heads[2]]] + brows, ruled=False, span_header=None)
+    w.y += 6
+    w.figure(min(width, 260.0), 110.0, rng)
+    fig_caption = _caption(rng, language, "figure", index + 1)
+    w.text_block("Caption", fig_caption, 9, indent=(width - _width_pt(fig_caption, language, 9)) / 2)
     foot = _Writer(spec, margin, width, PAGE_PT[1] - 40)
     foot.text_block("Page-footer", f"— {index + 1} —", 8, gap=0)
     return spec
@@ -242,6 +274,9 @@ def draw_png(spec: PageSpec) -> Image.Image:
         if op[0] == "text":
             _, x, y, size, bold, s = op
             d.text((x * PX, y * PX), s, fill="black", font=_font(spec.language, bold, size * PX))
+        elif op[0] == "rect":
+            _, x1, y1, x2, y2, grey = op
+            d.rectangle((x1 * PX, y1 * PX, x2 * PX, y2 * PX), fill=(grey, grey, grey))
         else:
             _, x1, y1, x2, y2 = op
             d.line((x1 * PX, y1 * PX, x2 * PX, y2 * PX), fill="black", width=2)
@@ -265,6 +300,10 @@ def draw_pdf(specs: list[PageSpec]) -> bytes:
                 pdf.set_font("dv", "B" if bold else "", size)
                 # fpdf2's text() takes the baseline; Pillow's y is the top of the ascent.
                 pdf.text(x, y + size * 0.93, s)
+            elif op[0] == "rect":
+                _, x1, y1, x2, y2, grey = op
+                pdf.set_fill_color(grey)
+                pdf.rect(x1, y1, x2 - x1, y2 - y1, style="F")
             else:
                 _, x1, y1, x2, y2 = op
                 pdf.line(x1, y1, x2, y2)

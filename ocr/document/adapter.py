@@ -30,7 +30,7 @@ from PIL import Image
 from core.errors import Cancelled, ModelLoadFailed, ModelNotInstalled, ModelUnavailable
 from core.types import CancelToken, Capability
 from models.adapter import InstallState, ModelSpec
-from ocr.document.tables import Grid, find_grids, ruling_masks, segments
+from ocr.document.tables import Grid, find_grids, paper_grids, ruling_masks, segments
 
 log = logging.getLogger("chatvlm.ocr.document")
 
@@ -131,7 +131,8 @@ class LayoutPipelineAdapter:
         return True
 
     # ---- the work ------------------------------------------------------------------
-    def analyze(self, image: Image.Image, cancel: CancelToken, *, detect_orientation: bool = True) -> PageAnalysis:
+    def analyze(self, image: Image.Image, cancel: CancelToken, *, detect_orientation: bool = True,
+                with_segments: bool = True) -> PageAnalysis:
         """Turn the page upright, then find its layout regions, ruled tables and ink segments."""
         layout, orientation = self._layout, self._orientation
         if layout is None:
@@ -155,12 +156,13 @@ class LayoutPipelineAdapter:
             raise Cancelled("request cancelled")
         gray = np.asarray(rgb.convert("L"))
         ink, horizontal, vertical = ruling_masks(gray)
-        grids = find_grids(horizontal, vertical)
-        return PageAnalysis(angle, rgb, regions, grids, segments(ink, horizontal, vertical))
+        grids = paper_grids(find_grids(horizontal, vertical), gray)
+        return PageAnalysis(angle, rgb, regions, grids, segments(ink, horizontal, vertical) if with_segments else [])
 
     def analyze_upright(self, image: Image.Image, cancel: CancelToken) -> PageAnalysis:
-        """``analyze`` for a page known to be upright (a PDF page with a text layer)."""
-        return self.analyze(image, cancel, detect_orientation=False)
+        """``analyze`` for a page known to be upright (a PDF page with a text layer, read without OCR:
+        the ink segments, which only guide the OCR engines, are not needed)."""
+        return self.analyze(image, cancel, detect_orientation=False, with_segments=False)
 
     def _angle(self, orientation: Any, rgb: Image.Image) -> int:
         """The classifier's turn when it is sure, else 0 (a wrong turn would ruin an upright page)."""

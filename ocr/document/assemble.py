@@ -12,13 +12,22 @@ text is a heading, a line starting with a bullet or a number is a List-item, and
 follow each other closely in the same column make a paragraph. Lines in the top or bottom
 margin band are page headers and footers even where the model saw none.
 
-Reading order: page headers first, then the body in bands separated by full-width blocks, each
+Reading order: page headers first, then the body in bands separated by full-width blocks (and by
+narrower blocks that cross the gutter between two columns, such as a centred figure), each
 band read column by column (columns split at vertical gaps no block crosses), then footers.
+Captions are then moved beside their figure or table: a caption (the model's figure_caption or
+table_caption, or a text block starting "Figure 2", "Table 1", "Рисунок", "Таблица", "图", "表")
+belongs to the nearest Picture or Table that overlaps it horizontally by more than 30% of the
+narrower of the two and lies within 3 body lines or 3% of the page height above or below it; it is
+read right before that object when it is above it, right after it when below. A caption with
+no such object keeps its place.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from core.types import OcrBlock
 from ocr.document.adapter import PageAnalysis, Region
@@ -32,6 +41,9 @@ _FIXED = {"figure", "figure_caption", "table_caption", "equation", "header", "fo
 LIST_START = re.compile(r"^\s*(?:[•·▪●◦■□➢►・]\s*|(?:[-–*+.]|\(?\d{1,3}[.)]|[a-zA-Zа-яА-Я][.)])\s+)\S")
 _NUMBERED_HEADING = re.compile(r"^\s*\d+(?:\.\d+)*\.?\s+\S")
 MARGIN_BAND = 0.06  # of the page height: page headers above it, footers below
+CAPTION_START = re.compile(r"^\s*(?:fig(?:ure)?\.?|table|tab\.|рис(?:унок)?\.?|таблица|табл\.|图|表)\s*\d",
+                           re.IGNORECASE)
+CAPTION_REACH = 0.03  # of the page height (or 3 body lines, the larger): how far a caption sits from its object
 
 
 @dataclass
@@ -86,14 +98,21 @@ def assemble(lines: list[Line], analysis: PageAnalysis, *, first_page: bool, cjk
         rest = [l for l in rest if not _inside(_centre(l.box), grid.box)]
         fill_cells(grid, [(l.text, l.box) for l in inside], joiner)
         blocks.append(_Block("Table", inside, grid, extra={"ruled": True}).finish())
-    for region in analysis.regions:
-        if region.label != "table" or any(_overlap(region.box, g.box) > 0.3 for g in analysis.grids):
+    # The model sometimes calls a borderless table a figure: a figure region whose text fills a
+    # grid of at least 3 rows (two cells in three or more) is read as a table too.
+    candidates = [r for r in analysis.regions if r.label == "table"] + \
+                 [r for r in analysis.regions if r.label == "figure"]
+    for region in candidates:
+        if any(_overlap(region.box, g.box) > 0.3 for g in analysis.grids) or \
+                any(b.category == "Table" and _overlap(region.box, b.box) > 0.5 for b in blocks):
             continue
         inside = [l for l in rest if _inside(_centre(l.box), region.box)]
         grid = borderless(region.box, [(l.text, l.box) for l in inside], joiner)
-        if grid is not None:
-            rest = [l for l in rest if l not in inside]
-            blocks.append(_Block("Table", inside, grid, extra={"ruled": False}).finish())
+        if grid is None or (region.label == "figure" and (
+                grid.rows < 3 or 3 * sum(bool(c.text) for c in grid.cells) < 2 * len(grid.cells))):
+            continue
+        rest = [l for l in rest if l not in inside]
+        blocks.append(_Block("Table", inside, grid, extra={"ruled": False}).finish())
     # 2. regions whose category the model decides (figures, captions, formulas, headers, footers);
     # a "caption" in large type is the section heading above a table, which the model often mistakes
     body = _body_height(rest)
@@ -101,11 +120,14 @@ def assemble(lines: list[Line], analysis: PageAnalysis, *, first_page: bool, cjk
         inside = [l for l in rest if _inside(_centre(l.box), region.box)]
         if region.label.endswith("caption") and any(l.box[3] - l.box[1] >= 1.15 * body for l in inside):
             continue
+        if region.label == "figure" and any(b.category == "Table" and _overlap(region.box, b.box) > 0.5
+                                            for b in blocks):
+            continue  # the model sometimes sees a borderless table as a figure as well
         if inside or region.label == "figure":
             rest = [l for l in rest if l not in inside]
             blk = _Block(CDLA_TO_DOTS[region.label], sorted(inside, key=lambda l: (l.box[1], l.box[0])))
             blk.finish()
-            if not inside:
+            if not inside or region.label == "figure":
                 blk.box = region.box
             blocks.append(blk)
     # 3. margin bands: page furniture even where the model saw none
@@ -117,7 +139,12 @@ def assemble(lines: list[Line], analysis: PageAnalysis, *, first_page: bool, cjk
     # 4. the rest: headings, list items and paragraphs from the lines' geometry
     blocks += _text_blocks(rest, [r for r in analysis.regions if r.label == "title"], cjk)
     _mark_title(blocks, first_page, height)
-    ordered = reading_order(blocks, width)
+    reach = max(3 * body, CAPTION_REACH * height)
+    for b in blocks:  # "Figure 2.", "Таблица 1", "表1" beside a figure or table, which the model missed
+        if b.category == "Text" and CAPTION_START.match(b.lines[0].text if b.lines else "") and \
+                _caption_target(b, blocks, reach) is not None:
+            b.category = "Caption"
+    ordered = place_captions(reading_order(blocks, width), reach)
     return [_to_ocr_block(b, joiner) for b in ordered]
 
 
@@ -180,11 +207,24 @@ def _text_blocks(lines: list[Line], titles: list[Region], cjk: bool) -> list[_Bl
 def _continues(block: _Block, line: Line, body: int) -> bool:
     """The line follows the block's last line closely, in the same column, at the same size."""
     last = block.lines[-1]
-    gap = line.box[1] - last.box[3]
     same_column = min(block.box[2], line.box[2]) - max(block.box[0], line.box[0]) > 0.3 * min(
         block.box[2] - block.box[0], line.box[2] - line.box[0])
-    h1, h2 = last.box[3] - last.box[1], line.box[3] - line.box[1]
-    return -0.3 * body < gap < 0.75 * body and same_column and 0.75 < h2 / max(1, h1) < 1.33
+    # A line of short letters only ("качество регион", "neon ocean") has no ascenders: its box is
+    # shorter than its neighbours' (15 px against 20 at 10 pt, 150 dpi); its height counts as at
+    # least 0.8 of the body text's.
+    floor = 0.8 * body
+    h1, h2 = max(floor, last.box[3] - last.box[1]), max(floor, line.box[3] - line.box[1])
+    if not (same_column and 0.75 < h2 / max(1, h1) < 1.33 and line.box[1] - last.box[3] > -0.3 * body):
+        return False
+    if len(block.lines) >= 2:
+        # The block's own line pitch (centre to centre, which ascenders barely move): a new
+        # paragraph starts further down than the lines of this one are apart.
+        centres = [(l.box[1] + l.box[3]) / 2 for l in block.lines]
+        pitch = sorted(b - a for a, b in zip(centres, centres[1:]))[(len(centres) - 1) // 2]
+        if pitch > 0.5 * body:
+            return (line.box[1] + line.box[3]) / 2 - centres[-1] <= 1.35 * pitch
+    top = min(line.box[1], line.box[3] - body) if line.box[3] - line.box[1] < floor else line.box[1]
+    return top - last.box[3] < 0.75 * body
 
 
 def _mark_title(blocks: list[_Block], first_page: bool, height: int) -> None:
@@ -209,10 +249,11 @@ def reading_order(blocks: list[_Block], page_width: int) -> list[_Block]:
         return headers + footers
     left, right = min(b.box[0] for b in body), max(b.box[2] for b in body)
     full = 0.6 * (right - left)
+    spanning = _spanning([b for b in body if b.box[2] - b.box[0] < full], left, right)
     out: list[_Block] = []
     band: list[_Block] = []
     for b in body:
-        if b.box[2] - b.box[0] >= full:
+        if b.box[2] - b.box[0] >= full or id(b) in spanning:
             out += _columns(band)
             band = []
             out.append(b)
@@ -220,6 +261,72 @@ def reading_order(blocks: list[_Block], page_width: int) -> list[_Block]:
             band.append(b)
     out += _columns(band)
     return headers + out + footers
+
+
+def _spanning(blocks: list[_Block], left: int, right: int) -> set[int]:
+    """Blocks narrower than full width that still cross the gutter between two columns (a figure
+    centred under both, its caption): they separate bands like full-width blocks. The gutter is
+    the x, away from the page's sides, crossed by the fewest blocks, with at least two blocks
+    wholly on each side of it and fewer crossing it than stand beside it."""
+    span = right - left
+    if len(blocks) < 4 or span <= 0:
+        return set()
+    cover = np.zeros(span + 1, np.int32)
+    for b in blocks:
+        cover[max(0, b.box[0] - left):max(0, b.box[2] - left)] += 1
+    lo, hi = int(0.2 * span), int(0.8 * span)
+    x = left + lo + int(np.argmin(cover[lo:hi]))
+    crossing = [b for b in blocks if b.box[0] < x < b.box[2]]
+    if not crossing:
+        return set()
+    n_left = sum(b.box[2] <= x for b in blocks)
+    n_right = sum(b.box[0] >= x for b in blocks)
+    if n_left >= 2 and n_right >= 2 and len(crossing) < n_left + n_right:
+        return {id(b) for b in crossing}
+    return set()
+
+
+def _caption_target(caption: _Block, blocks: list[_Block], reach: float) -> tuple[_Block, bool] | None:
+    """The figure or table nearest to the caption (above or below it, overlapping it
+    horizontally, within ``reach``), and whether the caption is above it."""
+    best: tuple[float, _Block, bool] | None = None
+    c = caption.box
+    for o in blocks:
+        if o.category not in ("Picture", "Table"):
+            continue
+        b = o.box
+        if min(c[2], b[2]) - max(c[0], b[0]) <= 0.3 * min(c[2] - c[0], b[2] - b[0]):
+            continue
+        above = (c[1] + c[3]) / 2 < (b[1] + b[3]) / 2
+        gap = max(0, b[1] - c[3]) if above else max(0, c[1] - b[3])
+        if gap <= reach and (best is None or gap < best[0]):
+            best = (gap, o, above)
+    return (best[1], best[2]) if best else None
+
+
+def place_captions(ordered: list[_Block], reach: float) -> list[_Block]:
+    """Each caption right beside its figure or table: before it when the caption is above the
+    object, after it when below. A caption with no object within reach keeps its place."""
+    before: dict[int, list[_Block]] = {}
+    after: dict[int, list[_Block]] = {}
+    placed = set()
+    for b in ordered:
+        if b.category != "Caption":
+            continue
+        target = _caption_target(b, ordered, reach)
+        if target is None:
+            continue
+        obj, above = target
+        (before if above else after).setdefault(id(obj), []).append(b)
+        placed.add(id(b))
+    out: list[_Block] = []
+    for b in ordered:
+        if id(b) in placed:
+            continue
+        out += sorted(before.get(id(b), []), key=lambda c: c.box[1])
+        out.append(b)
+        out += sorted(after.get(id(b), []), key=lambda c: c.box[1])
+    return out
 
 
 def _columns(band: list[_Block]) -> list[_Block]:

@@ -70,6 +70,12 @@ def find_grids(horizontal: np.ndarray, vertical: np.ndarray) -> list[Grid]:
     return grids
 
 
+def paper_grids(grids: list[Grid], gray: np.ndarray, max_filled: float = 0.3) -> list[Grid]:
+    """The grids that are tables: a bar chart's filled bars have long straight edges that look
+    like rules, but a table is mostly paper (text and rules cover under a tenth of it)."""
+    return [g for g in grids if (gray[g.box[1]:g.box[3], g.box[0]:g.box[2]] < 200).mean() < max_filled]
+
+
 def _grid(hs: np.ndarray, vs: np.ndarray, xs: list[int], ys: list[int], origin: tuple[int, int]) -> Grid:
     rows, cols = len(ys) - 1, len(xs) - 1
 

@@ -255,6 +255,9 @@ class JobsSettings(_Strict):
     # Callbacks (a JSON POST when a job ends) go only to these hosts; none listed: callbacks refused.
     callback_allowed_hosts: list[str] = []
     callback_timeout_s: float = Field(10, gt=0, le=120)
+    # A replica holds the jobs it runs under a lease it renews every lease_s/3; when it dies, another
+    # replica sharing the database resumes them once the lease has lapsed (a clean stop hands them over at once).
+    lease_s: float = Field(30, ge=3, le=3600)
 
     @property
     def max_file_bytes(self) -> int:

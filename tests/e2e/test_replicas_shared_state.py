@@ -3,15 +3,32 @@ created through one is served by the other, a job started through one is read, s
 cancelled through the other, and a client's rate limit is one limit across both."""
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import pytest
 import requests
 
-from scripts.make_doc_pages import draw_png, make_page, scanned_pdf
+from PIL import Image, ImageDraw, ImageFont
+
+from scripts.make_doc_pages import scanned_pdf
 from tests.e2e.management_api import ADMIN_PASSWORD, Api
 from tests.server_process import RemoteServer
+
+
+def text_image(text: str) -> Image.Image:
+    """A small line image: quick to read on a busy CPU."""
+    img = Image.new("RGB", (900, 160), "white")
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 40)
+    ImageDraw.Draw(img).text((30, 50), text, fill="black", font=font)
+    return img
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +44,7 @@ def replicas(postgres_cluster, redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pages():
-    return [draw_png(make_page(i, "en", two_column=False, seed=11)) for i in range(3)]
+    return [text_image(f"Shared replicas page {i} reads well") for i in range(3)]
 
 
 def until(check, timeout=30.0):
@@ -44,11 +61,11 @@ def test_a_model_created_through_one_is_served_by_the_other(replicas, pages):
     a, b = replicas
     api_a, api_b = Api(a.url), Api(b.url)
     assert api_a.post("/api/models", json={"name": "shared-ocr", "framework": "rapidocr"}).status_code == 201
-    until(lambda: any(m["id"] == "shared-ocr" for m in requests.get(b.url + "/v1/models", timeout=10).json()["data"]))
-    r = requests.post(b.url + "/ocr", files={"file": ("p.png", pages[0])}, data={"model": "shared-ocr"}, timeout=120)
+    until(lambda: api_b.get("/api/models/shared-ocr").status_code == 200)
+    r = requests.post(b.url + "/ocr", files={"file": ("p.png", png(pages[0]))}, data={"model": "shared-ocr"}, timeout=120)
     assert r.status_code == 200 and r.json()["model"] == "shared-ocr" and r.json()["text"].strip(), r.text
     assert api_b.delete("/api/models/shared-ocr").status_code in (200, 204)
-    until(lambda: requests.post(a.url + "/ocr", files={"file": ("p.png", pages[0])}, data={"model": "shared-ocr"},
+    until(lambda: requests.post(a.url + "/ocr", files={"file": ("p.png", png(pages[0]))}, data={"model": "shared-ocr"},
                                 timeout=120).status_code == 404)
 
 

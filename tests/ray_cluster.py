@@ -39,17 +39,36 @@ class RayCluster:
                     "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0", **env}
         self.procs: list[subprocess.Popen] = []
         self._logs: list[Path] = []
-        common = ["--num-cpus", str(cpus_per_node), "--temp-dir", self.temp, "--disable-usage-stats", "--block",
-                  *_ports("--node-manager-port", "--object-manager-port", "--metrics-export-port",
-                          "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")]
+
+        def common() -> list[str]:  # fresh ports for each node: some bind every address
+            return ["--num-cpus", str(cpus_per_node), "--disable-usage-stats", "--block",
+                    *_ports("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                            "--runtime-env-agent-port")]
+
         try:
-            self._start("head", ["--head", "--node-ip-address", HEAD, "--port", str(self.gcs_port),
-                                 "--include-dashboard", "false", *_ports("--ray-client-server-port"), *common])
+            # one temp dir per node: nodes on one machine must not share socket paths
+            self._start("head", ["--temp-dir", f"{self.temp}/h", "--head", "--node-ip-address", HEAD,
+                                 "--port", str(self.gcs_port), "--include-dashboard", "false",
+                                 *_ports("--ray-client-server-port"), *common()])
             self._wait_port(HEAD, self.gcs_port, 90)
-            self._start("worker", ["--node-ip-address", WORKER, "--address", self.address, *common])
+            self._start("worker", ["--temp-dir", f"{self.temp}/w", "--node-ip-address", WORKER,
+                                   "--address", self.address, *common()])
+            self._wait_nodes(2, 120)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_nodes(self, count: int, timeout: float) -> None:
+        """Until ``count`` raylets run (each node's raylet is up before it registers with the head)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("ray start exited:\n" + self.logs())
+            if sum("ray runtime started" in p.read_text(errors="replace").lower() for p in self._logs) >= count:
+                return
+            time.sleep(0.3)
+        raise RuntimeError("the Ray nodes did not come up:\n" + self.logs())
 
     def _start(self, name: str, args: list[str]) -> None:
         log = Path(self.temp) / f"{name}.out"

@@ -175,7 +175,16 @@ def test_cluster(serve_url, page_png):
     assert after and all(code == 200 for _, code, _ in after), after  # the other one kept serving
     assert {rid for _, code, rid in after} - {victim}
 
-    # one client's rate limit across the replicas (Serve has replaced the killed one meanwhile)
+    print(f"\nkill: {len(outcomes)} requests, {len(failures)} failed ({sorted(set(f[1] for f in failures))}), "
+          f"{len(after)} after the kill all 200")
+
+    # Serve replaces the killed replica (probes are not rate limited)
+    end = time.monotonic() + 180
+    while len({replica(requests.get(url + "/health", timeout=10)) for _ in range(10)} - {victim}) < 2:
+        assert time.monotonic() < end, "the killed replica was not replaced"
+        time.sleep(1)
+
+    # one client's rate limit across the two replicas
     seen: dict[str, list[int]] = {}
     for _ in range(RPM):
         r = requests.get(url + "/models", timeout=10)

@@ -106,6 +106,10 @@ class Identity:
         with self.db.session() as s:
             self._roles = {u.username: u.role for u in users_repo.list_all(s)}
 
+    async def refresh(self) -> None:
+        """Pick up users created, changed or deleted through other replicas sharing the database."""
+        await asyncio.to_thread(self._reload_roles)
+
     # ---- tokens --------------------------------------------------------------------------------
     def issue(self, username: str) -> IssuedToken:
         now = int(time.time())

@@ -55,10 +55,11 @@ class Management:
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
 
     async def _refresh_loop(self) -> None:
-        """Models created, changed or deleted through other replicas sharing the database show up here."""
+        """Models and users created, changed or deleted through other replicas sharing the database show up here."""
         while True:
             await asyncio.sleep(self.settings.management.registry_refresh_s)
             try:
+                await self.identity.refresh()  # a user deleted elsewhere loses its tokens here too
                 for name in await self.catalog.refresh():
                     self.lifecycle.forget(name)
                     self.stats.pop(name, None)

@@ -131,22 +131,34 @@ def main() -> None:
 
         latencies([url, direct.url], 20)
         via, straight = latencies([url, direct.url], args.requests)
-        print(f"\nGET /healthz, {len(via)} sequential requests each, alternating")
+        print(f"\nGET /healthz, {len(via)} sequential requests each, alternating "
+              f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
         print(f"  direct uvicorn     p50 {pct(straight, 50) * 1e3:6.2f} ms  p95 {pct(straight, 95) * 1e3:6.2f} ms")
         print(f"  via Ray Serve      p50 {pct(via, 50) * 1e3:6.2f} ms  p95 {pct(via, 95) * 1e3:6.2f} ms")
         print(f"  proxy adds         p50 {(pct(via, 50) - pct(straight, 50)) * 1e3:6.2f} ms  "
               f"mean {(statistics.mean(via) - statistics.mean(straight)) * 1e3:6.2f} ms")
 
+        # one /ocr at a time, alternating: the same work on both paths, the machine's noise on both
+        paired: list[list[float]] = [[], []]
+        for _ in range(10):
+            for i, target in enumerate((url, direct.url)):
+                t = time.perf_counter()
+                r = requests.post(target + "/ocr", files={"file": ("l.png", image)}, data={"model": "rapidocr"},
+                                  timeout=300)
+                assert r.status_code == 200, r.text
+                paired[i].append(time.perf_counter() - t)
+        print(f"\n/ocr one at a time, 10 each, alternating: via Ray p50 {pct(paired[0], 50) * 1e3:.0f} ms, "
+              f"direct p50 {pct(paired[1], 50) * 1e3:.0f} ms")
         direct_rps, _ = ocr_throughput(direct.url, image, args.ocr, args.clients)
         direct.stop()
         direct = None
         one_rps, one_split = ocr_throughput(url, image, args.ocr, args.clients)
-        print(f"  (load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
         serve.run(build_app({"replicas": 2, "num_cpus": 1, "max_replicas_per_node": 1}), name="chatvlm",
                   route_prefix="/", blocking=False)
         warm(url, image, 2)
         two_rps, two_split = ocr_throughput(url, image, args.ocr, args.clients)
-        print(f"\n/ocr (RapidOCR, 900x160 line), {args.ocr} requests from {args.clients} clients")
+        print(f"\n/ocr (RapidOCR, 900x160 line), {args.ocr} requests from {args.clients} clients "
+              f"(load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
         print(f"  direct uvicorn     {direct_rps:6.2f} req/s")
         print(f"  Ray, 1 replica     {one_rps:6.2f} req/s   split {sorted(one_split.values())}")
         print(f"  Ray, 2 replicas    {two_rps:6.2f} req/s   split {sorted(two_split.values())}")

@@ -13,7 +13,7 @@ import requests
 from PIL import Image, ImageDraw, ImageFont
 
 from scripts.make_doc_pages import scanned_pdf
-from tests.e2e.management_api import ADMIN_PASSWORD, Api
+from tests.e2e.management_api import ADMIN_PASSWORD, Api, token
 from tests.server_process import RemoteServer
 
 
@@ -105,3 +105,13 @@ def test_one_rate_limit_across_both(replicas):
                  for s in (a, b, a, b)]
     assert remaining == sorted(remaining, reverse=True) and len(set(remaining)) == 4
     assert remaining[0] - remaining[-1] >= 3  # each server's request counted once in one shared window
+
+
+def test_a_user_deleted_through_one_loses_its_token_on_the_other(replicas):
+    a, b = replicas
+    admin_a = Api(a.url)
+    assert admin_a.post("/api/users", json={"username": "roamer", "password": "roamer-pass-1"}).status_code == 201
+    bearer = {"Authorization": "Bearer " + token(a.url, "roamer", "roamer-pass-1")}
+    until(lambda: requests.get(b.url + "/api/users/me", headers=bearer, timeout=10).status_code == 200)
+    assert admin_a.delete("/api/users/roamer").status_code in (200, 204)
+    until(lambda: requests.get(b.url + "/api/users/me", headers=bearer, timeout=10).status_code == 401)

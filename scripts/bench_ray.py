@@ -125,7 +125,9 @@ def main() -> None:
         serve.run(build_app({"replicas": 1, "num_cpus": 1}), name="chatvlm", route_prefix="/", blocking=False)
         print(f"cluster and one replica up in {time.monotonic() - t:.0f} s")
         # Ray sets OMP_NUM_THREADS to a replica's num_cpus (1): the direct server gets the same
-        direct = RemoteServer(env={**env, "OMP_NUM_THREADS": "1"})
+        # and, like the Ray cluster, a session of its own: Linux shares the CPU between sessions
+        # (autogroups) first, which on a busy machine decides more than the code does
+        direct = RemoteServer(env={**env, "OMP_NUM_THREADS": "1"}, new_session=True)
         warm(url, image, 1)
         warm(direct.url, image, 1)
 

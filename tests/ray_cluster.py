@@ -1,12 +1,13 @@
 """A throw-away two-node Ray cluster on loopback for tests and benchmarks: the head on 127.0.0.2, a
 worker on 127.0.0.3 (never 127.0.0.1: Ray would swap in the machine's interface address), each
-``ray start --block`` in its own process group with every port chosen free, and its own temp dir.
+``ray start --block`` with every port chosen free and its own temp dir, both in one process group.
 
 ``stop`` ends the process groups, then any process still naming this cluster's temp dir, by PID
 (never ``ray stop``, which kills every Ray process on a shared machine by name)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -46,14 +47,24 @@ class RayCluster:
                             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                             "--runtime-env-agent-port")]
 
+        ray = ray_bin() or "ray"
+        # one temp dir per node: nodes on one machine must not share socket paths
+        head = [ray, "start", "--temp-dir", f"{self.temp}/h", "--head", "--node-ip-address", HEAD,
+                "--port", str(self.gcs_port), "--include-dashboard", "false", *_ports("--ray-client-server-port"),
+                *common()]
+        worker = [ray, "start", "--temp-dir", f"{self.temp}/w", "--node-ip-address", WORKER,
+                  "--address", self.address, *common()]
+        self._logs = [Path(self.temp) / "head.out", Path(self.temp) / "worker.out"]
+        # Both nodes under one launcher in one new session: one process group to stop, and one
+        # scheduler autogroup (Linux shares CPU between sessions first), like one server process.
+        script = (f"{shlex.join(head)} >{self._logs[0]} 2>&1 & "
+                  f"until (exec 3<>/dev/tcp/{HEAD}/{self.gcs_port}) 2>/dev/null; do sleep 0.2; done; "
+                  f"{shlex.join(worker)} >{self._logs[1]} 2>&1 & wait")
         try:
-            # one temp dir per node: nodes on one machine must not share socket paths
-            self._start("head", ["--temp-dir", f"{self.temp}/h", "--head", "--node-ip-address", HEAD,
-                                 "--port", str(self.gcs_port), "--include-dashboard", "false",
-                                 *_ports("--ray-client-server-port"), *common()])
+            self.procs.append(subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=self.env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
             self._wait_port(HEAD, self.gcs_port, 90)
-            self._start("worker", ["--temp-dir", f"{self.temp}/w", "--node-ip-address", WORKER,
-                                   "--address", self.address, *common()])
             self._wait_nodes(2, 120)
         except BaseException:
             self.stop()
@@ -65,16 +76,11 @@ class RayCluster:
         while time.monotonic() < end:
             if any(p.poll() is not None for p in self.procs):
                 raise RuntimeError("ray start exited:\n" + self.logs())
-            if sum("ray runtime started" in p.read_text(errors="replace").lower() for p in self._logs) >= count:
+            if sum(p.exists() and "ray runtime started" in p.read_text(errors="replace").lower()
+                   for p in self._logs) >= count:
                 return
             time.sleep(0.3)
         raise RuntimeError("the Ray nodes did not come up:\n" + self.logs())
-
-    def _start(self, name: str, args: list[str]) -> None:
-        log = Path(self.temp) / f"{name}.out"
-        self._logs.append(log)
-        self.procs.append(subprocess.Popen([ray_bin() or "ray", "start", *args], cwd=ROOT, env=self.env,
-                                           stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
 
     def _wait_port(self, host: str, port: int, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -103,7 +109,7 @@ class RayCluster:
         return pids
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # the worker first, then the head
+        for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:

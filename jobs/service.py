@@ -49,6 +49,7 @@ class JobService:
                                                               "max_pdf_pages": settings.max_pages}))
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tokens: dict[str, CancelToken] = {}
+        self._here: set[str] = set()  # jobs queued or running in this process (never adopted twice)
         self._tasks: list[asyncio.Task] = []
         self._callbacks: set[asyncio.Task] = set()
 
@@ -77,6 +78,8 @@ class JobService:
     async def _adopt(self) -> None:
         """Claim the jobs whose holder stopped or died, and queue them here."""
         for job_id in await asyncio.to_thread(self.store.claim):
+            if job_id in self._here:
+                continue  # our own lease lapsed (a database hiccup) and we took it back: it runs already
             job = await asyncio.to_thread(self.store.get, job_id)
             if job is None or job.done:
                 continue
@@ -85,7 +88,7 @@ class JobService:
                 continue
             job.status = "queued"
             await asyncio.to_thread(self.store.save, job)
-            self._queue.put_nowait(job.id)
+            self._enqueue(job.id)
             log.info("resuming job %s at page %d of %d", job.id, job.pages_done, job.pages_total)
 
     async def _lease_loop(self) -> None:
@@ -125,7 +128,7 @@ class JobService:
                           "region": list(region) if region else None, "pages": indices, "force_ocr": force_ocr})
         await asyncio.to_thread(self.store.create, job, data)
         position = sum(1 for j in active if j.status == "queued")
-        self._queue.put_nowait(job.id)
+        self._enqueue(job.id)
         return job, position
 
     def _check_callback(self, url: str) -> None:
@@ -185,24 +188,34 @@ class JobService:
         return job
 
     # ---- work --------------------------------------------------------------------
+    def _enqueue(self, job_id: str) -> None:
+        self._here.add(job_id)
+        self._queue.put_nowait(job_id)
+
     async def _worker(self) -> None:
         while True:
             job_id = await self._queue.get()
-            job = await asyncio.to_thread(self.store.get, job_id)
-            if job is None or job.done or not await asyncio.to_thread(self.store.holds, job_id):
-                continue  # gone, finished, or taken over by another replica while it waited here
-            token = self._tokens[job_id] = CancelToken()
             try:
-                await self._run(job, token)
-            except asyncio.CancelledError:
-                raise  # shutdown: the job stays "running" on disk and resumes at the next start
-            except ChatVLMError as exc:
-                await self._finish(await self._current(job), "failed", exc.message)
-            except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
-                log.exception("job %s failed", job_id)
-                await self._finish(await self._current(job), "failed", "internal error while reading the document")
+                await self._work(job_id)
             finally:
-                self._tokens.pop(job_id, None)
+                self._here.discard(job_id)
+
+    async def _work(self, job_id: str) -> None:
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None or job.done or not await asyncio.to_thread(self.store.holds, job_id):
+            return  # gone, finished, or taken over by another replica while it waited here
+        token = self._tokens[job_id] = CancelToken()
+        try:
+            await self._run(job, token)
+        except asyncio.CancelledError:
+            raise  # shutdown: the job stays "running" in the database; stop() hands it over
+        except ChatVLMError as exc:
+            await self._finish(await self._current(job), "failed", exc.message)
+        except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
+            log.exception("job %s failed", job_id)
+            await self._finish(await self._current(job), "failed", "internal error while reading the document")
+        finally:
+            self._tokens.pop(job_id, None)
 
     async def _run(self, job: Job, token: CancelToken) -> None:
         data = await asyncio.to_thread(self.store.upload, job.id)
@@ -220,6 +233,9 @@ class JobService:
             if index in done:
                 continue
             if token.cancelled or (await self._current(job)).status == "cancelled":
+                return
+            if not await asyncio.to_thread(self.store.holds, job.id):
+                log.warning("job %s was taken over by another replica (this one's lease lapsed)", job.id)
                 return
             doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=index,
                                                   text_layer=not generative and not p.get("force_ocr"),

@@ -142,8 +142,6 @@ def test_cluster(serve_url, page_png):
         assert ws.response.headers.get("x-replica-id") in ids
 
     # kill one replica's actor under load: only requests it held fail, with a 5xx, never a hang
-    from ray import serve  # noqa: F401 - the driver is connected
-
     victim = replica(requests.get(url + "/health", timeout=10))
     outcomes: list[tuple[float, int | str, str | None]] = []
     stop = threading.Event()

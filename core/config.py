@@ -99,6 +99,18 @@ class RateLimitSettings(_Strict):
     images_per_minute: int = Field(0, ge=0, le=1_000_000)
     # Memory bound: past this many clients tracked at once, all counters restart (fail open).
     max_tracked_clients: int = Field(50_000, ge=100, le=10_000_000)
+    # None: counters in this process's memory (each replica counts on its own). redis://host:6379/0:
+    # in a Redis server every replica shares (also the failed-login throttle). May hold a password.
+    storage_url: str | None = Field(None, repr=False)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if not v.startswith(("redis://", "rediss://", "redis+unix://")):
+            raise ValueError("rate_limit.storage_url must start with redis://, rediss:// or redis+unix://")
+        return v
 
     @property
     def enabled(self) -> bool:
@@ -255,6 +267,9 @@ class JobsSettings(_Strict):
     # Callbacks (a JSON POST when a job ends) go only to these hosts; none listed: callbacks refused.
     callback_allowed_hosts: list[str] = []
     callback_timeout_s: float = Field(10, gt=0, le=120)
+    # A replica holds the jobs it runs under a lease it renews every lease_s/3; when it dies, another
+    # replica sharing the database resumes them once the lease has lapsed (a clean stop hands them over at once).
+    lease_s: float = Field(30, ge=3, le=3600)
 
     @property
     def max_file_bytes(self) -> int:
@@ -292,6 +307,9 @@ class ManagementSettings(_Strict):
     # Failed logins allowed per minute, per user name and per client address (then 429).
     login_failures_per_user: int = Field(5, ge=1, le=10_000)
     login_failures_per_address: int = Field(20, ge=1, le=100_000)
+    # Seconds between checks for models created, changed or deleted by other replicas sharing
+    # database.url (one cheap query when nothing changed); 0: never (a single server needs none).
+    registry_refresh_s: float = Field(5.0, ge=0, le=3600)
     # Log lines kept per model (memory and database); older lines are dropped.
     log_lines: int = Field(1000, ge=10, le=100_000)
     # Default time a start/stop task may take (the request's `timeout` wins).

@@ -6,6 +6,11 @@ next is rendered: memory stays flat on a 500-page PDF), through the same OCR ser
 bounded number at once (``jobs.workers``), behind bounds per client (429) and in total (503).
 Each finished page is stored at once, so after a restart a job that was running resumes
 from the first page it had not finished; one whose upload is gone fails with that reason.
+
+Jobs live in the database (jobs/store.py), so with replicas sharing ``database.url`` any replica
+answers for any job, and the bounds count every replica's jobs. A job runs in the replica that
+accepted it, under a lease renewed every ``jobs.lease_s / 3``; the jobs of a replica that stopped
+(released at once) or died (lease lapsed) are claimed and resumed by another one.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +27,8 @@ from core.config import JobsSettings, LimitsSettings
 from core.errors import BadRequest, ChatVLMError, NotFound, Overloaded, PayloadTooLarge, RateLimited
 from core.imaging import sniff_format
 from core.types import CancelToken, Capability, OcrBlock
-from jobs.store import Job, JobStore
+from jobs.store import DbJobStore, Job
+from store.db import Database
 from models.adapter import OcrOptions
 from ocr import pdf
 from ocr.formats import PAGE_SEPARATOR, page_dict
@@ -33,7 +40,7 @@ EXPIRY_CHECK_S = 60.0
 
 
 class JobService:
-    def __init__(self, store: JobStore, ocr: OcrService, settings: JobsSettings, limits: LimitsSettings) -> None:
+    def __init__(self, store: DbJobStore, ocr: OcrService, settings: JobsSettings, limits: LimitsSettings) -> None:
         self.store = store
         self.ocr = ocr
         self.settings = settings
@@ -42,24 +49,18 @@ class JobService:
                                                               "max_pdf_pages": settings.max_pages}))
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tokens: dict[str, CancelToken] = {}
+        self._here: set[str] = set()  # jobs queued or running in this process (never adopted twice)
         self._tasks: list[asyncio.Task] = []
         self._callbacks: set[asyncio.Task] = set()
 
     # ---- lifespan ----------------------------------------------------------------
-    async def start(self) -> None:
-        """Resume the jobs a previous run left unfinished, then start the workers."""
-        for job in sorted(await asyncio.to_thread(self.store.all), key=lambda j: j.created):
-            if job.done:
-                continue
-            if await asyncio.to_thread(self.store.upload, job.id) is None:
-                self._finish(job, "failed", "the server restarted and the job's upload was lost")
-                continue
-            job.status = "queued"
-            self.store.save(job)
-            self._queue.put_nowait(job.id)
-            log.info("resuming job %s at page %d of %d", job.id, job.pages_done, job.pages_total)
+    async def start(self, db: Database) -> None:
+        """Resume the unfinished jobs no live replica holds, then start the workers."""
+        self.store.bind(db)
+        await self._adopt()
         self._tasks = [asyncio.create_task(self._worker(), name=f"job-worker-{i}") for i in range(self.settings.workers)]
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="job-expiry"))
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="job-leases"))
 
     async def stop(self) -> None:
         for token in self._tokens.values():
@@ -67,7 +68,39 @@ class JobService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._callbacks, return_exceptions=True)
+        if self._tasks:
+            try:  # unfinished jobs go back to the pool: the next replica to look resumes them
+                await asyncio.to_thread(self.store.release)
+            except Exception:  # noqa: BLE001 - the database may be gone at shutdown; the leases then lapse
+                log.warning("could not release this replica's jobs; their leases will lapse", exc_info=True)
         self._tasks = []
+
+    async def _adopt(self) -> None:
+        """Claim the jobs whose holder stopped or died, and queue them here."""
+        for job_id in await asyncio.to_thread(self.store.claim):
+            if job_id in self._here:
+                continue  # our own lease lapsed (a database hiccup) and we took it back: it runs already
+            job = await asyncio.to_thread(self.store.get, job_id)
+            if job is None or job.done:
+                continue
+            if await asyncio.to_thread(self.store.upload, job.id) is None:
+                await self._finish(job, "failed", "the server restarted and the job's upload was lost")
+                continue
+            job.status = "queued"
+            await asyncio.to_thread(self.store.save, job)
+            self._enqueue(job.id)
+            log.info("resuming job %s at page %d of %d", job.id, job.pages_done, job.pages_total)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew)
+                await self._adopt()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a database hiccup: retried at the next turn
+                log.warning("renewing job leases failed", exc_info=True)
 
     # ---- submit ------------------------------------------------------------------
     async def submit(self, data: bytes, *, filename: str, model: str | None, language: str | None, format: str,
@@ -82,7 +115,7 @@ class JobService:
             raise PayloadTooLarge(f"file is larger than {self.settings.max_file_mb:g} MB", param="file",
                                   code="FILE_TOO_LARGE")
         indices = await self._page_list(data, pages)
-        active = [j for j in await asyncio.to_thread(self.store.all) if not j.done]
+        active = await asyncio.to_thread(self.store.unfinished)  # every replica's
         if sum(j.client == client for j in active) >= self.settings.max_per_client:
             raise RateLimited(f"at most {self.settings.max_per_client} unfinished jobs per client; wait for one to end",
                               headers={"Retry-After": "10"}, code="TOO_MANY_JOBS")
@@ -95,7 +128,7 @@ class JobService:
                           "region": list(region) if region else None, "pages": indices, "force_ocr": force_ocr})
         await asyncio.to_thread(self.store.create, job, data)
         position = sum(1 for j in active if j.status == "queued")
-        self._queue.put_nowait(job.id)
+        self._enqueue(job.id)
         return job, position
 
     def _check_callback(self, url: str) -> None:
@@ -122,16 +155,17 @@ class JobService:
         return indices
 
     # ---- queries -----------------------------------------------------------------
-    def get(self, job_id: str, owner: str | None) -> Job:
+    async def get(self, job_id: str, owner: str | None) -> Job:
         """The job, or 404 when it does not exist, has expired, or belongs to another API key."""
-        job = self.store.get(job_id)
+        job = await asyncio.to_thread(self.store.get, job_id)
         if job is None or (job.owner is not None and job.owner != owner):
             raise NotFound(f"job '{job_id[:40]}' not found (unknown, expired, or not yours)", param="job_id",
                            code="JOB_NOT_FOUND")
         return job
 
-    def pages(self, job: Job) -> list[dict[str, Any]]:
-        return self.store.pages(job.id)
+    def pages(self, job: Job, skip: Collection[int] = ()) -> list[dict[str, Any]]:
+        """The job's finished pages (blocking), but those in ``skip``."""
+        return self.store.pages(job.id, skip)
 
     def outcome(self, job: Job) -> OcrOutcome:
         """The finished job as /ocr's outcome."""
@@ -144,40 +178,51 @@ class JobService:
                           language=job.params.get("language"), format=fmt, page_results=pages,
                           requested_model=job.requested_model, fallback_reason=job.fallback_reason)
 
-    def cancel(self, job: Job) -> Job:
+    async def cancel(self, job: Job) -> Job:
+        """Cancel through any replica: the one running the job sees it before its next page."""
         if not job.done:
             token = self._tokens.get(job.id)
             if token is not None:
                 token.cancel()
-            return self._finish(job, "cancelled", None)
+            return await self._finish(job, "cancelled", None)
         return job
 
     # ---- work --------------------------------------------------------------------
+    def _enqueue(self, job_id: str) -> None:
+        self._here.add(job_id)
+        self._queue.put_nowait(job_id)
+
     async def _worker(self) -> None:
         while True:
             job_id = await self._queue.get()
-            job = self.store.get(job_id)
-            if job is None or job.done:
-                continue
-            token = self._tokens[job_id] = CancelToken()
             try:
-                await self._run(job, token)
-            except asyncio.CancelledError:
-                raise  # shutdown: the job stays "running" on disk and resumes at the next start
-            except ChatVLMError as exc:
-                self._finish(self.store.get(job_id) or job, "failed", exc.message)
-            except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
-                log.exception("job %s failed", job_id)
-                self._finish(self.store.get(job_id) or job, "failed", "internal error while reading the document")
+                await self._work(job_id)
             finally:
-                self._tokens.pop(job_id, None)
+                self._here.discard(job_id)
+
+    async def _work(self, job_id: str) -> None:
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None or job.done or not await asyncio.to_thread(self.store.holds, job_id):
+            return  # gone, finished, or taken over by another replica while it waited here
+        token = self._tokens[job_id] = CancelToken()
+        try:
+            await self._run(job, token)
+        except asyncio.CancelledError:
+            raise  # shutdown: the job stays "running" in the database; stop() hands it over
+        except ChatVLMError as exc:
+            await self._finish(await self._current(job), "failed", exc.message)
+        except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
+            log.exception("job %s failed", job_id)
+            await self._finish(await self._current(job), "failed", "internal error while reading the document")
+        finally:
+            self._tokens.pop(job_id, None)
 
     async def _run(self, job: Job, token: CancelToken) -> None:
         data = await asyncio.to_thread(self.store.upload, job.id)
         if data is None:
             raise BadRequest("the job's upload was lost")
         job.status = "running"
-        self.store.save(job)
+        await asyncio.to_thread(self.store.save, job)
         entry = self.ocr.selector.entry(job.model or "")
         generative = Capability.GENERATE in entry.capabilities
         p = job.params
@@ -187,7 +232,10 @@ class JobService:
         for index in p["pages"]:
             if index in done:
                 continue
-            if token.cancelled or (self.store.get(job.id) or job).status == "cancelled":
+            if token.cancelled or (await self._current(job)).status == "cancelled":
+                return
+            if not await asyncio.to_thread(self.store.holds, job.id):
+                log.warning("job %s was taken over by another replica (this one's lease lapsed)", job.id)
                 return
             doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=index,
                                                   text_layer=not generative and not p.get("force_ocr"),
@@ -195,17 +243,20 @@ class JobService:
             page = await self.ocr.read_page(job.model or "", doc.pages[0], index, options, region, token)
             del doc
             await asyncio.to_thread(self.store.save_page, job.id, index, page_dict(page))
-            current = self.store.get(job.id) or job
-            if current.status == "cancelled":
-                return
             job.pages_done += 1
-            self.store.save(job)
-        self._finish(job, "succeeded", None)
+            if not await asyncio.to_thread(self.store.save, job):
+                return  # finished meanwhile (cancelled through this or another replica)
+        await self._finish(job, "succeeded", None)
 
-    def _finish(self, job: Job, status: str, error: str | None) -> Job:
-        job = replace(job, status=status, error=error, finished=time.time())
-        self.store.save(job)
-        self.store.drop_upload(job.id)
+    async def _current(self, job: Job) -> Job:
+        return await asyncio.to_thread(self.store.get, job.id) or job
+
+    async def _finish(self, job: Job, status: str, error: str | None) -> Job:
+        ended = replace(job, status=status, error=error, finished=time.time())
+        if not await asyncio.to_thread(self.store.save, ended):
+            return await self._current(job)  # it had finished already: the first end stands
+        await asyncio.to_thread(self.store.drop_upload, job.id)
+        job = ended
         if job.callback_url:
             task = asyncio.get_running_loop().create_task(self._callback(job))
             self._callbacks.add(task)
@@ -232,10 +283,9 @@ class JobService:
         """Delete finished jobs older than jobs.retention_s; returns how many."""
         now = time.time() if now is None else now
         gone = 0
-        for job in self.store.all():
-            if job.done and job.finished is not None and now - job.finished > self.settings.retention_s:
-                self.store.delete(job.id)
-                gone += 1
+        for job_id in self.store.finished_before(now - self.settings.retention_s):
+            self.store.delete(job_id)
+            gone += 1
         return gone
 
 

@@ -1,26 +1,32 @@
-"""Where jobs live: one folder per job under ``<data_dir>/jobs/``.
+"""Where jobs live: in the management database (store/jobs.py), so every replica that shares
+``database.url`` sees every job.
 
-The interface (``JobStore``) is what the job service uses; ``FileJobStore`` keeps it in files
-until the management database lands (store/ layer), when a database-backed store can take its
-place without the service changing. Every write goes to a temporary file first and is renamed
-into place, so a crash never leaves a half-written record behind.
+What goes where, and why the database rather than a shared directory:
+    jobs        the job record (status, progress, parameters, owner, timestamps, who runs it)
+    job_pages   each finished page, as the service serialised it (text, blocks, boxes: kilobytes)
+    job_uploads the uploaded document, deleted when the job ends (at most ``jobs.max_file_mb``)
+Replicas then need nothing shared but the database: no network filesystem to mount and keep
+consistent. The upload cap (100 MB by default) keeps each blob well within what SQLite and
+PostgreSQL store comfortably, and it lives only while its job runs.
 
-    <id>/job.json      the job record (status, counts, parameters, owner)
-    <id>/upload.bin    the uploaded document (deleted when the job ends)
-    <id>/pages/N.json  each finished page, as the service serialised it
+A job runs in the replica that accepted it, under a lease that replica renews
+(``jobs.lease_s``). When a replica stops cleanly it releases its jobs; when it dies, its leases
+lapse. Either way another replica (or the same one, restarted) claims and resumes them.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
+import secrets
+import socket
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-FINISHED = ("succeeded", "failed", "cancelled")
+from store import jobs as repo
+from store.db import Database
+
+FINISHED = repo.FINISHED
 
 
 @dataclass
@@ -46,81 +52,74 @@ class Job:
         return self.status in FINISHED
 
 
-class JobStore(Protocol):
-    def create(self, job: Job, upload: bytes) -> None: ...
-    def save(self, job: Job) -> None: ...
-    def get(self, job_id: str) -> Job | None: ...
-    def all(self) -> list[Job]: ...
-    def upload(self, job_id: str) -> bytes | None: ...
-    def drop_upload(self, job_id: str) -> None: ...
-    def save_page(self, job_id: str, index: int, page: dict[str, Any]) -> None: ...
-    def pages(self, job_id: str) -> list[dict[str, Any]]: ...
-    def delete(self, job_id: str) -> None: ...
+def worker_name() -> str:
+    """This process's name as a job holder: unique even when two replicas share a host and pid."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class DbJobStore:
+    """Blocking calls (the service runs them on worker threads); ``bind`` gives it its database."""
 
+    def __init__(self, lease_s: float, worker: str | None = None) -> None:
+        self.lease_s = lease_s
+        self.worker = worker or worker_name()
+        self._db: Database | None = None
 
-class FileJobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root  # made on the first job: building the store touches no disk
+    def bind(self, db: Database) -> None:
+        self._db = db
 
-    def _dir(self, job_id: str) -> Path:
-        if not job_id.isalnum():  # ids are hex: nothing else may name a folder
-            raise KeyError(job_id)
-        return self.root / job_id
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise RuntimeError("the job store is used before the database was opened")
+        return self._db
 
     def create(self, job: Job, upload: bytes) -> None:
-        d = self._dir(job.id)
-        (d / "pages").mkdir(parents=True)  # parents: the store's root too, on the first job
-        _write(d / "upload.bin", upload)
-        self.save(job)
+        self.db.call(repo.add, asdict(job), upload, self.worker, time.time() + self.lease_s)
 
-    def save(self, job: Job) -> None:
-        _write(self._dir(job.id) / "job.json", json.dumps(asdict(job)).encode())
+    def save(self, job: Job) -> bool:
+        """Write the job; False when the stored job had already finished (it is left as it was)."""
+        return self.db.call(repo.save, asdict(job))
 
     def get(self, job_id: str) -> Job | None:
-        try:
-            raw = (self._dir(job_id) / "job.json").read_bytes()
-        except (KeyError, FileNotFoundError, NotADirectoryError):
-            return None
-        return Job(**json.loads(raw))
+        record = self.db.call(repo.get, job_id)
+        return Job(**record) if record else None
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this process still holds the job (its lease was not taken over)."""
+        return self.db.call(repo.worker_of, job_id) == self.worker
 
     def all(self) -> list[Job]:
-        jobs = []
-        if not self.root.is_dir():
-            return jobs
-        for d in self.root.iterdir():
-            job = self.get(d.name) if d.is_dir() else None
-            if job is not None:
-                jobs.append(job)
-        return jobs
+        return [Job(**r) for r in self.db.call(repo.all_jobs)]
+
+    def unfinished(self) -> list[Job]:
+        return [Job(**r) for r in self.db.call(repo.unfinished)]
+
+    def finished_before(self, when: float) -> list[str]:
+        return self.db.call(repo.expired, when)
+
+    def claim(self) -> list[str]:
+        """Take the unfinished jobs no live replica holds; returns their ids, oldest first."""
+        now = time.time()
+        return self.db.call(repo.claim, self.worker, now, now + self.lease_s)
+
+    def renew(self) -> int:
+        return self.db.call(repo.renew, self.worker, time.time() + self.lease_s)
+
+    def release(self) -> int:
+        return self.db.call(repo.release, self.worker)
 
     def upload(self, job_id: str) -> bytes | None:
-        try:
-            return (self._dir(job_id) / "upload.bin").read_bytes()
-        except FileNotFoundError:
-            return None
+        return self.db.call(repo.upload, job_id)
 
     def drop_upload(self, job_id: str) -> None:
-        (self._dir(job_id) / "upload.bin").unlink(missing_ok=True)
+        self.db.call(repo.drop_upload, job_id)
 
     def save_page(self, job_id: str, index: int, page: dict[str, Any]) -> None:
-        _write(self._dir(job_id) / "pages" / f"{index:06d}.json", json.dumps(page, ensure_ascii=False).encode())
+        self.db.call(repo.save_page, job_id, index, page)
 
-    def pages(self, job_id: str) -> list[dict[str, Any]]:
-        d = self._dir(job_id) / "pages"
-        if not d.is_dir():
-            return []
-        return [json.loads(p.read_bytes()) for p in sorted(d.glob("*.json"))]
+    def pages(self, job_id: str, skip: Collection[int] = ()) -> list[dict[str, Any]]:
+        return self.db.call(repo.pages, job_id, skip)
 
     def delete(self, job_id: str) -> None:
-        shutil.rmtree(self._dir(job_id), ignore_errors=True)
+        self.db.call(repo.remove, job_id)

@@ -7,6 +7,7 @@ under their name: a created model is served at once by /ocr, /v1/chat/completion
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -28,6 +29,7 @@ from store.db import Database
 from store.records import ModelRecord
 from store.tables import utcnow
 
+log = logging.getLogger("chatvlm.management")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Listing pages of 100 models asks each for its install state; the adapters' checks look for
 # packages and files (about 0.5 ms each), so a page reuses answers younger than this.
@@ -64,6 +66,7 @@ class ModelCatalog:
         self.db: Database | None = None
         self._lock = asyncio.Lock()  # one registry change at a time (name checks, then the write)
         self._installed: dict[str, tuple[float, object, InstallState]] = {}
+        self._signature: tuple | None = None  # of the models table when refresh() last caught up
 
     @property
     def roots(self) -> list[Path]:
@@ -80,6 +83,38 @@ class ModelCatalog:
                 continue
             self.manager.add_model(self._entry(rec))
         return skipped
+
+    async def refresh(self) -> list[str]:
+        """Catch up with the models other replicas created, changed or deleted in the shared database
+        (one cheap query when nothing changed). Returns the names it removed."""
+        signature = await self.db.run(models_repo.signature)
+        if signature == self._signature:
+            return []
+        records = await self.db.run(models_repo.list_all)
+        removed = []
+        async with self._lock:
+            wanted = {rec.name: rec for rec in records}
+            for entry in list(self.registry.entries()):
+                rec = wanted.get(entry.id)
+                if entry.meta is not None and entry.meta.source == "api" and (rec is None or rec.id != entry.meta.id):
+                    await self.manager.remove_model(entry.id)
+                    removed.append(entry.id)
+            for rec in records:
+                current = self.registry.get(rec.name)
+                if current is not None and (current.meta is None or current.meta.source != "api"
+                                            or current.meta.updated_at == rec.updated_at):
+                    continue  # config.yaml's model of that name, or already current
+                try:
+                    entry = self._entry(rec)
+                except (BadRequest, InvalidParameter):
+                    log.warning("model '%s' in the database cannot be served by this replica", rec.name)
+                    continue
+                if current is None:
+                    self.manager.add_model(entry)
+                else:
+                    self.manager.replace_entry(entry)
+            self._signature = signature
+        return removed
 
     # ---- reading -------------------------------------------------------------------------------
     def get(self, ident: str) -> RegistryEntry:

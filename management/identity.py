@@ -58,11 +58,12 @@ class IssuedToken:
 
 
 class Identity:
-    def __init__(self, settings: ManagementSettings, data_dir: Path) -> None:
+    def __init__(self, settings: ManagementSettings, data_dir: Path, limits_storage: str | None = None) -> None:
         self.settings = settings
         self.data_dir = data_dir
         self.hasher = PasswordHash((Argon2Hasher(),))
-        self.throttle = LoginThrottle(settings.login_failures_per_user, settings.login_failures_per_address)
+        self.throttle = LoginThrottle(settings.login_failures_per_user, settings.login_failures_per_address,
+                                      limits_storage)  # rate_limit.storage_url: shared by replicas
         self._secret: str | None = None
         self._roles: dict[str, str] = {}
         self._dummy_hash = ""
@@ -104,6 +105,10 @@ class Identity:
     def _reload_roles(self) -> None:
         with self.db.session() as s:
             self._roles = {u.username: u.role for u in users_repo.list_all(s)}
+
+    async def refresh(self) -> None:
+        """Pick up users created, changed or deleted through other replicas sharing the database."""
+        await asyncio.to_thread(self._reload_roles)
 
     # ---- tokens --------------------------------------------------------------------------------
     def issue(self, username: str) -> IssuedToken:

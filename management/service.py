@@ -35,7 +35,7 @@ class Management:
     def __init__(self, settings: Settings, manager: ModelManager) -> None:
         cfg = settings.management
         self.settings = settings
-        self.identity = Identity(cfg, settings.data_dir)
+        self.identity = Identity(cfg, settings.data_dir, settings.rate_limit.storage_url)
         self.logbook = ModelLogBook(cfg.log_lines)
         self.catalog = ModelCatalog(settings, manager)
         self.lifecycle = Lifecycle(manager, self.logbook, start_timeout_s=cfg.start_timeout_s,
@@ -43,6 +43,7 @@ class Management:
         self.events = EventHub()  # lifecycle, sampler, alerts and config publish; /ws/monitor subscribes
         self.db: Database | None = None
         self.stats: dict[str, RequestStats] = {}
+        self._refresh_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.events.bind(asyncio.get_running_loop())
@@ -50,6 +51,22 @@ class Management:
         await asyncio.to_thread(self._open)
         self.logbook.start()
         await self.lifecycle.reconcile()
+        if self.settings.management.registry_refresh_s:
+            self._refresh_task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
+
+    async def _refresh_loop(self) -> None:
+        """Models and users created, changed or deleted through other replicas sharing the database show up here."""
+        while True:
+            await asyncio.sleep(self.settings.management.registry_refresh_s)
+            try:
+                await self.identity.refresh()  # a user deleted elsewhere loses its tokens here too
+                for name in await self.catalog.refresh():
+                    self.lifecycle.forget(name)
+                    self.stats.pop(name, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a database hiccup: retried at the next turn
+                log.warning("refreshing the model registry from the database failed", exc_info=True)
 
     def _open(self) -> None:
         self.db.migrate()
@@ -61,6 +78,10 @@ class Management:
             log.warning("%d lifecycle task(s) were cut short by the last shutdown: marked failed", interrupted)
 
     async def stop(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            await asyncio.gather(self._refresh_task, return_exceptions=True)
+            self._refresh_task = None
         await self.lifecycle.stop()
         await self.logbook.stop()
         if self.db is not None:

@@ -22,6 +22,7 @@ TEST_NEEDS=(
   "cmd:curl|curl"
   "/usr/lib/postgresql|postgresql"
   "cmd:chromium|chromium"
+  "cmd:redis-server|redis-server"
 )
 
 needs=("${RUN_NEEDS[@]}")

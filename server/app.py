@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         await services.management.start()  # the store first: desired states decide what loads
         await services.manager.start(settings.manager.preload)
-        await services.jobs.start()
+        await services.jobs.start(services.management.db)  # jobs live in the management database
         trimmer = IdleTrimmer(lambda: services.connections.active > 0 or services.manager.any_busy(),
                               settings.server.idle_trim_s)
         trimmer.start()

@@ -11,7 +11,7 @@ from core.config import Settings
 from core.remote_images import ImageFetcher
 from llm.embeddings import EmbeddingService
 from jobs.service import JobService
-from jobs.store import FileJobStore
+from jobs.store import DbJobStore
 from llm.service import GenerationService
 from management.service import Management
 from models.manager import ModelManager
@@ -60,8 +60,8 @@ def build_services(settings: Settings) -> Services:
     image_fetcher = ImageFetcher(image_urls, int(image_urls.max_mb * 2**20) if image_urls.max_mb
                                  else settings.limits.max_file_bytes)
     ocr = OcrService(selector, manager, decoder, settings.limits, llm)
-    # Files under the data directory until the management database (store/) can hold jobs.
-    jobs = JobService(FileJobStore(settings.data_dir / "jobs"), ocr, settings.jobs, settings.limits)
+    # In the management database (bound when the lifespan opens it): shared by replicas on PostgreSQL.
+    jobs = JobService(DbJobStore(settings.jobs.lease_s), ocr, settings.jobs, settings.limits)
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=ocr, jobs=jobs,
                     chat=ChatService(selector, llm, decoder, settings.limits),

@@ -1,7 +1,9 @@
 """Rate limits: requests and images per minute, per API key (per client address without auth).
 
-The ``limits`` library holds the counters (sliding-window counter strategy over its in-memory
-storage: two integers per client and limit, expired 2 minutes after the client's last hit).
+The ``limits`` library holds the counters (sliding-window counter strategy: two integers per
+client and limit, expired 2 minutes after the client's last hit), in this process's memory or,
+with ``rate_limit.storage_url: redis://...``, in a Redis server all replicas share, so a client's
+limit holds across them (core/limit_storage.py; when Redis is down requests fail open).
 
 Requests are counted by ``RateLimitMiddleware`` before the app runs, WebSocket handshakes
 included. Images are counted after the body is parsed, by the ``charge_images`` dependency
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from limits import RateLimitItemPerSecond
+from limits.errors import StorageError
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.datastructures import UploadFile
@@ -31,6 +34,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.config import RateLimitSettings
+from core.limit_storage import FailOpen, open_storage
 from core.errors import RateLimited
 from server.auth import KEY_ID, PROBE_PATHS, deny_websocket
 from server.errors import error_response
@@ -60,7 +64,8 @@ class RateLimiter:
 
     def __init__(self, settings: RateLimitSettings, period_s: int = 60) -> None:
         self.settings = settings
-        self.storage = MemoryStorage()
+        self.storage = open_storage(settings.storage_url)
+        self._outage = FailOpen("rate limits")
         self._strategy = SlidingWindowCounterRateLimiter(self.storage)
         rpm, ipm = settings.requests_per_minute, settings.images_per_minute
         self.requests = RateLimitItemPerSecond(rpm, period_s) if rpm else None
@@ -69,19 +74,24 @@ class RateLimiter:
         self._max_keys = settings.max_tracked_clients * 2 * (bool(rpm) + bool(ipm))
 
     def tracked_keys(self) -> int:
-        return len(self.storage.storage)
+        return len(self.storage.storage) if isinstance(self.storage, MemoryStorage) else 0
 
     def _bound_memory(self) -> None:
         # Expired keys are dropped by the storage itself; this only bites when more clients
         # than the cap are active within two periods. Fail open rather than refuse newcomers.
-        if len(self.storage.storage) >= self._max_keys:
+        # (Redis bounds itself: keys expire there, and its maxmemory policy is the operator's.)
+        if isinstance(self.storage, MemoryStorage) and len(self.storage.storage) >= self._max_keys:
             log.warning("rate limiter tracks more than %d clients: all counters restart",
                         self.settings.max_tracked_clients)
             self.storage.reset()
 
-    def _take(self, item, identity: str, cost: int) -> tuple[bool, Window]:
-        ok = self._strategy.hit(item, identity, cost=cost) if cost else True
-        stats = self._strategy.get_window_stats(item, identity)
+    def _take(self, item, identity: str, cost: int) -> tuple[bool, Window | None]:
+        try:
+            ok = self._strategy.hit(item, identity, cost=cost) if cost else True
+            stats = self._strategy.get_window_stats(item, identity)
+        except StorageError as exc:  # Redis is down: fail open, without limit headers
+            self._outage.warn(exc)
+            return True, None
         return ok, Window(item.amount, stats.remaining, stats.reset_time)
 
     def hit_request(self, identity: str) -> tuple[bool, Window | None]:
@@ -93,7 +103,11 @@ class RateLimiter:
     def image_window(self, identity: str) -> Window | None:
         if self.images is None:
             return None
-        stats = self._strategy.get_window_stats(self.images, identity)
+        try:
+            stats = self._strategy.get_window_stats(self.images, identity)
+        except StorageError as exc:
+            self._outage.warn(exc)
+            return None
         return Window(self.images.amount, stats.remaining, stats.reset_time)
 
     def hit_images(self, identity: str, count: int) -> tuple[bool, Window | None]:

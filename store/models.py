@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from store.records import ModelRecord
@@ -19,6 +19,11 @@ def _record(row: ModelRow) -> ModelRecord:
 
 def list_all(s: Session) -> list[ModelRecord]:
     return [_record(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.created_at, ModelRow.name))]
+
+
+def signature(s: Session) -> tuple:
+    """(count, newest updated_at) of the API models: any create, update or delete changes it."""
+    return tuple(s.execute(select(func.count(), func.max(ModelRow.updated_at)).select_from(ModelRow)).one())
 
 
 def add(s: Session, rec: ModelRecord) -> ModelRecord:

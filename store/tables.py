@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -101,3 +101,46 @@ class ModelLogRow(Base):
     ts: Mapped[datetime] = mapped_column(UTCDateTime())
     level: Mapped[str] = mapped_column(String(10))
     message: Mapped[str] = mapped_column(Text)
+
+
+class JobRow(Base):
+    """An OCR job (jobs/), shared by every replica on the database. ``worker`` is the replica that
+    runs it, as long as it keeps renewing ``lease_until`` (epoch seconds)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status", "status"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    client: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    created: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pages_total: Mapped[int] = mapped_column(Integer)
+    pages_done: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    requested_model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fallback_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobPageRow(Base):
+    __tablename__ = "job_pages"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    page: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class JobUploadRow(Base):
+    """A job's uploaded document, kept until the job ends (at most jobs.max_file_mb)."""
+
+    __tablename__ = "job_uploads"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

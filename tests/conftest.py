@@ -79,3 +79,16 @@ def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'db' / 'chatvlm.db'}"
     return request.getfixturevalue("postgres_cluster").new_database()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throw-away Redis server for the session (skipped when redis-server is not installed)."""
+    from tests.redis_server import RedisServer, redis_bin
+
+    binary = redis_bin()
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; scripts/system_deps.sh test)")
+    server = RedisServer(binary)
+    yield server
+    server.stop()

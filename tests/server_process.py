@@ -33,7 +33,7 @@ class RemoteServer:
     def __init__(self, *, models_dir: Path | None = None, config: Path | None = None,
                  env: dict[str, str] | None = None, startup_timeout: float = 60.0,
                  data_dir: Path | None = None, launcher: str = "api", host: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, new_session: bool = False) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -61,7 +61,9 @@ class RemoteServer:
                 args += ["--models-dir", str(models_dir)]
         # Converted weights (the SmolLM2 GGUF) are shared by every test server: converted once.
         full_env.setdefault("CHATVLM_CACHE_DIR", str(Path(tempfile.gettempdir()) / "chatvlm-test-cache"))
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        # new_session: a scheduler autogroup of its own, as a separately started service has
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)
         self._wait(startup_timeout)
 
     def _wait(self, timeout: float) -> None:

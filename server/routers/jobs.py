@@ -75,14 +75,14 @@ async def submit(services: ServicesDep, request: Request,
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=error_responses(404))
 async def status(services: ServicesDep, request: Request, job_id: str) -> JobStatus:
     """A job's status and progress."""
-    return _status(services.jobs.get(job_id, _owner(request)))
+    return _status(await services.jobs.get(job_id, _owner(request)))
 
 
 @router.get("/jobs/{job_id}/result", response_model=OcrResponse,
             responses=error_responses(404) | {409: {"description": "The job has not succeeded (yet)"}})
 async def result(services: ServicesDep, request: Request, job_id: str, response: Response) -> OcrResponse:
     """The finished job's answer: the same body as /ocr."""
-    job = services.jobs.get(job_id, _owner(request))
+    job = await services.jobs.get(job_id, _owner(request))
     if job.status != "succeeded":
         raise Conflict(f"job is {job.status}" + (f": {job.error}" if job.error else ""), param="job_id",
                        code="JOB_NOT_FINISHED")
@@ -94,7 +94,7 @@ async def result(services: ServicesDep, request: Request, job_id: str, response:
 @router.delete("/jobs/{job_id}", response_model=JobStatus, responses=error_responses(404))
 async def cancel(services: ServicesDep, request: Request, job_id: str) -> JobStatus:
     """Cancel a job (a finished job is left as it is)."""
-    return _status(services.jobs.cancel(services.jobs.get(job_id, _owner(request))))
+    return _status(await services.jobs.cancel(await services.jobs.get(job_id, _owner(request))))
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses={
@@ -104,17 +104,17 @@ async def cancel(services: ServicesDep, request: Request, job_id: str) -> JobSta
 async def events(services: ServicesDep, request: Request, job_id: str) -> EventSourceResponse:
     """Each finished page as it is stored, then the final status."""
     owner = _owner(request)
-    services.jobs.get(job_id, owner)  # 404 before the stream starts
+    await services.jobs.get(job_id, owner)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         sent: set[int] = set()
         last: str | None = None
         while True:
-            job = services.jobs.store.get(job_id)
+            job = await asyncio.to_thread(services.jobs.store.get, job_id)
             if job is None:
                 yield ServerSentEvent(json.dumps({"status": "expired"}), event="end")
                 return
-            for page in await asyncio.to_thread(services.jobs.pages, job):
+            for page in await asyncio.to_thread(services.jobs.pages, job, sent):
                 if page["page"] not in sent:
                     sent.add(page["page"])
                     yield ServerSentEvent(json.dumps(page, ensure_ascii=False), event="page")

@@ -1,0 +1,1 @@
+"""Ways to deploy the server beyond one process (Ray Serve replicas)."""

@@ -86,17 +86,20 @@ class LocalBackend:
         on first use; it carries on with the jobs an interrupted run left, from their next page."""
         if self.jobs is None:
             from jobs.service import JobService
-            from jobs.store import FileJobStore
+            from jobs.store import DbJobStore
+            from store.db import Database, sqlite_url
 
             cfg = self.settings.jobs.model_copy(update={"max_per_client": 100_000, "max_total": 100_000})
-            self.jobs = JobService(FileJobStore(self.settings.data_dir / "cli-jobs"), self.services.ocr, cfg,
-                                   self.settings.limits)
-            await self.jobs.start()
+            self.jobs_db = Database(sqlite_url(self.settings.data_dir / "cli-jobs"))
+            await asyncio.to_thread(self.jobs_db.migrate)
+            self.jobs = JobService(DbJobStore(cfg.lease_s), self.services.ocr, cfg, self.settings.limits)
+            await self.jobs.start(self.jobs_db)
         return self.jobs
 
     async def __aexit__(self, *exc: Any) -> None:
         if self.jobs is not None:
-            await self.jobs.stop()  # an unfinished job stays on disk: the next run resumes it
+            await self.jobs.stop()  # an unfinished job stays in the database: the next run resumes it
+            self.jobs_db.dispose()
         await self.services.manager.shutdown()
         await self.services.image_fetcher.close()
 
@@ -121,12 +124,12 @@ class LocalBackend:
         jobs: JobService = await self._jobs()
 
         async def get(jid: str) -> dict[str, Any]:
-            job = jobs.get(jid, None)
+            job = await jobs.get(jid, None)
             return {"status": job.status, "pages_done": job.pages_done, "pages_total": job.pages_total,
                     "error": job.error}
 
         async def result(jid: str) -> dict[str, Any]:
-            return _outcome_json(await asyncio.to_thread(jobs.outcome, jobs.get(jid, None)))
+            return _outcome_json(await asyncio.to_thread(jobs.outcome, await jobs.get(jid, None)))
 
         try:
             if job_id is not None:

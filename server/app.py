@@ -18,7 +18,6 @@ from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
 from server.routers import easyviz, jobs, llama_local, openai_compat, spec_v1, system, vision
-from server.routers import easyviz, llama_local, openai_compat, spec_v1, system, vision
 from server.routers import management
 from server.routers import pages as page_images
 from server.routers import ui as playground

@@ -2,8 +2,10 @@
 service), a run interrupted by SIGINT carried on with the same job, and --no-wait."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -64,7 +66,7 @@ def test_no_wait_submits_and_a_rerun_collects(request, tmp_path):
 
 
 def test_sigint_during_a_job_then_the_rerun_carries_on_with_it(request, tmp_path):
-    """In-process: the job service keeps each finished page on disk; the rerun resumes the same job
+    """In-process: the job service keeps each finished page in its database; the rerun resumes the same job
     from its next page instead of reading the document again."""
     pdf = long_pdf(tmp_path, 10)
     out = tmp_path / "out.jsonl"
@@ -72,19 +74,20 @@ def test_sigint_during_a_job_then_the_rerun_carries_on_with_it(request, tmp_path
     args = [sys.executable, "-m", "chatvlm", "ocr", str(pdf), "--out", str(out), "--model", "rapidocr",
             *mode_args("in-process", request)]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pages_dir = None
+    db = tmp_path / "data" / "cli-jobs" / "chatvlm.db"  # the CLI's own job database
+    job_id = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if pages_dir is None and out.exists() and out.read_bytes().endswith(b"\n"):
-            pages_dir = tmp_path / "data" / "cli-jobs" / records(out)[0]["job_id"] / "pages"
-        if pages_dir is not None and pages_dir.exists() and len(list(pages_dir.glob("*.json"))) >= 2:
+        if job_id is None and out.exists() and out.read_bytes().endswith(b"\n"):
+            job_id = records(out)[0]["job_id"]
+        if job_id is not None and pages_kept(db, job_id) >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    kept = len(list(pages_dir.glob("*.json")))
+    kept = pages_kept(db, job_id)
     assert 2 <= kept < 10, kept
     assert [r["status"] for r in records(out)] == ["submitted"]
     rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -94,4 +97,16 @@ def test_sigint_during_a_job_then_the_rerun_carries_on_with_it(request, tmp_path
     assert done["status"] == "ok" and done["pages"] == 10
     assert [p["page"] for p in done["result"]["page_results"]] == list(range(10))
     assert all(f"PAGE {i}" in done["result"]["text"] for i in range(1, 11))
-    assert list((tmp_path / "data" / "cli-jobs").iterdir()) == [pages_dir.parent]  # the same job, no second one
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # the same job, no second one
+        assert conn.execute("SELECT id FROM jobs").fetchall() == [(job_id,)]
+
+
+def pages_kept(db, job_id: str) -> int:
+    """Finished pages of the job in the CLI's job database (0 before it exists)."""
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM job_pages WHERE job_id = ?", (job_id,)).fetchone()[0]
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return 0

@@ -84,6 +84,9 @@ class GenerationService:
         cancel = CancelToken(deadline=time.monotonic() + timeout)
         prompt = await asyncio.to_thread(encode)  # tokenizing and image processing are CPU work
         handle = engine.submit(prompt, params, cancel)  # raises BadRequest/Overloaded before queueing
+        ready = getattr(handle, "ready", None)
+        if ready is not None:  # a remote engine: its answer's status (4xx, 502, 503, 504) raises here
+            await ready()
         return self._deltas(handle, cancel, timeout)
 
     async def generate_with(self, model_id: str, encode: Callable[[Any], Any], params: GenerationParams, *,

@@ -111,11 +111,12 @@ class Remotes:
 
     def __init__(self, stack: ExitStack, models_dir: Path, hung_dir: Path) -> None:
         env = {"CHATVLM_AUTH__API_KEYS": json.dumps([REMOTE_KEY]), **OFFLINE}
+        self.stack = stack
         self.models_dir = models_dir
         self.remote_env = env
         with ThreadPoolExecutor(4) as pool:  # start them side by side: each takes seconds
-            b = pool.submit(RemoteServer, models_dir=models_dir, env=env)
-            c = pool.submit(RemoteServer, models_dir=models_dir, env=env)
+            b = pool.submit(self.start_remote)
+            c = pool.submit(self.start_remote)
             ts = pool.submit(stack.enter_context, transformers_serve())
             self.b, self.c = stack.enter_context(b.result()), stack.enter_context(c.result())
             self.tserve = ts.result()
@@ -145,7 +146,13 @@ class Remotes:
             **remote_env("rhung", [f"http://127.0.0.1:{self.hung_port}"], remote_model=TEXT, timeout_s=1.0,
                          health_interval_s=600),
         }
-        self.front = stack.enter_context(RemoteServer(models_dir=hung_dir, env=front_env))
+        self.front = stack.enter_context(RemoteServer(models_dir=hung_dir, env=front_env, startup_timeout=180))
+
+    def start_remote(self, port: int | None = None) -> RemoteServer:
+        """One of our servers as a remote. Like vLLM, it answers /health only once its model is
+        loaded (preloaded at start-up; a first load takes a while on a busy machine)."""
+        return RemoteServer(models_dir=self.models_dir, env={**self.remote_env, "CHATVLM_MANAGER__PRELOAD": f'["{TEXT}"]'},
+                            port=port, startup_timeout=240)
 
     def _stop_hung(self) -> None:
         if self.hung.poll() is None:

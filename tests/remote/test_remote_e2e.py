@@ -123,15 +123,20 @@ def test_images_go_to_a_vision_remote_as_data_urls(front, oai):
     assert r.status_code == 404 and r.json()["code"] == "MODEL_CAPABILITY_MISSING", r.text
 
 
-def test_transformers_serve_behind_us(front):
+def test_transformers_serve_behind_us(front, remotes):
     # transformers serve answers /health (its /v1/models gives 500): the URL counts as healthy.
-    with requests.post(front.url + "/v1/chat/completions", stream=True, timeout=120, json={
-            "model": "rts", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": MAX, "stream": True,
-            "stream_options": {"include_usage": True}}) as r:
-        assert r.status_code == 200, r.text
-        events = sse_data(r)
-    pieces = [e for e in events if isinstance(e, dict) and e["choices"] and e["choices"][0]["delta"].get("content")]
-    assert len(pieces) >= MAX - 1  # one event per token (one may be an incomplete UTF-8 byte held back)
+    def pieces(url: str, model: str) -> list:
+        with requests.post(url + "/v1/chat/completions", stream=True, timeout=120, json={
+                "model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": MAX, "stream": True,
+                "temperature": 0, "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200, r.text
+            events = sse_data(r)
+        return events, [e["choices"][0]["delta"]["content"] for e in events
+                        if isinstance(e, dict) and e["choices"] and e["choices"][0]["delta"].get("content")]
+
+    events, ours = pieces(front.url, "rts")
+    _, direct = pieces(remotes.tserve, str(remotes.models_dir / TEXT))
+    assert ours == direct  # the same events, one for one: streamed straight through
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == MAX
     r = requests.post(front.url + "/api/v1/generate", json={"prompt": "Hi", "model": "rts", "max_tokens": MAX},
                       timeout=60)
@@ -187,6 +192,8 @@ def test_no_healthy_backend_is_a_fast_503(front, oai):
     assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["code"] == "BACKEND_UNAVAILABLE"
     r = requests.post(front.url + "/api/v1/generate", json={"prompt": "Hi", "model": "rdead"}, timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "BACKEND_UNAVAILABLE"  # seed 002's shape
+    item = Api(front.url).get("/api/models/rdead").json()
+    assert item["status"] == "running" and item["health"] == "unhealthy"  # loaded, but no URL answers
 
 
 def test_remote_4xx_is_the_same_4xx_with_a_clean_message(front, remotes):
@@ -269,7 +276,7 @@ def test_failover_when_a_backend_dies_and_its_return(remotes, front):
     after_open = time.monotonic() - 2.5  # the circuit opens within a probe interval (0.5 s) or two failures
     assert not [e for e in errors if e[0] > killed + 1.5], errors
     assert [r for r in results if r[0] > killed + 1.5]  # served by B meanwhile
-    remotes.c = RemoteServer(models_dir=remotes.models_dir, env=remotes.remote_env, port=c_port)  # C returns
+    remotes.c = remotes.stack.enter_context(remotes.start_remote(c_port))  # C returns
     deadline = time.monotonic() + 30
     while remotes.metric(remotes.c, "generation_requests_total", model=TEXT) == 0:
         assert time.monotonic() < deadline, "the returned backend is not used again"
@@ -295,7 +302,7 @@ def test_created_through_the_api_with_the_key_masked(front, remotes):
     r = requests.post(front.url + "/v1/completions", json={"model": "rapi", "prompt": "Hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200, r.text
     # sending the masked key back with other changes keeps the real one
-    r = api.call("PATCH", "/api/models/rapi", json={"config": {**item["config"], "max_concurrency": 2}})
+    r = api.call("PUT", "/api/models/rapi", json={"config": {**item["config"], "max_concurrency": 2}})
     assert r.status_code == 200, r.text
     requests.post(front.url + "/api/v1/models/rapi/unload", timeout=30)
     r = requests.post(front.url + "/v1/completions", json={"model": "rapi", "prompt": "Hi", "max_tokens": 3}, timeout=60)

@@ -269,7 +269,8 @@ class RemoteHandle:
                     self.finish_reason = "cancelled"
                     return
                 try:
-                    line = await asyncio.wait_for(anext(lines), self._remaining())
+                    async with asyncio.timeout(self._remaining()):  # around the read only, never a yield
+                        line = await anext(lines)
                 except StopAsyncIteration:
                     if finish is None:
                         ok = False

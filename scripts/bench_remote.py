@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 
 from scripts.bench_llm_peers import OFFLINE_ENV, PROMPTS, process_server  # noqa: E402
 from tests.server_process import RemoteServer, free_port  # noqa: E402
@@ -56,8 +57,9 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, messages, 
     return (ttft if ttft is not None else time.perf_counter() - started), usage
 
 
-async def concurrent(url: str, model: str, clients: int, per_client: int, tokens: int) -> tuple[float, list[float]]:
-    """(tokens per second, TTFTs) of ``clients`` streaming clients, ``per_client`` requests each."""
+async def concurrent(url: str, model: str, clients: int, per_client: int, tokens: int
+                     ) -> tuple[float, list[float], int]:
+    """(tokens per second, TTFTs, tokens) of ``clients`` streaming clients, ``per_client`` requests each."""
     limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         async def worker(i: int) -> list[tuple[float, int]]:
@@ -67,7 +69,7 @@ async def concurrent(url: str, model: str, clients: int, per_client: int, tokens
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - started
-    return sum(n for _, n in results) / wall, [t for t, _ in results]
+    return sum(n for _, n in results) / wall, [t for t, _ in results], sum(n for _, n in results)
 
 
 async def sequential_ttft(targets: list[tuple[str, str]], n: int) -> list[list[float]]:
@@ -91,7 +93,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client per round")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (direct, through us)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, in ABBA order (direct, through us)")
     parser.add_argument("--single", type=int, default=20, help="sequential single requests per target")
     a = parser.parse_args()
 
@@ -119,9 +121,16 @@ def main() -> None:
             asyncio.run(concurrent(*through, 4, 1, 8))
             tps: dict[str, list[float]] = {"direct": [], "through": []}
             ttfts: dict[str, list[float]] = {"direct": [], "through": []}
-            for r in range(a.rounds):
-                for label, target in (("direct", direct), ("through", through)):
-                    rate, t = asyncio.run(concurrent(*target, a.clients, a.per_client, a.tokens))
+            front = psutil.Process(ours.proc.pid)
+            cpu_front, events = 0.0, 0
+            for r in range(a.rounds):  # ABBA order: a machine getting busier or quieter weighs on both
+                order = (("direct", direct), ("through", through))
+                for label, target in order if r % 2 == 0 else order[::-1]:
+                    before = _cpu(front)
+                    rate, t, n = asyncio.run(concurrent(*target, a.clients, a.per_client, a.tokens))
+                    if label == "through":
+                        cpu_front += _cpu(front) - before
+                        events += n
                     tps[label].append(rate)
                     ttfts[label] += t
                     print(f"  round {r + 1} {label:>7}: {rate:7.1f} tok/s, TTFT p50 {p50(t):7.1f} ms", flush=True)
@@ -132,6 +141,15 @@ def main() -> None:
           f"{p50(ttfts['through']):.1f} ms, overhead {p50(ttfts['through']) - p50(ttfts['direct']):+.1f} ms")
     print(f"TTFT p50 of single requests: direct {p50(single[0]):.1f} ms, through us {p50(single[1]):.1f} ms, "
           f"overhead {p50(single[1]) - p50(single[0]):+.1f} ms")
+    print(f"our server's CPU while streaming: {cpu_front:.2f} s for {events} streamed events "
+          f"({cpu_front / max(events, 1) * 1e6:.0f} us per event, HTTP handling included)")
+    print(f"per-round ratios (through/direct): "
+          + ", ".join(f"{t_ / d_:.2f}" for d_, t_ in zip(tps["direct"], tps["through"])))
+
+
+def _cpu(proc) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 if __name__ == "__main__":

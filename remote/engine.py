@@ -269,8 +269,12 @@ class RemoteHandle:
                     self.finish_reason = "cancelled"
                     return
                 try:
-                    async with asyncio.timeout(self._remaining()):  # around the read only, never a yield
-                        line = await anext(lines)
+                    remaining = self._remaining()
+                    if remaining is None or remaining > engine.cfg.timeout_s:
+                        line = await anext(lines)  # the read timeout (timeout_s) comes first anyway
+                    else:
+                        async with asyncio.timeout(remaining):  # around the read only, never a yield
+                            line = await anext(lines)
                 except StopAsyncIteration:
                     if finish is None:
                         ok = False

@@ -120,14 +120,16 @@ class Remotes:
             ts = pool.submit(stack.enter_context, transformers_serve())
             self.b, self.c = stack.enter_context(b.result()), stack.enter_context(c.result())
             self.tserve = ts.result()
-        # A real HTTP server that answers /health (a static file) and hangs once stopped (SIGSTOP).
-        (hung_dir / "health").write_text("ok")
+        # A real HTTP server that hangs once stopped (SIGSTOP). It has no /health, only /v1/models
+        # (a static file): the probes' fallback.
+        (hung_dir / "v1").mkdir()
+        (hung_dir / "v1" / "models").write_text('{"object": "list", "data": []}')
         self.hung_port = free_port()
         self.hung = subprocess.Popen([sys.executable, "-m", "http.server", str(self.hung_port), "--bind", "127.0.0.1",
                                       "--directory", str(hung_dir)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         stack.callback(self._stop_hung)
-        _wait_health(self.hung, f"http://127.0.0.1:{self.hung_port}/health", 30, None)
+        _wait_health(self.hung, f"http://127.0.0.1:{self.hung_port}/v1/models", 30, None)
         self.dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         key = {"api_key": REMOTE_KEY}
         fast = {"health_interval_s": 0.5, "open_s": 1.0, "failure_threshold": 2}

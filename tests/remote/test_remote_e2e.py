@@ -215,7 +215,8 @@ def test_remote_5xx_is_502_and_bad_credentials_are_502_not_401(front):
 
 def test_remote_timeout_is_504(front, remotes):
     r = requests.post(front.url + "/api/v1/models/rhung/load", json={}, timeout=30)
-    assert r.status_code == 200, r.text  # probed healthy: it serves /health
+    assert r.status_code == 200, r.text
+    assert Api(front.url).get("/api/models/rhung").json()["health"] == "healthy"  # /health 404, /v1/models 200
     remotes.hung.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
     try:
         started = time.monotonic()

@@ -3,6 +3,7 @@ chat and OCR prompts: one path, through the model's engine. Knows nothing of HTT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -104,8 +105,9 @@ class GenerationService:
 
     async def _deltas(self, handle, cancel: CancelToken, timeout: float) -> AsyncIterator[StreamDelta]:
         try:
-            async for delta in handle:
-                yield delta
+            async with contextlib.aclosing(aiter(handle)) as stream:  # closed at once when the consumer leaves
+                async for delta in stream:
+                    yield delta
             if handle.finish_reason == "cancelled" and cancel.cancelled:
                 raise DeadlineExceeded(f"generation did not finish within {timeout:g} s")
         finally:

@@ -55,6 +55,8 @@ class RemoteEngine:
     def start(self) -> None:
         """Open the shared connection pool and start the health probes (on the event loop)."""
         self._loop = asyncio.get_running_loop()
+        # httpx logs every request at INFO: the health probes alone would flood the server's log.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=self.cfg.connect_timeout_s)
         limits = httpx.Limits(max_connections=self.cfg.max_concurrency + 2 * len(self.cfg.base_url),
                               max_keepalive_connections=self.cfg.max_concurrency)

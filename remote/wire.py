@@ -61,8 +61,9 @@ def encode(messages: list[ChatMessage] | None, prompt: str | None) -> RemoteProm
 
 def sampling(params: GenerationParams, framework: str) -> dict[str, Any]:
     """Our sampling parameters in the OpenAI request's names (extensions only where understood)."""
-    out: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                           "top_p": params.top_p}
+    out: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
+    if params.top_p != 1.0:  # 1.0 is every server's default: unsent, it cannot switch a sampler path on
+        out["top_p"] = params.top_p
     if params.seed is not None:
         out["seed"] = params.seed
     if params.stop:

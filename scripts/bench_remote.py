@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, in ABBA order (direct, through us)")
     parser.add_argument("--single", type=int, default=20, help="sequential single requests per target")
+    parser.add_argument("--remote-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS of transformers serve (0: its default, every core); 1 leaves a core to "
+                             "us and the clients, as a remote on its own machine would")
     a = parser.parse_args()
 
     model_path = a.model_path
@@ -106,7 +109,8 @@ def main() -> None:
     cli = Path(sys.executable).parent / "transformers"
     args = [str(cli), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level",
             "warning", "--continuous-batching", "--cb-max-memory-percent", "0.05", "--cb-max-batch-tokens", "2048"]
-    with process_server(args, port) as tserve:
+    tenv = {"OMP_NUM_THREADS": str(a.remote_threads)} if a.remote_threads else None
+    with process_server(args, port, env=tenv) as tserve:
         env = {**OFFLINE_ENV, "CHATVLM_MODELS__REMOTE__NAME": "transformers serve", "CHATVLM_MODELS__REMOTE__KIND": "remote",
                "CHATVLM_MODELS__REMOTE__FRAMEWORK": "openai",
                "CHATVLM_MODELS__REMOTE__REMOTE__BASE_URL": json.dumps([tserve]),
@@ -116,7 +120,7 @@ def main() -> None:
         with RemoteServer(models_dir=Path(tempfile.mkdtemp(prefix="bench-remote-empty-")), env=env) as ours:
             direct, through = (tserve, str(model_path)), (ours.url, "remote")
             print(f"model: {model_path}; {a.clients} clients x {a.per_client} requests x {a.tokens} tokens, "
-                  f"{a.rounds} rounds", flush=True)
+                  f"{a.rounds} rounds; transformers serve threads: {a.remote_threads or 'default'}", flush=True)
             asyncio.run(concurrent(*direct, 4, 1, 8))  # warm-up: the model loads in transformers serve
             asyncio.run(concurrent(*through, 4, 1, 8))
             tps: dict[str, list[float]] = {"direct": [], "through": []}

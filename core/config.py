@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -179,6 +179,50 @@ class GenerationDefaults(_Strict):
     repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
 
 
+REMOTE_FRAMEWORKS = ("openai", "vllm", "sglang", "llama.cpp")
+
+
+class RemoteEngineConfig(_Strict):
+    """A remote OpenAI-protocol engine (vLLM, SGLang, llama.cpp's server, any OpenAI-compatible
+    server) behind a registry model of kind ``remote``. The api_key is kept as a secret: masked in
+    every repr, log line and API answer."""
+
+    # One URL or a list (the server's root or its /v1 root): requests go to the healthy ones,
+    # least loaded first.
+    base_url: list[str] = Field(min_length=1, max_length=64)
+    api_key: SecretStr | None = None
+    # The model name the remote serves (its /v1/models id); default: this registry model's id.
+    remote_model: str | None = Field(None, min_length=1, max_length=512)
+    # Requests sent to the remote at once (all URLs together); beyond it they wait in the
+    # model's max_queue, then 503.
+    max_concurrency: int = Field(16, ge=1, le=100_000)
+    # Longest wait for the remote's answer and between two streamed chunks (504 beyond).
+    timeout_s: float = Field(300, gt=0, le=86400)
+    connect_timeout_s: float = Field(3, gt=0, le=120)
+    # true: the remote reads images (sent as image_url parts with data: URLs); the model then
+    # serves /chat, OCR prompts and image chat too.
+    vision: bool = False
+    health_interval_s: float = Field(5, gt=0, le=3600)   # each URL probed: /health, then /v1/models
+    failure_threshold: int = Field(3, ge=1, le=1000)     # failures in a row that open a URL's circuit
+    open_s: float = Field(5, gt=0, le=3600)              # an open circuit's wait before a half-open trial
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        out = []
+        for url in v:
+            url = url.strip().rstrip("/")
+            if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+                raise ValueError("each base_url must be an http(s) URL such as http://gpu1:8000")
+            out.append(url[:-3] if url.endswith("/v1") else url)
+        return list(dict.fromkeys(out))
+
+
 class ModelConfig(_Strict):
     name: str
     params: str = ""
@@ -220,6 +264,15 @@ class ModelConfig(_Strict):
     # Text prompts longer than this many tokens are prefilled in chunks of it between decode
     # steps, so running streams keep flowing (0: one prefill).
     prefill_chunk_tokens: int = Field(512, ge=0, le=1_000_000)
+    # kind `remote`: which server it is (openai, vllm, sglang, llama.cpp) and how to reach it.
+    framework: Literal["openai", "vllm", "sglang", "llama.cpp"] | None = None
+    remote: RemoteEngineConfig | None = None
+
+    @model_validator(mode="after")
+    def _remote(self) -> "ModelConfig":
+        if (self.kind == "remote") != (self.remote is not None):
+            raise ValueError("kind 'remote' and the `remote` section (base_url, ...) go together")
+        return self
 
     @field_validator("device")
     @classmethod

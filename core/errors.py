@@ -159,3 +159,33 @@ class Cancelled(ChatVLMError):
 
     status_code = 499
     code = "CANCELLED"
+
+
+# ---- remote engines (models of kind "remote": an OpenAI-protocol server behind us) ----------------
+class BackendUnavailable(ServerError):
+    """No URL of a remote engine is healthy right now (all down, or their circuits open)."""
+
+    status_code = 503
+    code = "BACKEND_UNAVAILABLE"
+
+
+class BadGateway(ServerError):
+    """The remote engine failed (5xx, a broken stream, an answer we cannot read)."""
+
+    status_code = 502
+    code = "BAD_GATEWAY"
+
+
+class GatewayTimeout(ServerError):
+    """The remote engine did not answer (or stream on) within the model's timeout_s."""
+
+    status_code = 504
+    code = "GATEWAY_TIMEOUT"
+
+
+class RemoteRejected(ClientError):
+    """The remote engine refused the request (4xx): the same status, with its message cleaned."""
+
+    def __init__(self, status: int, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status_code = status

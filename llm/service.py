@@ -3,6 +3,7 @@ chat and OCR prompts: one path, through the model's engine. Knows nothing of HTT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class GenerationService:
         cancel = CancelToken(deadline=time.monotonic() + timeout)
         prompt = await asyncio.to_thread(encode)  # tokenizing and image processing are CPU work
         handle = engine.submit(prompt, params, cancel)  # raises BadRequest/Overloaded before queueing
+        ready = getattr(handle, "ready", None)
+        if ready is not None:  # a remote engine: its answer's status (4xx, 502, 503, 504) raises here
+            await ready()
         return self._deltas(handle, cancel, timeout)
 
     async def generate_with(self, model_id: str, encode: Callable[[Any], Any], params: GenerationParams, *,
@@ -101,8 +105,9 @@ class GenerationService:
 
     async def _deltas(self, handle, cancel: CancelToken, timeout: float) -> AsyncIterator[StreamDelta]:
         try:
-            async for delta in handle:
-                yield delta
+            async with contextlib.aclosing(aiter(handle)) as stream:  # closed at once when the consumer leaves
+                async for delta in stream:
+                    yield delta
             if handle.finish_reason == "cancelled" and cancel.cancelled:
                 raise DeadlineExceeded(f"generation did not finish within {timeout:g} s")
         finally:

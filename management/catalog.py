@@ -20,10 +20,10 @@ from sqlalchemy.exc import IntegrityError
 
 from core.config import ModelConfig, Settings
 from core.errors import BadRequest, Conflict, InvalidParameter, ModelAlreadyExists, ModelNotFound
-from management.detect import check_framework, check_gguf, confine, detect_kind
+from management.detect import REMOTE_FRAMEWORKS, check_framework, check_gguf, confine, detect_kind
 from models.adapter import ADAPTER_KINDS, InstallState
 from models.manager import ModelManager
-from models.registry import KIND_CAPABILITIES, ModelMeta, RegistryEntry, spec_from_config
+from models.registry import MASK, ModelMeta, RegistryEntry, capabilities_of, spec_from_config
 from store import models as models_repo
 from store.db import Database
 from store.records import ModelRecord
@@ -41,6 +41,9 @@ _GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "to
                     "repetition_penalty": "repetition_penalty"}
 _MODEL_KEYS = ("dtype", "device", "concurrency", "max_batch_size", "max_queue", "threads", "max_pixels",
                "min_pixels", "stream_interval_ms")
+# A remote engine's settings (framework openai, vllm, sglang or llama.cpp): core.config.RemoteEngineConfig.
+_REMOTE_KEYS = ("base_url", "api_key", "remote_model", "max_concurrency", "timeout_s", "connect_timeout_s", "vision",
+                "health_interval_s", "failure_threshold", "open_s")
 # Engine options the API may set (paths, such as tessdata, stay in config.yaml's hands).
 _OPTION_KEYS = {"rapidocr": {"intra_op_threads", "limit_side_len", "use_cls"},
                 "tesseract": {"psm", "default_language"}}
@@ -176,6 +179,8 @@ class ModelCatalog:
             fields["tags"] = list(changes["tags"])
         if "config" in changes:
             config = dict(changes["config"] or {})
+            if config.get("api_key") == MASK and "api_key" in meta.config:  # GET's masked key sent back
+                config["api_key"] = meta.config["api_key"]
             kind, path = rec.kind, rec.path
             if config.get("model_path") != meta.config.get("model_path"):
                 if self.manager.state(entry.id).status in ("loaded", "loading"):
@@ -209,6 +214,11 @@ class ModelCatalog:
 
     # ---- building entries ----------------------------------------------------------------------
     def _kind_and_path(self, framework: str, config: dict[str, Any]) -> tuple[str, Path | None]:
+        if framework in REMOTE_FRAMEWORKS:
+            if "model_path" in config:
+                raise BadRequest(f"framework '{framework}' (a remote engine) takes base_url, not model_path",
+                                 param="config.model_path", code="INVALID_REQUEST")
+            return "remote", None
         if framework in ("rapidocr", "tesseract"):
             if "model_path" in config:
                 raise BadRequest(f"framework '{framework}' takes no model_path (its models ship with it)",
@@ -232,7 +242,7 @@ class ModelCatalog:
                          framework=rec.framework, priority=rec.priority, config=dict(rec.config),
                          resource_requirements=dict(rec.resource_requirements), tags=tuple(rec.tags),
                          created_at=rec.created_at, updated_at=rec.updated_at)
-        return RegistryEntry(spec, KIND_CAPABILITIES.get(rec.kind, frozenset()), meta)
+        return RegistryEntry(spec, capabilities_of(spec), meta)
 
     @staticmethod
     def _record(entry: RegistryEntry) -> ModelRecord:
@@ -249,8 +259,13 @@ def _model_config(rec: ModelRecord) -> ModelConfig:
     Keys this server has no use for (a llama.cpp n_ctx, ...) are kept as given and ignored."""
     data: dict[str, Any] = {"name": rec.display_name or rec.name, "kind": rec.kind}
     generation: dict[str, Any] = {}
+    remote: dict[str, Any] = {}
+    if rec.kind == "remote":
+        data.update(framework=rec.framework, remote=remote)
     for key, value in rec.config.items():
-        if key in _GENERATION_KEYS:
+        if rec.kind == "remote" and key in _REMOTE_KEYS:
+            remote[key] = value
+        elif key in _GENERATION_KEYS:
             generation[_GENERATION_KEYS[key]] = value
         elif key in _MODEL_KEYS:
             data[key] = value
@@ -267,6 +282,10 @@ def _model_config(rec: ModelRecord) -> ModelConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] == "remote":
+            loc = loc[1:2]
+        if rec.kind == "remote" and not loc and "base_url" not in remote:
+            loc = ["base_url"]
         if loc and loc[0] == "generation":
             loc = loc[1:]
             loc = [next((k for k, v in _GENERATION_KEYS.items() if v == loc[0]), loc[0])] if loc else loc

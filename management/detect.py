@@ -8,7 +8,7 @@ from pathlib import Path
 from core.errors import BadRequest
 
 LOCAL_FRAMEWORKS = ("transformers", "gguf", "rapidocr", "tesseract")
-REMOTE_FRAMEWORKS = ("vllm", "sglang", "llama.cpp", "openai")  # served once the scale-out work lands
+REMOTE_FRAMEWORKS = ("vllm", "sglang", "llama.cpp", "openai")  # an OpenAI-protocol server elsewhere (remote/)
 
 # Hugging Face model_type -> registry kind.
 _MODEL_TYPES = {"qwen2_vl": "qwen_vl", "qwen2_5_vl": "qwen_vl", "qwen3_vl": "qwen_vl",
@@ -85,11 +85,8 @@ def check_gguf(path: Path) -> None:
 
 
 def check_framework(framework: str) -> None:
-    if framework in LOCAL_FRAMEWORKS:
+    if framework in LOCAL_FRAMEWORKS or framework in REMOTE_FRAMEWORKS:
         return
-    works = ", ".join(LOCAL_FRAMEWORKS)
-    if framework in REMOTE_FRAMEWORKS:
-        raise BadRequest(f"framework '{framework}' (a remote engine) is not available yet; use one of: {works}",
-                         param="framework", code="UNSUPPORTED_FRAMEWORK")
+    works = ", ".join(LOCAL_FRAMEWORKS + REMOTE_FRAMEWORKS)
     raise BadRequest(f"unknown framework '{framework[:40]}'; use one of: {works}", param="framework",
                      code="UNSUPPORTED_FRAMEWORK")

@@ -87,6 +87,9 @@ class Lifecycle:
         if transition:
             return ObservedStatus(transition, "unknown", None)
         if st.status == "loaded":
+            available = getattr(getattr(st.engine, "pool", None), "available", None)  # a remote engine's URLs
+            if available is not None and not available():
+                return ObservedStatus("running", "unhealthy", "no URL of the remote engine is healthy")
             return ObservedStatus("running", "healthy", None)
         if st.status == "loading":
             return ObservedStatus("starting", "unknown", None)

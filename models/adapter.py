@@ -43,6 +43,8 @@ class ModelSpec:
     cache_dir: Path = Path("data/cache")  # converted weights (GGUF), shared across servers
     package: str | None = None  # weights shipped in a Python package ("<module>/<path>")
     pip: str | None = None      # how to install that package
+    framework: str | None = None  # kind "remote": openai, vllm, sglang or llama.cpp
+    remote: Any = None            # kind "remote": its core.config.RemoteEngineConfig
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ ADAPTER_KINDS: dict[str, str] = {
     "dots_ocr": "vlm.dots_ocr.adapter:DotsOcrAdapter",
     "embedding": "llm.embedding:EmbeddingAdapter",
     "layout_pipeline": "ocr.document.adapter:LayoutPipelineAdapter",
+    "remote": "remote.adapter:RemoteAdapter",
 }
 
 # Kinds the registry knows whose adapters have not been written yet; /models says so.

@@ -155,7 +155,12 @@ class ModelManager:
         st.adapter = adapter
         st.runner = ModelRunner(model_id, st.entry.spec.concurrency, st.entry.spec.max_queue)
         backend = getattr(adapter, "engine_backend", None)
-        if backend is not None:
+        make_engine = getattr(adapter, "make_engine", None)  # an adapter that brings its own (a remote engine)
+        if make_engine is not None:
+            st.engine = make_engine(self.metrics)
+            st.engine.start()
+            await st.engine.ready()
+        elif backend is not None:
             from engine.engine import Engine
 
             spec = st.entry.spec

@@ -2,7 +2,7 @@
 whether it can be served on this machine. Building it imports no model code."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
@@ -21,7 +21,34 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "dots_ocr": frozenset({Capability.OCR, Capability.GENERATE}),
     "embedding": frozenset({Capability.EMBED}),
     "layout_pipeline": frozenset({Capability.OCR, Capability.LAYOUT}),
+    "remote": frozenset({Capability.GENERATE}),  # and CHAT + OCR with vision: true (capabilities_of)
 }
+
+
+def capabilities_of(spec: ModelSpec) -> frozenset[Capability]:
+    """What a model can do: its kind's capabilities (a remote engine's depend on its settings)."""
+    if spec.kind == "remote":
+        from remote.adapter import remote_capabilities
+
+        return remote_capabilities(spec)
+    return KIND_CAPABILITIES.get(spec.kind, frozenset())
+
+
+def masked_remote_config(spec: ModelSpec) -> dict[str, Any]:
+    """A remote model's settings as the management API shows them: the api_key masked."""
+    cfg = spec.remote.model_dump(mode="json")
+    cfg["api_key"] = MASK if spec.remote.api_key else None
+    return cfg
+
+
+MASK = "********"
+
+
+def masked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model's API config with its secrets (a remote engine's api_key) masked."""
+    if config.get("api_key"):
+        return {**config, "api_key": MASK}
+    return config
 
 
 # Framework names of the management API (seed 004) for the kinds config.yaml defines.
@@ -97,7 +124,9 @@ class ModelRegistry:
                                     settings.cache_path)
             meta = ModelMeta(id=model_id, display_name=cfg.name, framework=KIND_FRAMEWORKS.get(cfg.kind, "transformers"),
                              config={"model_path": str(spec.path)} if cfg.kind not in KIND_FRAMEWORKS else {})
-            self._entries[model_id] = RegistryEntry(spec, KIND_CAPABILITIES.get(cfg.kind, frozenset()), meta)
+            if cfg.kind == "remote":
+                meta = replace(meta, framework=cfg.framework or "openai", config=masked_remote_config(spec))
+            self._entries[model_id] = RegistryEntry(spec, capabilities_of(spec), meta)
         self.aliases = dict(settings.aliases)
         self.defaults = {Capability.OCR: list(settings.defaults.ocr),
                          Capability.CHAT: list(settings.defaults.chat),
@@ -158,6 +187,7 @@ def spec_from_config(model_id: str, cfg: ModelConfig, path: Path | None, data_di
         max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
         stream_interval_ms=cfg.stream_interval_ms,
         prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+        framework=cfg.framework, remote=cfg.remote,
     )
 
 

@@ -190,7 +190,7 @@ def _error_data(exc: ChatVLMError) -> dict[str, Any]:
     return error_body(Surface.EASYVIZ, exc.status_code, exc.code, exc.message)
 
 
-_GENERATE_ERRORS = error_responses(400, 404, 413, 422, 503, 504)
+_GENERATE_ERRORS = error_responses(400, 404, 413, 422, 502, 503, 504)
 
 
 @_route("POST", "/api/v1/llm/generate/", response_model=LlmGenerateResponse, responses=_GENERATE_ERRORS)

@@ -17,7 +17,7 @@ from server.sse import sse_response
 router = APIRouter(tags=["llama-local"])
 
 @router.post("/generate", response_model=GenerateResponse,
-             responses={**STREAM_DOC, **error_responses(400, 404, 422, 503, 504)})
+             responses={**STREAM_DOC, **error_responses(400, 404, 422, 502, 503, 504)})
 async def generate(req: GenerateRequest, services: ServicesDep):
     """Reply to a prompt, streamed as plain-text SSE pieces (default) or as one JSON answer."""
     llm = services.llm

@@ -19,7 +19,7 @@ from server.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_GENERATE_ERRORS = error_responses(400, 404, 413, 415, 503, 504)
+_GENERATE_ERRORS = error_responses(400, 404, 413, 415, 502, 503, 504)
 _CHAT_EXAMPLE = ('data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"qwen2_5_0_5b",'
                  '"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n')
 _COMPLETION_EXAMPLE = ('data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"qwen2_5_0_5b",'

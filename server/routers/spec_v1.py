@@ -26,7 +26,7 @@ log = logging.getLogger("chatvlm.spec_v1")
 
 router = APIRouter(prefix="/api/v1", tags=["spec-v1"])
 
-_GEN_ERRORS = error_responses(400, 404, 422, 503, 504)
+_GEN_ERRORS = error_responses(400, 404, 422, 502, 503, 504)
 _STREAM_DOC = ('`data: {"token": "...", "finished": false}` events; the last event has `"finished": true` '
                'with `finish_reason` and `usage`, or is `{"error": {"code", "message"}, "finished": true}` '
                "when generation fails mid-stream.")

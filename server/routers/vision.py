@@ -31,7 +31,7 @@ def _accepts(part: str, *, pdf: bool, text: tuple[str, ...] = ("language",)) -> 
     encoding = {part: {"contentType": types}} | {name: {"contentType": "text/plain"} for name in text}
     return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
-_OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 503, 504)
+_OCR_ERRORS = error_responses(400, 404, 413, 415, 422, 502, 503, 504)
 # Set when the named model is not installed and another served (routing.ocr_fallback).
 FALLBACK_HEADER = {"X-Model-Fallback": {"description": "'<requested>; served-by=<model>; reason=<why>' when the "
                                         "named OCR model is not installed and the default route served",

@@ -215,4 +215,5 @@ _DESCRIPTIONS = {
     422: "Validation error",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The generation deadline passed",
+    502: "A remote engine failed (BAD_GATEWAY)",
 }

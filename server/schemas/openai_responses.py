@@ -89,6 +89,7 @@ _ERROR_DESCRIPTIONS = {
     404: "Unknown model", 413: "Request or image too large", 415: "Unsupported image format",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The request deadline passed, or fetching an image URL timed out",
+    502: "A remote engine failed (BAD_GATEWAY)",
 }
 
 

@@ -249,6 +249,7 @@ _DESCRIPTIONS = {
     422: "Validation error (VALIDATION_ERROR; `param` names the field, e.g. requests.2.prompt in a batch)",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The request deadline passed",
+    502: "A remote engine failed (BAD_GATEWAY; its 504 is GATEWAY_TIMEOUT, no healthy URL 503 BACKEND_UNAVAILABLE)",
 }
 
 

@@ -166,4 +166,5 @@ _DESCRIPTIONS = {
     415: "Unsupported image format", 422: "Validation error (a bad format, region or page)",
     503: "Model not installed, failed to load, or overloaded (see Retry-After)",
     504: "The request deadline passed",
+    502: "A remote engine failed (BAD_GATEWAY)",
 }

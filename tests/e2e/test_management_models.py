@@ -108,10 +108,14 @@ def test_serving_keys_of_config_are_checked(api, tiny_models_dir):
 
 
 def test_frameworks(api, server):
-    for remote in ("vllm", "sglang", "llama.cpp", "openai"):
+    for remote in ("vllm", "sglang", "llama.cpp", "openai"):  # remote engines take base_url (tests/remote/)
         r = api.post("/api/models", json={"name": "remote", "framework": remote, "config": {"model_path": "/m"}})
-        msg = assert_seed_error(r, 400, "UNSUPPORTED_FRAMEWORK")["error"]["message"]
-        assert "transformers, gguf, rapidocr, tesseract" in msg
+        assert_seed_error(r, 400, "INVALID_REQUEST")
+        r = api.post("/api/models", json={"name": "remote", "framework": remote, "config": {}})
+        assert r.status_code == 422 and "config.base_url" in r.json()["error"]["message"], r.text
+    r = api.post("/api/models", json={"name": "remote", "framework": "pytorch", "config": {}})
+    msg = assert_seed_error(r, 400, "UNSUPPORTED_FRAMEWORK")["error"]["message"]
+    assert "transformers, gguf, rapidocr, tesseract, vllm" in msg
     gguf = server.roots / "extra" / "tiny.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 32)
     r = api.post("/api/models", json={"name": "from-gguf", "framework": "gguf", "config": {"model_path": str(gguf)}})

@@ -103,11 +103,8 @@ def test_gguf_files_are_checked(tmp_path):
 
 
 def test_frameworks():
-    for ok in ("transformers", "gguf", "rapidocr", "tesseract"):
+    for ok in ("transformers", "gguf", "rapidocr", "tesseract", "vllm", "sglang", "llama.cpp", "openai"):
         check_framework(ok)
-    for remote in ("vllm", "sglang", "llama.cpp", "openai"):
-        with pytest.raises(BadRequest) as exc:
-            check_framework(remote)
-        assert exc.value.code == "UNSUPPORTED_FRAMEWORK" and "transformers, gguf, rapidocr, tesseract" in exc.value.message
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadRequest) as exc:
         check_framework("pytorch")
+    assert exc.value.code == "UNSUPPORTED_FRAMEWORK" and "transformers, gguf, rapidocr, tesseract, vllm" in exc.value.message

@@ -37,6 +37,7 @@ _DESCRIPTIONS = {
     429: "Too many failed logins (see Retry-After)",
     503: "The model is stopped (MODEL_NOT_RUNNING), not installed, failed to load or overloaded",
     504: "Generation did not finish in time",
+    502: "A remote engine failed (BAD_GATEWAY)",
 }
 
 

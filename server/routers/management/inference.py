@@ -22,7 +22,7 @@ from server.sse import sse_response as stream
 
 router = APIRouter(tags=["management: inference"])
 
-_ERRORS = error_responses(400, 404, 422, 503, 504)
+_ERRORS = error_responses(400, 404, 422, 502, 503, 504)
 _GEN_STREAM = sse_response("With stream=true: `data: {\"id\",\"choices\":[{\"text\",\"index\"}]}` events, the last "
                            "with finish_reason and usage, then `data: [DONE]`.",
                            json_data(StreamEvent), marker("[DONE]", "End of the stream"),

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from core.errors import BadRequest
 from management.catalog import ModelDraft
 from management.service import Management
-from models.registry import ModelMeta, RegistryEntry
+from models.registry import ModelMeta, RegistryEntry, masked_config
 from server.routers.management.common import (AdminUser, CurrentUser, ManagementDep, MessageResponse,
                                               error_responses)
 from server.routers.management.models_schemas import (STATUSES, CreatedModel, CreateModelRequest, ModelDetail,
@@ -31,7 +31,7 @@ def model_item(mgmt: Management, entry: RegistryEntry, cls=ModelItem, **extra) -
                description=meta.description, framework=meta.framework, kind=entry.spec.kind, source=meta.source,
                status=observed.status, health=observed.health, reason=reason, installed=install.installed,
                tasks=sorted(c.value for c in entry.capabilities), priority=meta.priority,
-               created_at=meta.created_at, updated_at=meta.updated_at, config=meta.config,
+               created_at=meta.created_at, updated_at=meta.updated_at, config=masked_config(meta.config),
                resource_requirements=meta.resource_requirements,
                resource_usage={"memory": memory_mb, "gpu_memory": memory_mb if on_gpu else 0,
                                "inflight": state.inflight}, tags=list(meta.tags), **extra)

@@ -49,8 +49,10 @@ class _ModelFields(BaseModel):
 
 class CreateModelRequest(_ModelFields):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="The model's id on every surface")
-    framework: str = Field(max_length=32, description="transformers, gguf, rapidocr or tesseract "
-                                                      "(vllm, sglang, llama.cpp, openai: not yet, 400)")
+    framework: str = Field(max_length=32, description="transformers, gguf, rapidocr or tesseract (local), or "
+                                                      "vllm, sglang, llama.cpp, openai: a remote OpenAI-protocol "
+                                                      "server, config {base_url (one URL or a list), api_key, "
+                                                      "remote_model, max_concurrency, timeout_s, vision}")
 
 
 class UpdateModelRequest(_ModelFields):

@@ -112,6 +112,11 @@ class AlertEvaluator:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def drain(self) -> None:
+        """Wait for the notifications under way (tests, and a clean stop)."""
+        while self._notifying:
+            await asyncio.gather(*list(self._notifying), return_exceptions=True)
+
     async def _run(self, sub) -> None:
         try:
             while True:

@@ -14,7 +14,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 # metric -> (scope, description). scope: what one value belongs to (evaluated per GPU, per model,
 # or once for the machine).
@@ -81,8 +81,9 @@ class Condition:
         return text + (f" for {self.for_s:g}s" if self.for_s else "")
 
 
-def tokenize(text: str) -> list[Token]:
-    tokens, i = [], 0
+def tokenize(text: str) -> Iterator[Token]:
+    """Tokens, read lazily: an error is reported where the grammar first fails, left to right."""
+    i = 0
     while i < len(text):
         m = _TOKEN.match(text, i)
         if m is None:
@@ -90,27 +91,29 @@ def tokenize(text: str) -> list[Token]:
         if m.lastgroup == "bad":
             raise ConditionError(f"{m.group()!r} is not a number or a duration (30s, 5m, 1h)", i + 1)
         if m.lastgroup != "ws":
-            tokens.append(Token(m.lastgroup, m.group(), i + 1))
+            yield Token(m.lastgroup, m.group(), i + 1)
         i = m.end()
-    tokens.append(Token("end", "", len(text) + 1))
-    return tokens
+    yield Token("end", "", len(text) + 1)
 
 
 def parse(text: str) -> Condition:
     """The condition, or ConditionError naming where it fails."""
     if len(text) > MAX_LENGTH:
         raise ConditionError(f"a condition is at most {MAX_LENGTH} characters", MAX_LENGTH + 1)
-    toks = tokenize(text)
-    k = 0
+    stream = tokenize(text)
+    ahead: list[Token] = []
+
+    def peek() -> Token:
+        if not ahead:
+            ahead.append(next(stream))
+        return ahead[0]
 
     def expect(kind: str, what: str) -> Token:
-        nonlocal k
-        tok = toks[k]
+        tok = peek()
         if tok.kind != kind:
             found = "the end" if tok.kind == "end" else repr(tok.text)
             raise ConditionError(f"expected {what}, found {found}", tok.pos)
-        k += 1
-        return tok
+        return ahead.pop()
 
     metric = expect("word", "a metric name")
     if metric.text not in METRICS:
@@ -121,13 +124,13 @@ def parse(text: str) -> Condition:
     if not math.isfinite(threshold):
         raise ConditionError("the number is out of range", number.pos)
     for_s = 0.0
-    if toks[k].kind == "word" and toks[k].text == "for":
-        k += 1
+    if peek().kind == "word" and peek().text == "for":
+        ahead.pop()
         dur = expect("duration", "a duration such as 30s, 5m or 1h")
         for_s = float(int(dur.text[:-1]) * _UNITS[dur.text[-1]])
         if not 0 < for_s <= MAX_DURATION_S:
             raise ConditionError(f"the duration must be between 1s and {MAX_DURATION_S // 86400} days", dur.pos)
-    end = toks[k]
+    end = peek()
     if end.kind != "end":
         raise ConditionError(f"expected 'for <duration>' or the end, found {end.text!r}", end.pos)
     return Condition(metric.text, op.text, threshold, for_s)

@@ -94,6 +94,7 @@ class AlertEvaluator:
         self._task: asyncio.Task | None = None
         self._notifying: set[asyncio.Task] = set()
         self.samples = 0
+        self._batch: list[tuple[dict, list[str], datetime]] = []
 
     # ---- lifespan ------------------------------------------------------------------------------
     def start(self, db: Database) -> None:
@@ -147,7 +148,7 @@ class AlertEvaluator:
                 seen.add(key)
                 active = self.active.get(key)
                 if active is not None and active.rule.condition_text != rule.condition_text:
-                    await self._resolve(key, now, "the rule's condition changed")
+                    self._resolve(key, now, "the rule's condition changed")
                     active = None
                 if value is None:
                     continue  # no data: nothing changes
@@ -155,7 +156,7 @@ class AlertEvaluator:
                     self._since.pop(key, None)
                     if active is not None:
                         active.value = value
-                        await self._resolve(key, now, "the condition cleared")
+                        self._resolve(key, now, "the condition cleared")
                     continue
                 since = self._since.setdefault(key, now)
                 if active is not None:
@@ -163,61 +164,81 @@ class AlertEvaluator:
                     cooldown = self.settings.cooldown_s
                     if cooldown and (now - active.notified_at).total_seconds() >= cooldown:
                         active.notified_at = now
-                        await self._record(active, "repeat", now, self._message(rule, subject, value))
+                        self._record(active, "repeat", now, self._message(rule, subject, value))
                 elif (now - since).total_seconds() >= rule.condition.for_s:
-                    await self._fire(rule, subject, value, now)
+                    self._fire(rule, subject, value, now)
         for key in [k for k in self.active if k not in seen]:
             gone = key[0] not in by_id
-            await self._resolve(key, now, "the rule was disabled or deleted" if gone
-                                else f"{key[1]} is no longer reported")
+            self._resolve(key, now, "the rule was disabled or deleted" if gone else f"{key[1]} is no longer reported")
         for key in [k for k in self._since if k not in seen]:
             del self._since[key]
+        await self._flush()
 
     @staticmethod
     def _message(rule: Rule, subject: str, value: float) -> str:
         where = "" if subject == "system" else f" on {subject}"
         return f"{rule.name}: {rule.condition.metric} is {value:g}{where} ({rule.condition_text})"
 
-    async def _fire(self, rule: Rule, subject: str, value: float, now: datetime) -> None:
+    def _fire(self, rule: Rule, subject: str, value: float, now: datetime) -> None:
         active = Active(f"alert-{uuid.uuid4().hex[:16]}", rule, subject, value, now, now)
         self.active[(rule.id, subject)] = active
-        await self._record(active, "firing", now, self._message(rule, subject, value))
+        self._record(active, "firing", now, self._message(rule, subject, value))
 
-    async def _resolve(self, key: tuple[str, str], now: datetime, reason: str) -> None:
+    def _resolve(self, key: tuple[str, str], now: datetime, reason: str) -> None:
         active = self.active.pop(key)
         self._since.pop(key, None)
         where = "" if active.subject == "system" else f" on {active.subject}"
         message = f"resolved: {active.rule.name}{where}: {reason} ({active.rule.condition.metric} {active.value:g})"
-        await self._record(active, "resolved", now, message)
+        self._record(active, "resolved", now, message)
 
-    async def _record(self, active: Active, state: str, now: datetime, message: str) -> None:
+    def _record(self, active: Active, state: str, now: datetime, message: str) -> None:
+        """Queue one transition; ``_flush`` writes the sample's transitions in one transaction."""
         rule = active.rule
-        event_id = await self.db.run(repo.add_event, alert_id=active.alert_id, rule_id=rule.id, rule_name=rule.name,
-                                     condition=rule.condition_text, severity=rule.severity, state=state,
-                                     subject=active.subject, value=active.value, message=message, ts=now)
         payload = {"alert_id": active.alert_id, "rule_id": rule.id, "rule_name": rule.name,
                    "condition": rule.condition_text, "severity": rule.severity, "state": state,
                    "subject": active.subject, "metric": rule.condition.metric, "value": active.value,
                    "message": message, "fired_at": _iso(active.fired_at), "timestamp": _iso(now)}
-        if state != "repeat":  # /ws/monitor sends one system_alert per firing and one per resolution
-            self.hub.publish(ALERT, {**payload, "rule": rule.name})
-        (log.warning if state != "resolved" else log.info)("alert %s: %s", state, message)
-        if rule.channels:
-            task = asyncio.create_task(self._notify(event_id, list(rule.channels), payload),
-                                       name=f"notify-{active.alert_id}")
-            self._notifying.add(task)
-            task.add_done_callback(self._notifying.discard)
+        self._batch.append((payload, list(rule.channels), now))
 
-    async def _notify(self, event_id: int, channels: list[str], payload: dict) -> None:
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            ids = await self.db.run(_add_events, [(p, ts) for p, _, ts in batch])
+        except Exception:  # noqa: BLE001 - the store failed: still publish and notify, unrecorded
+            log.exception("could not record %d alert event(s)", len(batch))
+            ids = [None] * len(batch)
+        for event_id, (payload, channels, _) in zip(ids, batch):
+            state = payload["state"]
+            if state != "repeat":  # /ws/monitor sends one system_alert per firing and one per resolution
+                self.hub.publish(ALERT, {**payload, "rule": payload["rule_name"]})
+            (log.warning if state != "resolved" else log.info)("alert %s: %s", state, payload["message"])
+            if channels:
+                task = asyncio.create_task(self._notify(event_id, channels, payload),
+                                           name=f"notify-{payload['alert_id']}")
+                self._notifying.add(task)
+                task.add_done_callback(self._notifying.discard)
+
+    async def _notify(self, event_id: int | None, channels: list[str], payload: dict) -> None:
         results = await self.notifier.send(channels, payload)
         for channel, result in results.items():
             if not result.get("ok"):
                 log.warning("alert %s: channel %s failed: %s", payload["alert_id"], channel,
                             result.get("error") or [t.get("error") for t in result.get("targets", [])])
+        if event_id is None:
+            return
         try:
             await self.db.run(repo.set_notifications, event_id, results)
         except Exception:  # noqa: BLE001 - the notification went out; only its record is lost
             log.exception("could not record the notifications of alert %s", payload["alert_id"])
+
+
+def _add_events(s, events: list[tuple[dict, datetime]]) -> list[int]:
+    """One transaction for a sample's transitions."""
+    return [repo.add_event(s, alert_id=p["alert_id"], rule_id=p["rule_id"], rule_name=p["rule_name"],
+                           condition=p["condition"], severity=p["severity"], state=p["state"], subject=p["subject"],
+                           value=p["value"], message=p["message"], ts=ts) for p, ts in events]
 
 
 def _iso(ts: datetime) -> str:

@@ -39,12 +39,12 @@ MAX_DURATION_S = 7 * 86400
 MAX_LENGTH = 200
 
 _TOKEN = re.compile(r"""
-    (?P<ws>\s+)
-  | (?P<number>-?\d+(?:\.\d+)?(?![\w.]))
-  | (?P<duration>\d+[smh](?!\w))
+    (?P<ws>[ \t]+)
+  | (?P<number>-?[0-9]+(?:\.[0-9]+)?(?![\w.]))
+  | (?P<duration>[0-9]+[smh](?!\w))
   | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>>=|<=|==|!=|>|<)
-  | (?P<bad>-?\d[\w.]*)
+  | (?P<bad>-?[0-9][\w.]*)
 """, re.VERBOSE)
 
 

@@ -134,7 +134,12 @@ class AlertEvaluator:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def current_rules(self) -> list[Rule]:
-        return [*builtin_rules(self.thresholds(), self.settings.builtin_channels), *self.rules.enabled()]
+        cfg = self.settings
+        # Built-in rules notify only the channels that are set up (a user rule naming one that is
+        # not gets that failure recorded in the history).
+        configured = {"webhook": bool(cfg.webhooks), "email": cfg.smtp is not None}
+        channels = [c for c in cfg.builtin_channels if configured[c]]
+        return [*builtin_rules(self.thresholds(), channels), *self.rules.enabled()]
 
     async def evaluate(self, sample: Sample) -> None:
         self.samples += 1

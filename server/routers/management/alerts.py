@@ -76,7 +76,7 @@ async def delete_rule(rule_id: str, _: AdminUser, mgmt: ManagementDep) -> Messag
 
 @router.get("/alerts/history", response_model=AlertHistoryPage, responses=error_responses(422))
 async def history(_: CurrentUser, mgmt: ManagementDep,
-                  rule_id: Annotated[str | None, Query(max_length=64)] = None,
+                  rule_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9:_.-]+$")] = None,
                   state: Literal["firing", "repeat", "resolved"] | None = None,
                   start_time: datetime | None = None, end_time: datetime | None = None,
                   page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,

@@ -16,12 +16,15 @@ CONDITION_DOC = ("`<metric> <op> <number> [for <duration>]`, e.g. `gpu_utilizati
                  + ". Ops: > >= < <= == !=. Durations: 30s, 5m, 1h (at most 7 days).")
 
 
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # no control characters (PostgreSQL refuses NUL in text)
+
+
 class _RuleFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateAlertRule(_RuleFields):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     condition: str = Field(min_length=1, max_length=200, description=CONDITION_DOC)
     severity: Severity = "warning"
     enabled: bool = True
@@ -32,7 +35,7 @@ class CreateAlertRule(_RuleFields):
 class UpdateAlertRule(_RuleFields):
     """Only the fields given change; at least one."""
 
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME_PATTERN)
     condition: str | None = Field(None, min_length=1, max_length=200, description=CONDITION_DOC)
     severity: Severity | None = None
     enabled: bool | None = None

@@ -337,6 +337,9 @@ class SmtpSettings(_Strict):
     from_: str = Field(alias="from", min_length=3)
     to: list[str] = Field(min_length=1)
     timeout_s: float = Field(10, gt=0, le=300)  # connect, and each SMTP command
+    # A CA bundle (PEM) to verify the server's certificate with STARTTLS, e.g. a private CA;
+    # None: the system's trusted CAs.
+    ca_file: Path | None = None
 
     @field_validator("to")
     @classmethod

@@ -55,10 +55,12 @@ class WebhookReceiver:
 
 
 class SmtpReceiver:
-    """An aiosmtpd server that keeps every message it is handed."""
+    """An aiosmtpd server that keeps every message it is handed. With ``tls_context`` it requires
+    STARTTLS; with ``logins`` ({user: password}) it requires AUTH (over TLS)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_context=None, logins: dict[str, str] | None = None) -> None:
         self.messages: list[Message] = []
+        self.logged_in: list[str] = []
         outer = self
 
         class Handler:
@@ -71,7 +73,21 @@ class SmtpReceiver:
         from tests.server_process import free_port
 
         self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        kwargs = {}
+        if tls_context is not None:
+            kwargs.update(tls_context=tls_context, require_starttls=True)
+        if logins is not None:
+            from aiosmtpd.smtp import AuthResult
+
+            def authenticate(server, session, envelope, mechanism, auth_data):
+                user = auth_data.login.decode()
+                ok = logins.get(user) == auth_data.password.decode()
+                if ok:
+                    outer.logged_in.append(user)
+                return AuthResult(success=ok)
+
+            kwargs.update(authenticator=authenticate, auth_required=True)
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
 
     def close(self) -> None:

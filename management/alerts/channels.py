@@ -120,7 +120,8 @@ def _deliver(smtp: SmtpSettings, msg: EmailMessage) -> None:
     """Blocking: run on a worker thread."""
     with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s) as client:
         if smtp.starttls:
-            client.starttls(context=ssl.create_default_context())
+            client.starttls(context=ssl.create_default_context(
+                cafile=str(smtp.ca_file) if smtp.ca_file is not None else None))
         if smtp.username:
             client.login(smtp.username, smtp.password or "")
         client.send_message(msg)

@@ -264,3 +264,42 @@ async def _through_hub(tmp_path, hook, smtp):
     assert len(hook.accepted()) == 1 and h.ev.samples >= 2
     await h.ev.stop()
     h.db.dispose()
+
+
+def test_email_with_starttls_and_login(tmp_path):
+    asyncio.run(_starttls(tmp_path))
+
+
+async def _starttls(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    smtp, hook = SmtpReceiver(tls_context=server_ctx, logins={"chatvlm": "s3cret-pass"}), WebhookReceiver()
+    try:
+        good = {"host": "127.0.0.1", "port": smtp.port, "from": "chatvlm@example.org", "to": ["ops@example.org"],
+                "starttls": True, "username": "chatvlm", "password": "s3cret-pass", "ca_file": str(ca_file),
+                "timeout_s": 5}
+        h = Harness(_url(tmp_path), AlertsSettings(smtp=good))
+        await h.rules.create(name="tls", condition="cpu_percent >= 0", severity="info", enabled=True,
+                             channels=["email"])
+        await h.step(psutil_sample())
+        assert len(smtp.messages) == 1 and smtp.logged_in == ["chatvlm"]
+        assert h.history()[0].notifications["email"] == {"ok": True, "recipients": 1}
+        # a wrong password, and a server certificate the client does not trust: recorded failures
+        for bad in ({**good, "password": "wrong"}, {**good, "ca_file": None}, {**good, "starttls": False}):
+            h2 = Harness(f"sqlite:///{tmp_path / 'other.db'}", AlertsSettings(smtp=bad))
+            result = await h2.ev.notifier.send(["email"], {"alert_id": "a", "state": "firing", "severity": "info",
+                                                          "rule_name": "r", "message": "m"})
+            assert result["email"]["ok"] is False and "internal" not in result["email"]["error"], result
+            h2.db.dispose()
+        assert len(smtp.messages) == 1
+        h.db.dispose()
+    finally:
+        smtp.close()
+        hook.close()

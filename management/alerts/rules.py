@@ -50,6 +50,7 @@ class AlertRules:
         self.max_rules = max_rules
         self.db: Database | None = None
         self._rules: dict[str, Rule] = {}
+        self._changes = 0  # bumped by every change made here: a refresh read before one is discarded
 
     def load(self, db: Database) -> None:
         """Read every rule (blocking; at start-up)."""
@@ -77,6 +78,7 @@ class AlertRules:
         rec = AlertRuleRecord(id=f"alert-{uuid.uuid4().hex[:12]}", name=name, condition=condition,
                               severity=severity, enabled=enabled, notification_channels=list(dict.fromkeys(channels)))
         rec = await self.db.run(repo.add_rule, rec)
+        self._changes += 1
         self._rules[rec.id] = _rule(rec)
         return rec
 
@@ -87,6 +89,7 @@ class AlertRules:
         if "notification_channels" in changes:
             changes["notification_channels"] = list(dict.fromkeys(changes["notification_channels"]))
         rec = await self.db.run(repo.update_rule, rule_id, changes)
+        self._changes += 1
         if rec is None:  # deleted meanwhile
             self._rules.pop(rule_id, None)
             self.get(rule_id)
@@ -96,6 +99,7 @@ class AlertRules:
     async def delete(self, rule_id: str) -> AlertRuleRecord:
         rec = self.get(rule_id)
         await self.db.run(repo.remove_rule, rule_id)
+        self._changes += 1
         self._rules.pop(rule_id, None)
         return rec
 
@@ -106,6 +110,9 @@ class AlertRules:
 
     async def refresh(self) -> None:
         """Re-read the rules: replicas sharing a database see each other's changes at the next sample."""
+        seen = self._changes
         recs = await self.db.run(repo.list_rules)
+        if seen != self._changes:
+            return  # a change made here meanwhile: the cache is newer than what was read
         self._rules = {rec.id: self._rules[rec.id] if rec.id in self._rules and self._rules[rec.id].record == rec
                        else _rule(rec) for rec in recs}

@@ -303,3 +303,31 @@ async def _starttls(tmp_path):
     finally:
         smtp.close()
         hook.close()
+
+
+def test_rules_are_re_read_so_replicas_agree(tmp_path):
+    asyncio.run(_replicas(tmp_path))
+
+
+async def _replicas(tmp_path):
+    db = Database(_url(tmp_path))
+    db.migrate()
+    a, b = AlertRules(10), AlertRules(10)
+    a.load(db)
+    b.load(db)
+    rec = await a.create(name="r", condition="cpu_percent > 1", severity="info", enabled=True, channels=[])
+    assert b.enabled() == []
+    await b.refresh()
+    assert [r.id for r in b.enabled()] == [rec.id]
+    await b.update(rec.id, {"enabled": False})
+    await a.refresh()
+    assert a.enabled() == [] and a.get(rec.id).enabled is False
+    # a refresh that read before a change made here does not undo it
+    refresh = asyncio.create_task(a.refresh())
+    new = await a.create(name="n", condition="cpu_percent > 2", severity="info", enabled=True, channels=[])
+    await refresh
+    assert a.get(new.id).name == "n"
+    with pytest.raises(Exception) as info:
+        await a.create(name="x", condition="cpu_percent >", severity="info", enabled=True, channels=[])
+    assert getattr(info.value, "code", None) == "INVALID_CONDITION" and info.value.details["position"] == 14
+    db.dispose()

@@ -14,7 +14,7 @@ from management.alerts.channels import Notifier
 from management.alerts.evaluator import AlertEvaluator
 from management.alerts.heartbeat import Heartbeat
 from management.alerts.rules import AlertRules
-from management.events import ALERT, SAMPLE, EventHub, GpuFigures, ModelFigures, Sample
+from management.events import ALERT, SAMPLE, EventHub, GpuFigures, Sample
 from store import alerts as repo
 from store.db import Database
 from tests.notify_receivers import SmtpReceiver, WebhookReceiver

@@ -19,13 +19,21 @@ CONDITION_DOC = ("`<metric> <op> <number> [for <duration>]`, e.g. `gpu_utilizati
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # no control characters (PostgreSQL refuses NUL in text)
 
 
+# The grammar as a pattern, for the OpenAPI schema only (clients and schema-driven tests): the
+# server parses the condition itself, and a bad one gets 422 INVALID_CONDITION with its position.
+CONDITION_PATTERN = (r"^[ \t]*(" + "|".join(METRICS) + r")[ \t]*(>=|<=|==|!=|>|<)[ \t]*-?[0-9]+(\.[0-9]+)?"
+                     r"([ \t]+for[ \t]+[0-9]+[smh])?[ \t]*$")
+_CONDITION_SCHEMA = {"pattern": CONDITION_PATTERN, "examples": ["gpu_utilization > 90 for 5m", "model_error == 1"]}
+
+
 class _RuleFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateAlertRule(_RuleFields):
     name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
-    condition: str = Field(min_length=1, max_length=200, description=CONDITION_DOC)
+    condition: str = Field(min_length=1, max_length=200, description=CONDITION_DOC,
+                           json_schema_extra=_CONDITION_SCHEMA)
     severity: Severity = "warning"
     enabled: bool = True
     notification_channels: list[Channel] = Field([], max_length=2, description="webhook (alerts.webhooks) and/or "
@@ -36,7 +44,8 @@ class UpdateAlertRule(_RuleFields):
     """Only the fields given change; at least one."""
 
     name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME_PATTERN)
-    condition: str | None = Field(None, min_length=1, max_length=200, description=CONDITION_DOC)
+    condition: str | None = Field(None, min_length=1, max_length=200, description=CONDITION_DOC,
+                                  json_schema_extra=_CONDITION_SCHEMA)
     severity: Severity | None = None
     enabled: bool | None = None
     notification_channels: list[Channel] | None = Field(None, max_length=2)

@@ -368,6 +368,10 @@ class ManagementSettings(_Strict):
     # Default time a start/stop task may take (the request's `timeout` wins).
     start_timeout_s: float = Field(300, gt=0, le=86400)
     stop_timeout_s: float = Field(60, gt=0, le=86400)
+    # /ws/monitor: an idle connection gets a {"type": "ping"} frame this often; each connection
+    # holds at most ws_queue undelivered events (then the oldest are dropped, and it is told so).
+    ws_ping_s: float = Field(20, gt=0, le=3600)
+    ws_queue: int = Field(256, ge=1, le=100_000)
 
 
 class MonitoringSettings(_Strict):
@@ -391,10 +395,63 @@ class AlertThresholds(_Strict):
     queue_depth_high: int = Field(64, ge=0, le=1_000_000)
 
 
+class SmtpSettings(_Strict):
+    """The mail server alert e-mails go through (``alerts.smtp``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    starttls: bool = False                     # upgrade the connection with STARTTLS before logging in
+    username: str | None = None                # log in when set
+    password: str | None = Field(None, repr=False)
+    from_: str = Field(alias="from", min_length=3)
+    to: list[str] = Field(min_length=1)
+    timeout_s: float = Field(10, gt=0, le=300)  # connect, and each SMTP command
+    # A CA bundle (PEM) to verify the server's certificate with STARTTLS, e.g. a private CA;
+    # None: the system's trusted CAs.
+    ca_file: Path | None = None
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if "@" not in addr or any(c.isspace() for c in addr):
+                raise ValueError(f"'{addr}' is not an e-mail address")
+        return v
+
+
 class AlertsSettings(_Strict):
     """Alert rules' defaults and notification channels."""
 
     thresholds: AlertThresholds = AlertThresholds()
+    # Webhook channel: a JSON POST to each URL (http or https); every URL's host must be listed
+    # in webhook_allowed_hosts. Redirects are not followed.
+    webhooks: list[str] = []
+    webhook_allowed_hosts: list[str] = []
+    webhook_timeout_s: float = Field(5, gt=0, le=120)     # per attempt
+    webhook_retries: int = Field(3, ge=0, le=10)          # after the first attempt, with backoff
+    webhook_backoff_s: float = Field(0.5, ge=0, le=60)    # doubled at each retry
+    # E-mail channel; None: e-mail notifications are skipped (and recorded as failed).
+    smtp: SmtpSettings | None = None
+    # A rule that keeps firing is notified again after this many seconds (0: only once).
+    cooldown_s: float = Field(3600, ge=0, le=30 * 86400)
+    # Channels of the built-in threshold rules (alert_thresholds).
+    builtin_channels: list[Literal["webhook", "email"]] = ["webhook", "email"]
+    max_rules: int = Field(1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _webhook_hosts(self) -> "AlertsSettings":
+        from urllib.parse import urlsplit
+
+        allowed = {h.lower() for h in self.webhook_allowed_hosts}
+        for url in self.webhooks:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"alerts.webhooks: '{url}' is not an http(s) URL")
+            if parts.hostname.lower() not in allowed:
+                raise ValueError(f"alerts.webhooks: host '{parts.hostname}' is not in alerts.webhook_allowed_hosts")
+        return self
 
 
 class Settings(BaseSettings):

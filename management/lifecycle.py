@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from core.errors import ChatVLMError, InsufficientResources, NotFound
 from core.system import gpu_info
+from management.events import MODEL_STATUS, EventHub
 from management.logbook import ModelLogBook
 from models.manager import ModelManager
 from models.registry import RegistryEntry
@@ -37,7 +38,7 @@ class ObservedStatus:
 
 class Lifecycle:
     def __init__(self, manager: ModelManager, logbook: ModelLogBook, *, start_timeout_s: float,
-                 stop_timeout_s: float) -> None:
+                 stop_timeout_s: float, events: EventHub | None = None) -> None:
         self.manager = manager
         self.logbook = logbook
         self.start_timeout_s = start_timeout_s
@@ -49,6 +50,8 @@ class Lifecycle:
         self._pending: dict[str, int] = {}       # tasks queued or running per model
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.events = events                      # MODEL_STATUS is published on every status change
+        self._announced: dict[str, str] = {}
 
     # ---- start-up and shutdown -----------------------------------------------------------------
     def load(self, db: Database) -> int:
@@ -113,6 +116,7 @@ class Lifecycle:
         self.desired[name] = desired
         self._pending[name] = self._pending.get(name, 0) + 1
         self._transition[name] = "stopping" if action in ("stop", "restart") else "starting"
+        self._announce(name)
         task = asyncio.create_task(self._run(task_id, name, action, force, timeout), name=f"{action}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -137,9 +141,11 @@ class Lifecycle:
                 try:
                     if action in ("stop", "restart"):
                         self._transition[name] = "stopping"
+                        self._announce(name)
                         await self._stop(name, timeout or self.stop_timeout_s, force)
                     if action in ("start", "restart"):
                         self._transition[name] = "starting"
+                        self._announce(name)
                         await self._start(name, timeout or self.start_timeout_s)
                 except ChatVLMError as exc:
                     self._errors[name] = exc.message
@@ -159,6 +165,7 @@ class Lifecycle:
             if not self._pending[name]:
                 self._pending.pop(name, None)
                 self._transition.pop(name, None)
+            self._announce(name)
 
     async def _start(self, name: str, timeout: float) -> None:
         entry = self.manager.state(name).entry
@@ -185,6 +192,21 @@ class Lifecycle:
     def forget(self, name: str) -> None:
         self.desired.pop(name, None)
         self._errors.pop(name, None)
+        self._announced.pop(name, None)
+
+    def _announce(self, name: str) -> None:
+        """Publish the model's status (MODEL_STATUS) when it differs from the last one published."""
+        if self.events is None or name not in self.manager.registry:
+            return
+        entry = self.manager.state(name).entry
+        st = self.status(entry)
+        previous = self._announced.get(name)
+        if previous == st.status:
+            return
+        self._announced[name] = st.status
+        self.events.publish(MODEL_STATUS, {"model_id": entry.meta.id if entry.meta else entry.id, "model_name": name,
+                                           "status": st.status, "previous_status": previous, "health": st.health,
+                                           "reason": st.reason})
 
 
 def _accept(s, task_id: str, name: str, action: str, desired: str) -> None:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from core.config import Settings
+from management.alerts import Alerts
 from management.catalog import ModelCatalog, ModelDraft
 from management.events import EventHub
 from management.identity import Identity
@@ -38,9 +39,11 @@ class Management:
         self.identity = Identity(cfg, settings.data_dir, settings.rate_limit.storage_url)
         self.logbook = ModelLogBook(cfg.log_lines)
         self.catalog = ModelCatalog(settings, manager)
-        self.lifecycle = Lifecycle(manager, self.logbook, start_timeout_s=cfg.start_timeout_s,
-                                   stop_timeout_s=cfg.stop_timeout_s)
         self.events = EventHub()  # lifecycle, sampler, alerts and config publish; /ws/monitor subscribes
+        self.lifecycle = Lifecycle(manager, self.logbook, start_timeout_s=cfg.start_timeout_s,
+                                   stop_timeout_s=cfg.stop_timeout_s, events=self.events)
+        # Alert rules, their evaluator and channels; the built-in thresholds are read through the callable.
+        self.alerts = Alerts(settings, self.events, self.model_statuses, thresholds=lambda: settings.alerts.thresholds)
         self.db: Database | None = None
         self.stats: dict[str, RequestStats] = {}
         self._refresh_task: asyncio.Task | None = None
@@ -51,6 +54,7 @@ class Management:
         await asyncio.to_thread(self._open)
         self.logbook.start()
         await self.lifecycle.reconcile()
+        self.alerts.start(self.db)
         if self.settings.management.registry_refresh_s:
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
 
@@ -74,6 +78,7 @@ class Management:
         for name in self.catalog.load(self.db):
             log.warning("model '%s' created through the API is shadowed by config.yaml's model of that name", name)
         self.logbook.load(self.db)
+        self.alerts.load(self.db)
         if interrupted := self.lifecycle.load(self.db):
             log.warning("%d lifecycle task(s) were cut short by the last shutdown: marked failed", interrupted)
 
@@ -82,10 +87,15 @@ class Management:
             self._refresh_task.cancel()
             await asyncio.gather(self._refresh_task, return_exceptions=True)
             self._refresh_task = None
+        await self.alerts.stop()
         await self.lifecycle.stop()
         await self.logbook.stop()
         if self.db is not None:
             self.db.dispose()
+
+    def model_statuses(self) -> dict[str, str]:
+        """Each registered model's management status (running, stopped, error, ...)."""
+        return {e.id: self.lifecycle.status(e).status for e in self.catalog.entries()}
 
     # ---- operations that span the parts ----------------------------------------------------------
     async def create_model(self, draft: ModelDraft) -> RegistryEntry:

@@ -24,7 +24,7 @@ def test_schemathesis_no_internal_errors(server):
     # q8_0, none), which really reload a model at that precision, a few seconds each.
     token = httpx.post(server.url + "/api/auth/token", json={"username": "admin", "password": ADMIN_PASSWORD},
                        timeout=30).json()["access_token"]
-    res = run(server.url, max_examples=2, max_time=120, phases="examples,fuzzing",
+    res = run(server.url, max_examples=2, max_time=180, phases="examples,fuzzing",
               checks="not_a_server_error", seed=1, request_timeout=20,
               extra=["-H", f"Authorization: Bearer {token}"])
     assert res["operations"] == res["operations_in_schema"]

@@ -49,6 +49,8 @@ class Lifecycle:
         self._pending: dict[str, int] = {}       # tasks queued or running per model
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        # The health probe's verdict on a running model: name -> (health, reason), or None (not probed yet).
+        self.probed_health = lambda name: None
 
     # ---- start-up and shutdown -----------------------------------------------------------------
     def load(self, db: Database) -> int:
@@ -87,7 +89,8 @@ class Lifecycle:
         if transition:
             return ObservedStatus(transition, "unknown", None)
         if st.status == "loaded":
-            return ObservedStatus("running", "healthy", None)
+            health, reason = self.probed_health(name) or ("healthy", None)
+            return ObservedStatus("running", health, reason)
         if st.status == "loading":
             return ObservedStatus("starting", "unknown", None)
         if st.status == "failed":

@@ -4,7 +4,8 @@ the login; errors are ``{"error": {"code", "message", "details"}, "timestamp", "
 from fastapi import APIRouter
 
 from server.routers.management import auth, inference, lifecycle, logs, models
+from server.routers.management import config, monitoring, system
 
 router = APIRouter(prefix="/api")
-for _module in (auth, models, lifecycle, logs, inference):
+for _module in (auth, models, lifecycle, logs, inference, system, monitoring, config):
     router.include_router(_module.router)

@@ -73,7 +73,7 @@ async def create_model(req: CreateModelRequest, _: AdminUser, mgmt: ManagementDe
 async def get_model(model_id: str, _: CurrentUser, mgmt: ManagementDep) -> ModelDetail:
     """One model by id or name, with its request statistics."""
     entry = mgmt.catalog.get(model_id)
-    return model_item(mgmt, entry, ModelDetail, performance_stats=mgmt.performance(entry.id))
+    return model_item(mgmt, entry, ModelDetail, performance_stats=await mgmt.performance(entry.id))
 
 
 @router.put("/models/{model_id}", response_model=ModelDetail, responses=error_responses(400, 403, 404, 409, 422))
@@ -87,7 +87,7 @@ async def update_model(model_id: str, req: UpdateModelRequest, _: AdminUser, mgm
         if key in changes and changes[key] is None:
             raise BadRequest(f"{key} cannot be null", param=key, code="INVALID_REQUEST")
     entry = await mgmt.catalog.update(model_id, changes)
-    return model_item(mgmt, entry, ModelDetail, performance_stats=mgmt.performance(entry.id))
+    return model_item(mgmt, entry, ModelDetail, performance_stats=await mgmt.performance(entry.id))
 
 
 @router.delete("/models/{model_id}", response_model=MessageResponse, responses=error_responses(403, 404, 409))

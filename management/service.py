@@ -107,6 +107,7 @@ class Management:
     async def performance(self, model: str) -> dict:
         """Seed 004's performance_stats of a model over the last 24 h, from the request records (every
         surface's requests; kept across restarts)."""
+        await self.recorder.flush()
         return await asyncio.to_thread(history.model_performance, self.db, model)
 
     # ---- monitoring -----------------------------------------------------------------------------

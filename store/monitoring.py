@@ -184,8 +184,10 @@ def request_stats(s: Session, since: float, model: str | None = None) -> list[di
     return _rows(s.execute(q))
 
 
-def recent_requests(s: Session, limit: int = 100) -> list[RequestRow]:
+def recent_requests(s: Session, limit: int = 100, model: str | None = None) -> list[RequestRow]:
     t = RequestRecordRow
-    rows = s.execute(select(t.ts, t.route, t.method, t.model, t.status, t.duration, t.prompt_tokens,
-                            t.completion_tokens).order_by(t.id.desc()).limit(limit))
-    return [RequestRow(*r) for r in rows]
+    q = select(t.ts, t.route, t.method, t.model, t.status, t.duration, t.prompt_tokens,
+               t.completion_tokens).order_by(t.id.desc()).limit(limit)
+    if model is not None:
+        q = q.where(t.model == model)
+    return [RequestRow(*r) for r in s.execute(q)]

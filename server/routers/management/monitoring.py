@@ -10,7 +10,9 @@ from fastapi import APIRouter, Query
 from core.errors import ModelNotFound
 from management.monitor import history
 from server.routers.management.common import CurrentUser, ManagementDep, error_responses
-from server.routers.management.monitoring_schemas import MetricsResponse, PerformanceResponse
+from server.routers.management.monitoring_schemas import (MetricsResponse, PerformanceResponse, RequestRecordList,
+                                                          RequestRecordOut)
+from store import monitoring as store_monitoring
 
 router = APIRouter(tags=["management: monitoring"])
 
@@ -35,6 +37,7 @@ async def performance(_: CurrentUser, mgmt: ManagementDep,
     """Per model: requests, successes, failures, response times, requests per second and error rate, from
     every surface's request records; and the machine's averages over the range."""
     name = mgmt.catalog.get(model_id).id if model_id is not None else None
+    await mgmt.recorder.flush()  # what is still buffered counts too
     found = await asyncio.to_thread(history.performance, mgmt.db, time_range, name)
     models = []
     for row in found["models"]:
@@ -45,3 +48,17 @@ async def performance(_: CurrentUser, mgmt: ManagementDep,
             ident = row["model_id"]
         models.append({**row, "model_id": ident, "model_name": row["model_id"]})
     return PerformanceResponse(time_range=time_range, models=models, system=found["system"])
+
+
+@router.get("/monitoring/requests", response_model=RequestRecordList, responses=error_responses(404, 422))
+async def requests(_: CurrentUser, mgmt: ManagementDep,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                   model_id: Annotated[str | None, Query(max_length=64, description="id or name")] = None
+                   ) -> RequestRecordList:
+    """The newest request records of every surface (route template, model, status, duration, tokens)."""
+    name = mgmt.catalog.get(model_id).id if model_id is not None else None
+    await mgmt.recorder.flush()
+    rows = await mgmt.db.run(store_monitoring.recent_requests, limit, name)
+    return RequestRecordList(items=[RequestRecordOut(timestamp=history.iso(r.ts), **{
+        k: getattr(r, k) for k in ("route", "method", "model", "status", "duration", "prompt_tokens",
+                                   "completion_tokens")}) for r in rows])

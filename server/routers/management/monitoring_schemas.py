@@ -46,3 +46,18 @@ class PerformanceResponse(BaseModel):
     time_range: str
     models: list[ModelPerformance]
     system: SystemAverages
+
+
+class RequestRecordOut(BaseModel):
+    timestamp: str = Field(description="When the request ended (ISO 8601, UTC)")
+    route: str = Field(description="The route template, e.g. /api/models/{model_id}/generate; jobs: /jobs/ocr (job)")
+    method: str
+    model: str | None
+    status: int = Field(description="HTTP status, or the error status a stream ended with")
+    duration: float = Field(description="seconds, to the end of the response body")
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class RequestRecordList(BaseModel):
+    items: list[RequestRecordOut]

@@ -270,3 +270,55 @@ def test_live_config_takes_effect_at_once(server, api):
     r = api.put("/api/config", json={"default_model_timeout": None, "max_concurrent_models": None}).json()
     assert r["default_model_timeout"] == 300 and r["sources"]["default_model_timeout"] == "config"  # config.yaml's
     assert r["sources"]["max_concurrent_models"] == "default"
+
+
+def test_a_job_is_recorded_when_it_runs(server, api):
+    with open(ROOT / "samples" / "receipt_en.png", "rb") as f:
+        r = requests.post(server.url + "/jobs/ocr", files={"file": ("r.png", f, "image/png")},
+                          data={"model": "rapidocr"}, timeout=60)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    _wait(lambda: requests.get(f"{server.url}/jobs/{job_id}", timeout=10).json()["status"] == "succeeded", 120,
+          "the job")
+
+    def records():
+        items = api.get("/api/monitoring/requests?model_id=rapidocr&limit=1000").json()["items"]
+        return {(i["method"], i["route"], i["status"]) for i in items}
+
+    found = _wait(lambda: (got := records()) >= {("POST", "/jobs/ocr", 202), ("JOB", "/jobs/ocr (job)", 200)} and got,
+                  10, "the job's records")
+    assert ("GET", "/jobs/{job_id}", 200) not in found  # a status poll names no model
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def restart_env(request):
+    return {"CHATVLM_ADMIN_PASSWORD": ADMIN_PASSWORD, **backend_env(request)}
+
+
+def test_config_and_statistics_survive_a_restart(restart_env, tiny_models_dir, tmp_path):
+    data = tmp_path / "data"
+    with RemoteServer(models_dir=tiny_models_dir, data_dir=data, env=restart_env) as srv:
+        api = Api(srv.url)
+        r = api.put("/api/config", json={"gpu_monitor_interval": 1, "max_concurrent_models": 3,
+                                         "alert_thresholds": {"error_rate_high": 0.2}})
+        assert r.status_code == 200, r.text
+        for _ in range(2):
+            r = requests.post(srv.url + "/v1/chat/completions",
+                              json={"model": TINY_TEXT, "messages": HELLO, "max_tokens": 2}, timeout=120)
+            assert r.status_code == 200
+        assert api.get(f"/api/models/{TINY_TEXT}").json()["performance_stats"]["total_requests"] == 2
+        _wait(lambda: _samples_since(api, time.time() - 60) >= 2, 15, "samples")
+    with RemoteServer(models_dir=tiny_models_dir, data_dir=data, env=restart_env) as srv:
+        api = Api(srv.url)
+        cfg = api.get("/api/config").json()
+        assert (cfg["gpu_monitor_interval"], cfg["max_concurrent_models"]) == (1, 3)
+        assert cfg["alert_thresholds"]["error_rate_high"] == 0.2
+        assert cfg["sources"]["gpu_monitor_interval"] == cfg["sources"]["max_concurrent_models"] == "database"
+        assert cfg["sources"]["alert_thresholds"]["error_rate_high"] == "database"
+        stats = api.get(f"/api/models/{TINY_TEXT}").json()["performance_stats"]
+        assert stats["total_requests"] == 2 and stats["error_rate"] == 0
+        perf = api.get("/api/monitoring/performance?time_range=1h").json()["models"]
+        assert [(m["model_name"], m["total_requests"]) for m in perf] == [(TINY_TEXT, 2)]
+        # the stored interval drives the new process's sampler (config.yaml says 60 s)
+        restarted = time.time()
+        _wait(lambda: _samples_since(api, restarted) >= 2, 15, "samples at the stored interval")

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Integer, case, cast, delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from store import rollup
 from store.tables import GpuSampleRow, ModelSampleRow, RequestRecordRow, SystemSampleRow
 
 
@@ -59,10 +60,11 @@ class RequestRow:
 
 # ---- writing ------------------------------------------------------------------------------------------
 def add_samples(s: Session, system: Sequence[SystemRow], gpus: Sequence[GpuRow], models: Sequence[ModelRow]) -> None:
-    """Bulk inserts (executemany): one round trip per table."""
+    """Bulk inserts (executemany): one round trip per table, and the hourly rollups' upserts."""
     for table, rows in ((SystemSampleRow, system), (GpuSampleRow, gpus), (ModelSampleRow, models)):
         if rows:
             s.execute(insert(table), [r.__dict__ for r in rows])
+    rollup.add(s, system, gpus, models)  # the same transaction: the hourly rollups never drift from the rows
 
 
 def add_requests(s: Session, rows: Iterable[RequestRow]) -> int:
@@ -78,7 +80,7 @@ def prune(s: Session, before: float) -> int:
     for table in (SystemSampleRow, GpuSampleRow, ModelSampleRow):
         gone += s.execute(delete(table).where(table.ts < int(before))).rowcount or 0
     gone += s.execute(delete(RequestRecordRow).where(RequestRecordRow.ts < before)).rowcount or 0
-    return gone
+    return gone + rollup.prune(s, int(before))
 
 
 def counts(s: Session) -> dict[str, int]:
@@ -92,7 +94,7 @@ def _bucket(col, width: int):
 
 
 def _rows(result) -> list[dict[str, Any]]:
-    return [dict(r._mapping) for r in result]
+    return [dict(m) for m in result.mappings()]
 
 
 def system_buckets(s: Session, start: int, end: int, width: int) -> list[dict[str, Any]]:

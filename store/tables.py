@@ -178,3 +178,53 @@ class ConfigOverrideRow(Base):
     value: Mapped[Any] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_by: Mapped[str] = mapped_column(String(64))
+
+
+# Hourly rollups of the samples, kept by store.rollup as samples are written: queries at 1 h and 1 d
+# buckets read these (168 rows per series for a week) instead of every raw sample.
+
+class SystemHourRow(Base):
+    __tablename__ = "monitor_system_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(Integer)
+    cpu_sum: Mapped[float] = mapped_column(Float)
+    cpu_max: Mapped[float] = mapped_column(Float)
+    mem_sum: Mapped[float] = mapped_column(Float)
+    mem_max: Mapped[float] = mapped_column(Float)
+    mem_used_sum: Mapped[float] = mapped_column(Float)
+    disk_sum: Mapped[float] = mapped_column(Float)
+
+
+class GpuHourRow(Base):
+    __tablename__ = "monitor_gpu_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    gpu_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(Integer)
+    util_sum: Mapped[float] = mapped_column(Float)
+    util_max: Mapped[float] = mapped_column(Float)
+    mem_used_sum: Mapped[float] = mapped_column(Float)
+    mem_used_max: Mapped[float] = mapped_column(Float)
+    mem_total_max: Mapped[float] = mapped_column(Float)
+    temp_sum: Mapped[float] = mapped_column(Float)
+    temp_n: Mapped[int] = mapped_column(Integer)
+    temp_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_sum: Mapped[float] = mapped_column(Float)
+    power_n: Mapped[int] = mapped_column(Integer)
+
+
+class ModelHourRow(Base):
+    __tablename__ = "monitor_model_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    requests: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    lat_sum: Mapped[float] = mapped_column(Float)      # sum of a sample's mean latency x its requests
+    lat_n: Mapped[int] = mapped_column(Integer)        # requests behind lat_sum
+    tps_sum: Mapped[float] = mapped_column(Float)
+    tps_n: Mapped[int] = mapped_column(Integer)
+    queue_sum: Mapped[float] = mapped_column(Float)
+    queue_max: Mapped[int] = mapped_column(Integer)

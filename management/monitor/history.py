@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from core.errors import BadRequest
-from store import monitoring as repo
+from store import monitoring as raw
+from store import rollup
 from store.db import Database
 
 INTERVALS = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
@@ -71,6 +72,9 @@ def metrics(db: Database, q: MetricsQuery) -> dict[str, Any]:
 
 def _metrics(s, q: MetricsQuery) -> dict[str, Any]:
     a, b, w = q.start, q.end, q.width
+    # 1 h and 1 d buckets come from the hourly rollups (the range is taken in whole hours); 1 m and 5 m
+    # buckets from the raw samples.
+    repo = rollup if w >= rollup.HOUR else raw
     items: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     if q.metric_type == "cpu":
@@ -160,8 +164,9 @@ def performance(db: Database, time_range: str, model: str | None = None) -> dict
 
 
 def _performance(s, since: float, now: float, window: int, model: str | None) -> dict[str, Any]:
-    rows = repo.request_stats(s, since, model)
-    sm, gm = repo.system_summary(s, int(since), math.ceil(now) + 1), repo.gpu_summary(s, int(since), math.ceil(now) + 1)
+    rows = raw.request_stats(s, since, model)
+    # the machine's averages from the hourly rollups (whole hours: cheap over 30 days of 1 s samples)
+    sm, gm = rollup.system_summary(s, int(since), math.ceil(now) + 1), rollup.gpu_summary(s, int(since), math.ceil(now) + 1)
     return {"models": [{"model_id": r["model"], **model_stats(r, window)} for r in rows],
             "system": {"avg_cpu_percent": _r(sm["avg_cpu_percent"]), "avg_memory_percent": _r(sm["avg_memory_percent"]),
                        "avg_gpu_utilization": _r(gm["avg_gpu_utilization"])}}
@@ -169,7 +174,7 @@ def _performance(s, since: float, now: float, window: int, model: str | None) ->
 
 def model_performance(db: Database, model: str, window_s: float = 86400) -> dict[str, Any]:
     """Seed 004's ``performance_stats`` of one model over the last day."""
-    rows = db.call(repo.request_stats, time.time() - window_s, model)
+    rows = db.call(raw.request_stats, time.time() - window_s, model)
     if not rows:
         return {"total_requests": 0, "avg_response_time": None, "max_response_time": None,
                 "requests_per_second": 0.0, "error_rate": 0.0}

@@ -215,7 +215,7 @@ def test_bad_metrics_queries_are_refused(api):
 
 
 def _samples_since(api, since: float) -> int:
-    body = api.get("/api/monitoring/metrics", params={"metric_type": "cpu", "interval": "1d",
+    body = api.get("/api/monitoring/metrics", params={"metric_type": "cpu", "interval": "1m",
                                                       "start_time": _at(int(since))}).json()
     return body["summary"]["samples"]
 

@@ -29,6 +29,7 @@ from models.manager import ModelManager
 from models.registry import ModelRegistry
 from server.routers.management.system_schemas import GpuOut
 from store import monitoring as repo
+from store import rollup
 from store.db import Database
 from tests.conftest import fake_settings
 
@@ -165,8 +166,12 @@ def test_sampler_writes_rows_publishes_the_sample_and_prunes(db, tmp_path):
         assert 0 <= sample.system.cpu_percent <= 100 and sample.system.disk_percent > 0
         assert db.call(repo.counts) == {"monitor_system": 2, "monitor_gpu": 2, "monitor_model": 3,
                                         "request_records": 0}
-        assert await sampler.prune(now=time.time() + 2 * 86400) == 7
+        hours = db.call(lambda s: rollup.system_summary(s, 0, 2**40))
+        assert hours["samples"] == 2 and hours["max_cpu_percent"] == max(first.system.cpu_percent,
+                                                                         sample.system.cpu_percent)
+        assert await sampler.prune(now=time.time() + 2 * 86400) >= 7  # the rows, and their hourly rollups
         assert db.call(repo.counts)["monitor_system"] == 0
+        assert db.call(lambda s: rollup.system_summary(s, 0, 2**40))["samples"] == 0
 
     asyncio.run(main())
 

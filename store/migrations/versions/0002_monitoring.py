@@ -67,6 +67,40 @@ def upgrade() -> None:
     )
     op.create_index("ix_request_records_ts", "request_records", ["ts"])
     op.create_index("ix_request_records_model_ts", "request_records", ["model", "ts"])
+    f = sa.Float
+    op.create_table(
+        "monitor_system_1h",
+        sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("samples", sa.Integer, nullable=False),
+        *(sa.Column(c, f, nullable=False) for c in ("cpu_sum", "cpu_max", "mem_sum", "mem_max", "mem_used_sum",
+                                                  "disk_sum")),
+    )
+    op.create_table(
+        "monitor_gpu_1h",
+        sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("gpu_index", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("samples", sa.Integer, nullable=False),
+        *(sa.Column(c, f, nullable=False) for c in ("util_sum", "util_max", "mem_used_sum", "mem_used_max",
+                                                  "mem_total_max", "temp_sum")),
+        sa.Column("temp_n", sa.Integer, nullable=False),
+        sa.Column("temp_max", f, nullable=True),
+        sa.Column("power_sum", f, nullable=False),
+        sa.Column("power_n", sa.Integer, nullable=False),
+    )
+    op.create_table(
+        "monitor_model_1h",
+        sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("model", sa.String(64), primary_key=True),
+        sa.Column("samples", sa.Integer, nullable=False),
+        sa.Column("requests", sa.Integer, nullable=False),
+        sa.Column("errors", sa.Integer, nullable=False),
+        sa.Column("lat_sum", f, nullable=False),
+        sa.Column("lat_n", sa.Integer, nullable=False),
+        sa.Column("tps_sum", f, nullable=False),
+        sa.Column("tps_n", sa.Integer, nullable=False),
+        sa.Column("queue_sum", f, nullable=False),
+        sa.Column("queue_max", sa.Integer, nullable=False),
+    )
     op.create_table(
         "config_overrides",
         sa.Column("key", sa.String(64), primary_key=True),
@@ -78,6 +112,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("config_overrides")
+    for table in ("monitor_model_1h", "monitor_gpu_1h", "monitor_system_1h"):
+        op.drop_table(table)
     op.drop_index("ix_request_records_model_ts", "request_records")
     op.drop_index("ix_request_records_ts", "request_records")
     op.drop_table("request_records")

@@ -93,23 +93,33 @@ def _rows(result) -> list[dict[str, Any]]:
     return [dict(m) for m in result.mappings()]
 
 
-def _ratio(num, den):
-    return func.sum(num) / func.nullif(func.sum(den), 0)
+def _same(x):
+    return x
+
+
+def _aggs(agg: bool):
+    """(sum, max, ratio) over the rows of a bucket, or over one hourly row as it is."""
+    total, top = (func.sum, func.max) if agg else (_same, _same)
+    return total, top, lambda num, den: total(num) / func.nullif(total(den), 0)
 
 
 def _range(t, start: int, end: int):
     return (t.bucket >= start - start % HOUR, t.bucket < end)
 
 
-def _system_cols(t):
-    return (func.sum(t.samples).label("samples"), _ratio(t.cpu_sum, t.samples).label("cpu_percent"),
-            func.max(t.cpu_max).label("cpu_percent_max"), _ratio(t.mem_sum, t.samples).label("memory_percent"),
-            func.max(t.mem_max).label("memory_percent_max"), _ratio(t.mem_used_sum, t.samples).label("memory_used"),
+def _system_cols(t, agg: bool = True):
+    total, top, _ratio = _aggs(agg)
+    return (total(t.samples).label("samples"), _ratio(t.cpu_sum, t.samples).label("cpu_percent"),
+            top(t.cpu_max).label("cpu_percent_max"), _ratio(t.mem_sum, t.samples).label("memory_percent"),
+            top(t.mem_max).label("memory_percent_max"), _ratio(t.mem_used_sum, t.samples).label("memory_used"),
             _ratio(t.disk_sum, t.samples).label("disk_percent"))
 
 
 def system_buckets(s: Session, start: int, end: int, width: int) -> list[dict[str, Any]]:
     t = SystemHourRow
+    if width == HOUR:
+        return _rows(s.execute(select(t.bucket, *_system_cols(t, False)).where(*_range(t, start, end))
+                               .order_by(t.bucket)))
     b = (t.bucket - t.bucket % width).label("bucket")
     return _rows(s.execute(select(b, *_system_cols(t)).where(*_range(t, start, end)).group_by(b).order_by(b)))
 
@@ -121,16 +131,20 @@ def system_summary(s: Session, start: int, end: int) -> dict[str, Any]:
             "avg_disk_percent": r["disk_percent"]}
 
 
-def _gpu_cols(t):
-    return (func.sum(t.samples).label("samples"), _ratio(t.util_sum, t.samples).label("gpu_utilization"),
-            func.max(t.util_max).label("gpu_utilization_max"), _ratio(t.mem_used_sum, t.samples).label("gpu_memory_used"),
-            func.max(t.mem_used_max).label("gpu_memory_used_max"), func.max(t.mem_total_max).label("gpu_memory_total"),
-            _ratio(t.temp_sum, t.temp_n).label("gpu_temperature"), func.max(t.temp_max).label("gpu_temperature_max"),
+def _gpu_cols(t, agg: bool = True):
+    total, top, _ratio = _aggs(agg)
+    return (total(t.samples).label("samples"), _ratio(t.util_sum, t.samples).label("gpu_utilization"),
+            top(t.util_max).label("gpu_utilization_max"), _ratio(t.mem_used_sum, t.samples).label("gpu_memory_used"),
+            top(t.mem_used_max).label("gpu_memory_used_max"), top(t.mem_total_max).label("gpu_memory_total"),
+            _ratio(t.temp_sum, t.temp_n).label("gpu_temperature"), top(t.temp_max).label("gpu_temperature_max"),
             _ratio(t.power_sum, t.power_n).label("gpu_power"))
 
 
 def gpu_buckets(s: Session, start: int, end: int, width: int, *, per_gpu: bool = True) -> list[dict[str, Any]]:
     t = GpuHourRow
+    if width == HOUR and per_gpu:
+        return _rows(s.execute(select(t.bucket, t.gpu_index, *_gpu_cols(t, False)).where(*_range(t, start, end))
+                               .order_by(t.bucket, t.gpu_index)))
     b = (t.bucket - t.bucket % width).label("bucket")
     keys = (b, t.gpu_index) if per_gpu else (b,)
     return _rows(s.execute(select(*keys, *_gpu_cols(t)).where(*_range(t, start, end)).group_by(*keys).order_by(*keys)))
@@ -143,15 +157,19 @@ def gpu_summary(s: Session, start: int, end: int) -> dict[str, Any]:
             "max_gpu_memory_used": r["gpu_memory_used_max"], "max_gpu_temperature": r["gpu_temperature_max"]}
 
 
-def _model_cols(t):
-    return (func.sum(t.samples).label("samples"), func.sum(t.requests).label("requests"),
-            func.sum(t.errors).label("errors"), _ratio(t.lat_sum, t.lat_n).label("avg_response_time"),
+def _model_cols(t, agg: bool = True):
+    total, top, _ratio = _aggs(agg)
+    return (total(t.samples).label("samples"), total(t.requests).label("requests"),
+            total(t.errors).label("errors"), _ratio(t.lat_sum, t.lat_n).label("avg_response_time"),
             _ratio(t.tps_sum, t.tps_n).label("tokens_per_second"), _ratio(t.queue_sum, t.samples).label("queue_depth"),
-            func.max(t.queue_max).label("queue_depth_max"))
+            top(t.queue_max).label("queue_depth_max"))
 
 
 def model_buckets(s: Session, start: int, end: int, width: int, model: str | None = None) -> list[dict[str, Any]]:
     t = ModelHourRow
+    if width == HOUR:
+        q = select(t.bucket, t.model, *_model_cols(t, False)).where(*_range(t, start, end)).order_by(t.bucket, t.model)
+        return _rows(s.execute(q if model is None else q.where(t.model == model)))
     b = (t.bucket - t.bucket % width).label("bucket")
     q = select(b, t.model, *_model_cols(t)).where(*_range(t, start, end)).group_by(b, t.model).order_by(b, t.model)
     if model is not None:

@@ -11,7 +11,7 @@
 
 SQLite always; PostgreSQL too when it is installed (a throw-away cluster, like the tests').
 
-    python scripts/bench_monitoring.py [--samples 200] [--queries 30] [--no-postgres]
+    python scripts/bench_monitoring.py [--samples 200] [--queries 30] [--no-postgres] [--queries-only]
 """
 from __future__ import annotations
 
@@ -142,6 +142,8 @@ def raw_times(db: Database, end: int, runs: int, kind: str) -> list[float]:
 
 def run_backend(kind: str, args, tmp: Path, pg) -> None:
     print(f"\n=== {kind} ===")
+    if args.queries_only:
+        return queries(kind, args, tmp, pg)
     db, _ = fresh(kind, tmp, pg)
     idle = sampler_cost(db, args.samples, busy=False)
     busy = sampler_cost(db, args.samples, busy=True)
@@ -160,7 +162,10 @@ def run_backend(kind: str, args, tmp: Path, pg) -> None:
         print(f"24 h at 1 s, {gpus} GPU, 10 models: {size / 2**20:.1f} MB/day "
               f"({size / DAY:.0f} bytes per sample; written in {took:.1f} s); at 60 s: {size / 60 / 2**20:.2f} MB/day")
     print(f"request records: {records_size(kind, tmp, pg):.0f} bytes each")
+    queries(kind, args, tmp, pg)
 
+
+def queries(kind: str, args, tmp: Path, pg) -> None:
     end = 1_700_000_000 + 7 * DAY
     db, path = fresh(kind, tmp, pg)
     fill(db, 1_700_000_000, 7 * DAY, 60, 1, 10)
@@ -185,6 +190,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--queries-only", action="store_true", help="only part 3")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores (shared: figures are noisy)")
     with tempfile.TemporaryDirectory(prefix="bench-monitoring-") as tmp:

@@ -94,7 +94,8 @@ def _bucket(col, width: int):
 
 
 def _rows(result) -> list[dict[str, Any]]:
-    return [dict(m) for m in result.mappings()]
+    keys = list(result.keys())
+    return [dict(zip(keys, row)) for row in result]
 
 
 def system_buckets(s: Session, start: int, end: int, width: int) -> list[dict[str, Any]]:

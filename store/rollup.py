@@ -90,7 +90,8 @@ def prune(s: Session, before: int) -> int:
 
 # ---- queries (the same keys as store.monitoring's raw-sample queries) ---------------------------------
 def _rows(result) -> list[dict[str, Any]]:
-    return [dict(m) for m in result.mappings()]
+    keys = list(result.keys())
+    return [dict(zip(keys, row)) for row in result]
 
 
 def _same(x):

@@ -3,6 +3,7 @@
 Every aggregate is computed in SQL; Python only shapes the rows."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def _epoch(t: datetime) -> int:
     return math.floor(t.timestamp())
 
 
+@functools.lru_cache(maxsize=8192)  # a week of hourly buckets repeats each bucket per series
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
 

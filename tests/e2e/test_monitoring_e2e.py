@@ -3,6 +3,7 @@ written by every surface, the sampler's history and its per-bucket aggregates (c
 inserted samples), request statistics, and the live configuration taking effect at once."""
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 
@@ -216,7 +217,7 @@ def test_bad_metrics_queries_are_refused(api):
 
 def _samples_since(api, since: float) -> int:
     body = api.get("/api/monitoring/metrics", params={"metric_type": "cpu", "interval": "1m",
-                                                      "start_time": _at(int(since))}).json()
+                                                      "start_time": _at(math.ceil(since))}).json()
     return body["summary"]["samples"]
 
 

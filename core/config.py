@@ -298,6 +298,9 @@ class ManagerSettings(_Strict):
     idle_unload_s: float = Field(0, ge=0)  # 0 = never unload for idleness
     memory_budget_mb: float = Field(0, ge=0)  # 0 = no budget
     idle_check_s: float = Field(30, gt=0)
+    # Models loaded at once (0: no limit); loading one more unloads the least recently used idle one
+    # first, or fails with 503 INSUFFICIENT_RESOURCES. Live: PUT /api/config max_concurrent_models.
+    max_loaded_models: int = Field(0, ge=0, le=1000)
 
 
 class RoutingSettings(_Strict):
@@ -379,6 +382,7 @@ class MonitoringSettings(_Strict):
 
     gpu_monitor_interval: float = Field(60, ge=1, le=86400)  # seconds between samples
     retention_days: float = Field(7, gt=0, le=3650)          # samples older than this are pruned
+    health_check_interval: float = Field(60, ge=1, le=86400)  # seconds between health probes of a running model
 
 
 class AlertThresholds(_Strict):

@@ -19,10 +19,11 @@ import logging
 import secrets
 import time
 from dataclasses import replace
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
+from core import request_context
 from core.config import JobsSettings, LimitsSettings
 from core.errors import BadRequest, ChatVLMError, NotFound, Overloaded, PayloadTooLarge, RateLimited
 from core.imaging import sniff_format
@@ -37,6 +38,7 @@ from ocr.service import OcrOutcome, OcrRequest, OcrService
 
 log = logging.getLogger("chatvlm.jobs")
 EXPIRY_CHECK_S = 60.0
+JOB_ROUTE = "/jobs/ocr (job)"
 
 
 class JobService:
@@ -52,6 +54,8 @@ class JobService:
         self._here: set[str] = set()  # jobs queued or running in this process (never adopted twice)
         self._tasks: list[asyncio.Task] = []
         self._callbacks: set[asyncio.Task] = set()
+        # Called with each finished job's request context and status (the request records' writer).
+        self.on_record: Callable[[request_context.RequestContext, int], None] | None = None
 
     # ---- lifespan ----------------------------------------------------------------
     async def start(self, db: Database) -> None:
@@ -109,6 +113,7 @@ class JobService:
         """Check and store a job; returns it and its place in the queue (0: it starts now)."""
         request = OcrRequest(language, format, region, pages, force_ocr)  # validates format and region
         chosen = self.ocr.selector.resolve(Capability.OCR, model, language, format)
+        request_context.note_model(chosen.model_id)
         if callback_url:
             self._check_callback(callback_url)
         if len(data) > self.settings.max_file_bytes:
@@ -205,17 +210,27 @@ class JobService:
         if job is None or job.done or not await asyncio.to_thread(self.store.holds, job_id):
             return  # gone, finished, or taken over by another replica while it waited here
         token = self._tokens[job_id] = CancelToken()
+        # A job's run is a request of its own in the request records (route JOB /jobs/ocr).
+        ctx, ctx_token = request_context.open_context(JOB_ROUTE, "JOB")
+        ctx.model = job.model
+        status: int | None = 200
         try:
             await self._run(job, token)
         except asyncio.CancelledError:
+            status = None
             raise  # shutdown: the job stays "running" in the database; stop() hands it over
         except ChatVLMError as exc:
+            status = exc.status_code
             await self._finish(await self._current(job), "failed", exc.message)
         except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
+            status = 500
             log.exception("job %s failed", job_id)
             await self._finish(await self._current(job), "failed", "internal error while reading the document")
         finally:
             self._tokens.pop(job_id, None)
+            request_context.close_context(ctx_token)
+            if status is not None and self.on_record is not None:
+                self.on_record(ctx, status)
 
     async def _run(self, job: Job, token: CancelToken) -> None:
         data = await asyncio.to_thread(self.store.upload, job.id)

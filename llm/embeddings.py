@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from core import request_context
 from core.errors import BadRequest, Cancelled, DeadlineExceeded, Overloaded
 from core.types import CancelToken, Capability
 from models.manager import ModelManager
@@ -71,6 +72,7 @@ class EmbeddingService:
             raise BadRequest(f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}", param="input",
                              code="TOO_MANY_INPUTS")
         model_id = self.select(model)
+        request_context.note_model(model_id)
         state = await self.manager.ensure_loaded(model_id)
         state.touch()
         adapter = state.adapter
@@ -82,6 +84,7 @@ class EmbeddingService:
         small = sum(len(x) for x in inputs) <= INLINE_TOKENIZE_CHARS  # characters, or token ids
         rows = adapter.token_ids(inputs) if small else await asyncio.to_thread(adapter.token_ids, inputs)
         vectors = await self._submit(model_id, rows)
+        request_context.note_tokens(prompt=sum(len(r) for r in rows))
         return EmbeddingResult(model=model_id, vectors=vectors, prompt_tokens=sum(len(r) for r in rows),
                                dimensions=adapter.dimensions)
 

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from core.config import LimitsSettings
+from core import request_context
 from core.errors import CapabilityMissing, DeadlineExceeded
 from core.types import CancelToken, Capability, GenerationParams
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart, StreamDelta, Usage
@@ -67,6 +68,7 @@ class GenerationService:
         (unknown model, prompt too long, overloaded) raise here, before any byte is sent.
         Closing the iterator early cancels the request in the engine."""
         model_id = self.select(inp.model, images=inp.has_images)
+        request_context.note_model(model_id)
         entry = self.selector.entry(model_id)
         if Capability.GENERATE not in entry.capabilities and Capability.CHAT not in entry.capabilities:
             raise CapabilityMissing(f"Model '{model_id}' cannot generate text", param="model")
@@ -95,6 +97,7 @@ class GenerationService:
         """Generate from a prompt the model's adapter builds itself (``encode(adapter)``), e.g. a
         model family's own OCR prompt modes. Returns the output and the adapter that made it."""
         started = time.perf_counter()
+        request_context.note_model(model_id)
         state = await self.manager.ensure_loaded(model_id)
         state.touch()
         adapter, engine = state.adapter, state.engine
@@ -107,6 +110,8 @@ class GenerationService:
         try:
             async with contextlib.aclosing(aiter(handle)) as stream:  # closed at once when the consumer leaves
                 async for delta in stream:
+                    if delta.usage is not None and delta.finish_reason:
+                        request_context.note_tokens(delta.usage.prompt_tokens, delta.usage.completion_tokens)
                     yield delta
             if handle.finish_reason == "cancelled" and cancel.cancelled:
                 raise DeadlineExceeded(f"generation did not finish within {timeout:g} s")

@@ -52,6 +52,8 @@ class Lifecycle:
         self._tasks: set[asyncio.Task] = set()
         self.events = events                      # MODEL_STATUS is published on every status change
         self._announced: dict[str, str] = {}
+        # The health probe's verdict on a running model: name -> (health, reason), or None (not probed yet).
+        self.probed_health = lambda name: None
 
     # ---- start-up and shutdown -----------------------------------------------------------------
     def load(self, db: Database) -> int:
@@ -93,7 +95,8 @@ class Lifecycle:
             available = getattr(getattr(st.engine, "pool", None), "available", None)  # a remote engine's URLs
             if available is not None and not available():
                 return ObservedStatus("running", "unhealthy", "no URL of the remote engine is healthy")
-            return ObservedStatus("running", "healthy", None)
+            health, reason = self.probed_health(name) or ("healthy", None)
+            return ObservedStatus("running", health, reason)
         if st.status == "loading":
             return ObservedStatus("starting", "unknown", None)
         if st.status == "failed":

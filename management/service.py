@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 from core.config import Settings
 from management.alerts import Alerts
@@ -14,22 +13,18 @@ from management.events import EventHub
 from management.identity import Identity
 from management.lifecycle import Lifecycle
 from management.logbook import ModelLogBook
+from management.monitor import history
+from management.monitor.gpu import GpuReader, NvmlReader
+from management.monitor.health import HealthProber
+from management.monitor.host import HostReader
+from management.monitor.live_config import LiveConfig
+from management.monitor.recorder import RequestRecorder
+from management.monitor.sampler import Sampler
 from models.manager import ModelManager
 from models.registry import RegistryEntry
 from store.db import Database, sqlite_url
 
 log = logging.getLogger("chatvlm.management")
-
-
-@dataclass
-class RequestStats:
-    """Counters of one model's requests through this process (reset by a restart of the server)."""
-
-    since: float
-    requests: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    max_seconds: float = 0.0
 
 
 class Management:
@@ -43,16 +38,36 @@ class Management:
         self.lifecycle = Lifecycle(manager, self.logbook, start_timeout_s=cfg.start_timeout_s,
                                    stop_timeout_s=cfg.stop_timeout_s, events=self.events)
         # Alert rules, their evaluator and channels; the built-in thresholds are read through the callable.
-        self.alerts = Alerts(settings, self.events, self.model_statuses, thresholds=lambda: settings.alerts.thresholds)
+        self.alerts = Alerts(settings, self.events, thresholds=lambda: self.live.alert_thresholds())
         self.db: Database | None = None
-        self.stats: dict[str, RequestStats] = {}
         self._refresh_task: asyncio.Task | None = None
+        # Monitoring (issue 11, data half): request records, the sampler, live configuration, health probe.
+        self.manager = manager
+        self.started_at = time.time()
+        self.host = HostReader(settings.data_dir)
+        self.gpus: GpuReader = NvmlReader()
+        self.recorder = RequestRecorder()
+        self.live = LiveConfig(settings, self.events)
+        self.sampler = Sampler(host=self.host, gpus=self.gpus, recorder=self.recorder, hub=self.events,
+                               models=self._model_figures, interval_s=self.live.get("gpu_monitor_interval"),
+                               retention_days=settings.monitoring.retention_days)
+        self.health = HealthProber(manager, self.events, interval_s=self.live.get("health_check_interval"),
+                                   on_change=self._health_changed)
+        self.lifecycle.probed_health = self._probed_health
+        self.live.on_change("gpu_monitor_interval", self.sampler.set_interval, now=False)
+        self.live.on_change("health_check_interval", self.health.set_interval, now=False)
+        self.live.on_change("max_concurrent_models", self._set_max_loaded)
+        self.live.on_change("default_model_timeout", self._set_start_timeout)
+        self.live.on_change("log_level", _set_log_level, now=False)
 
     async def start(self) -> None:
         self.events.bind(asyncio.get_running_loop())
         self.db = Database(self.settings.database.url or sqlite_url(self.settings.data_dir))
         await asyncio.to_thread(self._open)
         self.logbook.start()
+        self.recorder.start(self.db)
+        self.sampler.start(self.db)
+        self.health.start()
         await self.lifecycle.reconcile()
         self.alerts.start(self.db)
         if self.settings.management.registry_refresh_s:
@@ -66,7 +81,6 @@ class Management:
                 await self.identity.refresh()  # a user deleted elsewhere loses its tokens here too
                 for name in await self.catalog.refresh():
                     self.lifecycle.forget(name)
-                    self.stats.pop(name, None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a database hiccup: retried at the next turn
@@ -81,6 +95,8 @@ class Management:
         self.alerts.load(self.db)
         if interrupted := self.lifecycle.load(self.db):
             log.warning("%d lifecycle task(s) were cut short by the last shutdown: marked failed", interrupted)
+        self.live.load(self.db)   # stored changes win over config.yaml, applied before anything runs
+        self.gpus.read()          # the first read finds the driver (or its absence) now, not in a request
 
     async def stop(self) -> None:
         if self._refresh_task is not None:
@@ -88,14 +104,13 @@ class Management:
             await asyncio.gather(self._refresh_task, return_exceptions=True)
             self._refresh_task = None
         await self.alerts.stop()
+        await self.sampler.stop()
+        await self.health.stop()
         await self.lifecycle.stop()
         await self.logbook.stop()
+        await self.recorder.stop()  # the last records are written before the store closes
         if self.db is not None:
             self.db.dispose()
-
-    def model_statuses(self) -> dict[str, str]:
-        """Each registered model's management status (running, stopped, error, ...)."""
-        return {e.id: self.lifecycle.status(e).status for e in self.catalog.entries()}
 
     # ---- operations that span the parts ----------------------------------------------------------
     async def create_model(self, draft: ModelDraft) -> RegistryEntry:
@@ -106,7 +121,6 @@ class Management:
     async def delete_model(self, ident: str) -> RegistryEntry:
         entry = await self.catalog.delete(ident)
         self.lifecycle.forget(entry.id)
-        self.stats.pop(entry.id, None)
         await asyncio.to_thread(self.logbook.forget, entry.id)
         return entry
 
@@ -115,19 +129,43 @@ class Management:
         tok = f", {tokens} tokens" if tokens is not None else ""
         level = "INFO" if status < 400 else ("WARNING" if status < 500 else "ERROR")
         self.logbook.write(model, level, f"{route} -> {status}{tok} in {seconds * 1000:.0f} ms")
-        st = self.stats.setdefault(model, RequestStats(time.monotonic()))
-        st.requests += 1
-        st.failed += status >= 400
-        st.seconds += seconds
-        st.max_seconds = max(st.max_seconds, seconds)
 
-    def performance(self, model: str) -> dict:
-        """Seed 004's performance_stats of a model, over the requests this process served."""
-        st = self.stats.get(model)
-        if st is None or not st.requests:
-            return {"total_requests": 0, "avg_response_time": None, "max_response_time": None,
-                    "requests_per_second": 0.0, "error_rate": 0.0}
-        elapsed = max(time.monotonic() - st.since, 1e-3)
-        return {"total_requests": st.requests, "avg_response_time": round(st.seconds / st.requests, 4),
-                "max_response_time": round(st.max_seconds, 4),
-                "requests_per_second": round(st.requests / elapsed, 4), "error_rate": round(st.failed / st.requests, 4)}
+    async def performance(self, model: str) -> dict:
+        """Seed 004's performance_stats of a model over the last 24 h, from the request records (every
+        surface's requests; kept across restarts)."""
+        await self.recorder.flush()
+        return await asyncio.to_thread(history.model_performance, self.db, model)
+
+    # ---- monitoring -----------------------------------------------------------------------------
+    def _model_figures(self) -> dict[str, tuple[str, int]]:
+        """Every registered model: (management status, requests waiting)."""
+        out = {}
+        for entry in self.catalog.entries():
+            st = self.manager.state(entry.id)
+            engine, runner = st.engine, st.runner
+            queue = (engine.waiting_count if engine is not None else 0) + (
+                max(0, runner.pending - runner.concurrency) if runner is not None else 0)
+            out[entry.id] = (self.lifecycle.status(entry).status, queue)
+        return out
+
+    def _probed_health(self, name: str) -> tuple[str, str | None] | None:
+        found = self.health.health.get(name)
+        return (found[0], found[1]) if found is not None else None
+
+    def _health_changed(self, name: str, health: str, reason: str | None) -> None:
+        if health == "unhealthy":
+            self.logbook.warning(name, f"health probe: unhealthy ({reason})")
+        else:
+            self.logbook.info(name, f"health probe: {health}")
+
+    def _set_max_loaded(self, n: int) -> None:
+        self.manager.max_loaded = int(n)
+
+    def _set_start_timeout(self, seconds: float) -> None:
+        self.lifecycle.start_timeout_s = float(seconds)
+
+
+def _set_log_level(level: str) -> None:
+    """The server's log level, at once (the root logger, which every chatvlm logger inherits from)."""
+    logging.getLogger().setLevel(level)
+    logging.getLogger("chatvlm").setLevel(level)

@@ -71,12 +71,13 @@ class ModelState:
 class ModelManager:
     def __init__(self, registry: ModelRegistry, *, memory_budget_mb: float = 0,
                  idle_unload_s: float = 0, idle_check_s: float = 30,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, max_loaded: int = 0) -> None:
         self.registry = registry
         self.memory_budget = int(memory_budget_mb * 1024 * 1024)
         self.idle_unload_s = idle_unload_s
         self.idle_check_s = idle_check_s
         self.metrics = metrics
+        self.max_loaded = max_loaded  # models loaded at once (0: no limit); changed live by the management API
         self._states = {e.id: ModelState(e) for e in registry.entries()}
         self._idle_task: asyncio.Task | None = None
 
@@ -176,7 +177,9 @@ class ModelManager:
         log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
 
     async def _make_room(self, incoming: ModelState) -> None:
-        """Evict least recently used idle models until the incoming one fits the budget."""
+        """Evict least recently used idle models until the incoming one fits the budget and the
+        limit on loaded models."""
+        await self._make_slot(incoming)
         if not self.memory_budget:
             return
         need = _estimate_bytes(incoming.entry)
@@ -188,6 +191,22 @@ class ModelManager:
             if not victim.busy:
                 log.info("evicting %s to make room for %s", victim.entry.id, incoming.entry.id)
                 await self.unload(victim.entry.id)
+
+    async def _make_slot(self, incoming: ModelState) -> None:
+        limit = self.max_loaded
+        if not limit:
+            return
+        others = lambda: [s for s in self._states.values()  # noqa: E731
+                          if s is not incoming and s.status in ("loaded", "loading")]
+        for victim in sorted((s for s in others() if s.status == "loaded" and not s.pinned and not s.busy),
+                             key=lambda s: s.last_used):
+            if len(others()) < limit:
+                return
+            log.info("unloading %s: at most %d models may be loaded at once", victim.entry.id, limit)
+            await self.unload(victim.entry.id)
+        if len(others()) >= limit:
+            raise InsufficientResources(f"{limit} model(s) are loaded, the most allowed at once (max_concurrent_models), "
+                                        f"and none of them can be unloaded now", param="model")
 
     async def unload(self, model_id: str) -> bool:
         """Unload and free the model. Returns False when it was not loaded."""

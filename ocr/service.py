@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from core import request_context
 from core.config import LimitsSettings
 from core.deadline import deadline
 from core.errors import ChatVLMError, DeadlineExceeded, InvalidParameter
@@ -90,6 +91,7 @@ class OcrService:
         """Read every page (or the ``pages``) of an image, multi-frame TIFF or PDF within the deadline."""
         request = OcrRequest(language, format, region, pages, force_ocr)
         chosen = self.selector.resolve(Capability.OCR, model, language, format)
+        request_context.note_model(chosen.model_id)
         async with deadline(self.limits.request_timeout_s) as cancel:
             outcome = await self._ocr(data, chosen.model_id, request, cancel)
         return _with_fallback(outcome, chosen)
@@ -100,6 +102,7 @@ class OcrService:
         model that drew them."""
         request = OcrRequest(language, "json", region)
         chosen = self.selector.resolve(Capability.OCR, model, language, "json")
+        request_context.note_model(chosen.model_id)
         async with deadline(self.limits.request_timeout_s) as cancel:
             outcome, doc = await self._read(data, chosen.model_id, request, cancel, only_page=page)
             image = await original_page(self.decoder, data, doc, page)
@@ -200,6 +203,7 @@ class OcrService:
         request = OcrRequest(language, format, region, pages, force_ocr)
         chosen = self.selector.resolve(Capability.OCR, model, language, format)
         model_id = chosen.model_id
+        request_context.note_model(model_id)
         items = [BatchItem(u.filename) for u in uploads]
 
         async def one(item: BatchItem, upload: Upload, cancel: CancelToken) -> None:

@@ -17,6 +17,7 @@ from server.metrics import router as metrics_router
 from server.middleware import BodyLimitMiddleware, ConnectionCounter
 from server.openapi import install_openapi
 from server.ratelimit import RateLimiter, RateLimitMiddleware, charge_images
+from server.request_records import RequestRecordMiddleware
 from server.routers import easyviz, jobs, llama_local, openai_compat, spec_v1, system, vision
 from server.routers import management
 from server.routers import pages as page_images
@@ -93,5 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(LoopbackGuard, tokens=tokens)
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(ConnectionCounter, stats=services.connections)
+    # One request record per request of every surface (written in batches, streams when they end).
+    app.add_middleware(RequestRecordMiddleware, recorder=services.management.recorder)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees 413s and whole streams
     return app

@@ -52,7 +52,8 @@ def build_services(settings: Settings) -> Services:
                       known_models=lambda: [e.id for e in registry.entries()])
     manager = ModelManager(registry, memory_budget_mb=settings.manager.memory_budget_mb,
                            idle_unload_s=settings.manager.idle_unload_s,
-                           idle_check_s=settings.manager.idle_check_s, metrics=metrics)
+                           idle_check_s=settings.manager.idle_check_s, metrics=metrics,
+                           max_loaded=settings.manager.max_loaded_models)
     selector = ModelSelector(registry, ocr_fallback=settings.routing.ocr_fallback)
     decoder = ImageDecoder(settings.limits)
     llm = GenerationService(selector, manager, decoder, settings.limits)
@@ -62,13 +63,15 @@ def build_services(settings: Settings) -> Services:
     ocr = OcrService(selector, manager, decoder, settings.limits, llm)
     # In the management database (bound when the lifespan opens it): shared by replicas on PostgreSQL.
     jobs = JobService(DbJobStore(settings.jobs.lease_s), ocr, settings.jobs, settings.limits)
+    management = Management(settings, manager)
+    jobs.on_record = management.recorder.record  # each job's run is a request record of its own
     return Services(settings=settings, registry=registry, manager=manager, selector=selector, decoder=decoder,
                     ocr=ocr, jobs=jobs,
                     chat=ChatService(selector, llm, decoder, settings.limits),
                     llm=llm, embeddings=EmbeddingService(selector, manager,
                                                          timeout_s=settings.limits.request_timeout_s),
                     connections=connections, metrics=metrics,
-                    image_fetcher=image_fetcher, management=Management(settings, manager))
+                    image_fetcher=image_fetcher, management=management)
 
 
 # Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread

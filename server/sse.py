@@ -17,6 +17,7 @@ import anyio
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
+from core import request_context
 from core.errors import ChatVLMError, ModelUnavailable, ServerError
 from llm.types import StreamDelta
 
@@ -50,10 +51,12 @@ def sse_response(deltas: AsyncIterator[StreamDelta], *, on_delta: Callable[[Stre
                         raise ModelUnavailable("the server is shutting down; retry on another instance",
                                                headers={"Retry-After": "5"})
         except ChatVLMError as exc:
+            request_context.note_failure(exc.status_code)
             for data in on_error(exc):
                 yield _event(data)
         except Exception:  # noqa: BLE001 - a bug mid-stream: say so, then end the stream properly
             log.exception("generation failed mid-stream")
+            request_context.note_failure(500)
             for data in on_error(ServerError("internal error during generation")):
                 yield _event(data)
         finally:

@@ -144,3 +144,130 @@ class JobUploadRow(Base):
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# ---- monitoring (issue 11, data half): samples, request records, live configuration ----------------
+# Sample times are integer UTC epoch seconds (bucketed in SQL as ``ts - ts % width`` on both backends);
+# request records keep fractional seconds.
+
+class SystemSampleRow(Base):
+    __tablename__ = "monitor_system"
+    __table_args__ = (Index("ix_monitor_system_ts", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    cpu_percent: Mapped[float] = mapped_column(Float)
+    memory_percent: Mapped[float] = mapped_column(Float)
+    disk_percent: Mapped[float] = mapped_column(Float)
+    memory_used: Mapped[int] = mapped_column(BigInteger)
+
+
+class GpuSampleRow(Base):
+    __tablename__ = "monitor_gpu"
+    __table_args__ = (Index("ix_monitor_gpu_ts", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    gpu_index: Mapped[int] = mapped_column(Integer)
+    utilization: Mapped[float] = mapped_column(Float)
+    memory_used: Mapped[int] = mapped_column(BigInteger)
+    memory_total: Mapped[int] = mapped_column(BigInteger)
+    temperature: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ModelSampleRow(Base):
+    __tablename__ = "monitor_model"
+    __table_args__ = (Index("ix_monitor_model_ts", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    requests: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    avg_latency: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queue_depth: Mapped[int] = mapped_column(Integer)
+
+
+class RequestRecordRow(Base):
+    """One HTTP request (or background job) of any surface: route template, model, status, time, tokens."""
+
+    __tablename__ = "request_records"
+    __table_args__ = (Index("ix_request_records_ts", "ts"), Index("ix_request_records_model_ts", "model", "ts"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float)  # when the request ended, UTC epoch seconds
+    route: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(8))
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+    duration: Mapped[float] = mapped_column(Float)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ConfigOverrideRow(Base):
+    """A live setting changed through PUT /api/config: wins over config.yaml, survives restarts."""
+
+    __tablename__ = "config_overrides"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_by: Mapped[str] = mapped_column(String(64))
+
+
+# Hourly rollups of the samples, kept by store.rollup as samples are written: queries at 1 h and 1 d
+# buckets read these (168 rows per series for a week) instead of every raw sample.
+
+class SystemHourRow(Base):
+    __tablename__ = "monitor_system_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(Integer)
+    cpu_sum: Mapped[float] = mapped_column(Float)
+    cpu_max: Mapped[float] = mapped_column(Float)
+    mem_sum: Mapped[float] = mapped_column(Float)
+    mem_max: Mapped[float] = mapped_column(Float)
+    mem_used_sum: Mapped[float] = mapped_column(Float)
+    disk_sum: Mapped[float] = mapped_column(Float)
+
+
+class GpuHourRow(Base):
+    __tablename__ = "monitor_gpu_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    gpu_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(Integer)
+    util_sum: Mapped[float] = mapped_column(Float)
+    util_max: Mapped[float] = mapped_column(Float)
+    mem_used_sum: Mapped[float] = mapped_column(Float)
+    mem_used_max: Mapped[float] = mapped_column(Float)
+    mem_total_max: Mapped[float] = mapped_column(Float)
+    temp_sum: Mapped[float] = mapped_column(Float)
+    temp_n: Mapped[int] = mapped_column(Integer)
+    temp_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    power_sum: Mapped[float] = mapped_column(Float)
+    power_n: Mapped[int] = mapped_column(Integer)
+
+
+class ModelHourRow(Base):
+    __tablename__ = "monitor_model_1h"
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    requests: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    lat_sum: Mapped[float] = mapped_column(Float)      # sum of a sample's mean latency x its requests
+    lat_n: Mapped[int] = mapped_column(Integer)        # requests behind lat_sum
+    tps_sum: Mapped[float] = mapped_column(Float)
+    tps_n: Mapped[int] = mapped_column(Integer)
+    queue_sum: Mapped[float] = mapped_column(Float)
+    queue_max: Mapped[int] = mapped_column(Integer)

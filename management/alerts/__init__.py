@@ -8,22 +8,18 @@ from collections.abc import Callable
 from core.config import AlertThresholds, Settings
 from management.alerts.channels import Notifier
 from management.alerts.evaluator import AlertEvaluator
-from management.alerts.heartbeat import Heartbeat
 from management.alerts.rules import AlertRules
 from management.events import EventHub
 from store.db import Database
 
 
 class Alerts:
-    def __init__(self, settings: Settings, hub: EventHub, model_statuses: Callable[[], dict[str, str]],
-                 thresholds: Callable[[], AlertThresholds] | None = None) -> None:
+    def __init__(self, settings: Settings, hub: EventHub, thresholds: Callable[[], AlertThresholds] | None = None) -> None:
         cfg = settings.alerts
         self.rules = AlertRules(cfg.max_rules)
         self.notifier = Notifier(cfg)
         self.evaluator = AlertEvaluator(hub, self.rules, self.notifier, cfg,
                                         thresholds or (lambda: settings.alerts.thresholds))
-        # Stand-in sample source until the monitoring sampler is merged (see heartbeat.py).
-        self.heartbeat = Heartbeat(hub, settings.monitoring.gpu_monitor_interval, settings.data_dir, model_statuses)
 
     def load(self, db: Database) -> None:
         """Read the rules (blocking; at start-up, after the migrations)."""
@@ -31,8 +27,6 @@ class Alerts:
 
     def start(self, db: Database) -> None:
         self.evaluator.start(db)
-        self.heartbeat.start()
 
     async def stop(self) -> None:
-        await self.heartbeat.stop()
         await self.evaluator.stop()

@@ -5,9 +5,10 @@ the login; errors are ``{"error": {"code", "message", "details"}, "timestamp", "
 from fastapi import APIRouter
 
 from server.routers.management import alerts, auth, inference, lifecycle, logs, models, ws_monitor
+from server.routers.management import config, monitoring, system
 
 api = APIRouter(prefix="/api")
-for _module in (auth, models, lifecycle, logs, inference, alerts):
+for _module in (auth, models, lifecycle, logs, inference, system, monitoring, config, alerts):
     api.include_router(_module.router)
 
 router = APIRouter()

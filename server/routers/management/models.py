@@ -3,6 +3,7 @@ what is created here is served at once by every surface under its name."""
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -27,9 +28,11 @@ def model_item(mgmt: Management, entry: RegistryEntry, cls=ModelItem, **extra) -
     reason = observed.reason or (None if install.installed else install.reason)
     memory_mb = round(state.memory_bytes / 2**20, 1) if state.status == "loaded" else 0
     on_gpu = entry.spec.device.startswith("cuda")
+    probed = mgmt.health.health.get(entry.id) if state.status == "loaded" else None
+    checked = datetime.fromtimestamp(probed[2], timezone.utc) if probed else None
     return cls(id=meta.id, name=entry.id, display_name=meta.display_name or entry.spec.name,
                description=meta.description, framework=meta.framework, kind=entry.spec.kind, source=meta.source,
-               status=observed.status, health=observed.health, reason=reason, installed=install.installed,
+               status=observed.status, health=observed.health, health_checked_at=checked, reason=reason, installed=install.installed,
                tasks=sorted(c.value for c in entry.capabilities), priority=meta.priority,
                created_at=meta.created_at, updated_at=meta.updated_at, config=masked_config(meta.config),
                resource_requirements=meta.resource_requirements,
@@ -73,7 +76,7 @@ async def create_model(req: CreateModelRequest, _: AdminUser, mgmt: ManagementDe
 async def get_model(model_id: str, _: CurrentUser, mgmt: ManagementDep) -> ModelDetail:
     """One model by id or name, with its request statistics."""
     entry = mgmt.catalog.get(model_id)
-    return model_item(mgmt, entry, ModelDetail, performance_stats=mgmt.performance(entry.id))
+    return model_item(mgmt, entry, ModelDetail, performance_stats=await mgmt.performance(entry.id))
 
 
 @router.put("/models/{model_id}", response_model=ModelDetail, responses=error_responses(400, 403, 404, 409, 422))
@@ -87,7 +90,7 @@ async def update_model(model_id: str, req: UpdateModelRequest, _: AdminUser, mgm
         if key in changes and changes[key] is None:
             raise BadRequest(f"{key} cannot be null", param=key, code="INVALID_REQUEST")
     entry = await mgmt.catalog.update(model_id, changes)
-    return model_item(mgmt, entry, ModelDetail, performance_stats=mgmt.performance(entry.id))
+    return model_item(mgmt, entry, ModelDetail, performance_stats=await mgmt.performance(entry.id))
 
 
 @router.delete("/models/{model_id}", response_model=MessageResponse, responses=error_responses(403, 404, 409))

@@ -76,6 +76,8 @@ class ModelItem(BaseModel):
     source: Literal["config", "api"]
     status: str = Field(description="created, starting, running, stopping, stopped or error")
     health: str = Field(description="healthy, unhealthy or unknown")
+    health_checked_at: datetime | None = Field(None, description="The last health probe of the running model "
+                                                                 "(every health_check_interval seconds)")
     reason: str | None = Field(None, description="Why the model is in error, or cannot be served")
     installed: bool
     tasks: list[str]

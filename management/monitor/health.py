@@ -93,7 +93,9 @@ class HealthProber:
                 log.warning("model %s is unhealthy: %s", model_id, reason)
             if self.on_change is not None:
                 self.on_change(model_id, health, reason)
-            self.hub.publish(MODEL_STATUS, {"model_id": model_id, "model_name": model_id, "status": "running",
+            meta = st.entry.meta  # the seed's id (the API's model id) when the model has one, as the lifecycle says
+            self.hub.publish(MODEL_STATUS, {"model_id": meta.id if meta else model_id, "model_name": model_id,
+                                            "status": "running",
                                             "previous_status": "running", "health": health, "reason": reason})
 
     async def _check(self, st: ModelState) -> tuple[str, str | None]:

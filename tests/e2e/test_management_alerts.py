@@ -1,6 +1,6 @@
 """Alerts and /ws/monitor end to end: a real server process (SQLite; PostgreSQL for the restart
 test), a real HTTP receiver for the webhook, a real SMTP server (aiosmtpd), and the `websockets`
-client. Samples come from the server's own psutil heartbeat (monitoring.gpu_monitor_interval 1 s)."""
+client. Samples come from the server's own sampler (monitoring.gpu_monitor_interval 1 s)."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,9 @@ import pytest
 from core.config import AlertsSettings, AlertThresholds
 from management.alerts.channels import Notifier
 from management.alerts.evaluator import AlertEvaluator
-from management.alerts.heartbeat import Heartbeat
+from management.monitor.host import HostReader
 from management.alerts.rules import AlertRules
-from management.events import ALERT, SAMPLE, EventHub, GpuFigures, Sample
+from management.events import ALERT, SAMPLE, EventHub, GpuFigures, ModelFigures, Sample
 from store import alerts as repo
 from store.db import Database
 from tests.notify_receivers import SmtpReceiver, WebhookReceiver
@@ -42,7 +42,8 @@ def settings_for(hook: WebhookReceiver, smtp: SmtpReceiver, **extra) -> AlertsSe
 
 def psutil_sample(models: dict[str, str] | None = None, after: Sample | None = None, seconds: float = 1) -> Sample:
     """A real machine sample; ``after``: timestamped ``seconds`` after that one."""
-    s = Heartbeat(EventHub(), 1, Path.cwd(), lambda: dict(models or {})).sample()
+    s = Sample(ts=datetime.now(timezone.utc), system=HostReader(Path.cwd()).read(),
+               models={name: ModelFigures(status=status) for name, status in (models or {}).items()})
     return dataclasses.replace(s, ts=after.ts + timedelta(seconds=seconds)) if after is not None else s
 
 

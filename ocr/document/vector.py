@@ -39,6 +39,7 @@ RULE_MAX_PT = 3.0       # a path no thicker than this (and longer than RULE_MIN_
 RULE_MIN_PT = 10.0
 SCANNED_SHARE = 0.5     # images covering this share of the page: a scan, read by the layout model
 _MERGE_PX = 6
+MAX_FILLED = 0.3        # a grid whose drawings cover this share of it is a chart, not a table
 
 
 @dataclass
@@ -100,6 +101,19 @@ def _sized_lines(page: "pdfium.PdfPage", scale: float, height: float, left: floa
         return lines
     finally:
         textpage.close()
+
+
+def _centre_in(box: Box, region: Box) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+
+
+def _filled(region: Box, drawings: list[Box]) -> float:
+    """The share of ``region`` under the drawings whose centre lies in it (they seldom overlap)."""
+    area = max(1, (region[2] - region[0]) * (region[3] - region[1]))
+    inside = sum(max(0, min(d[2], region[2]) - max(d[0], region[0])) * max(0, min(d[3], region[3]) - max(d[1], region[1]))
+                 for d in drawings if _centre_in(d, region))
+    return inside / area
 
 
 def _touch(a: Box, b: Box, pad: int = _MERGE_PX) -> bool:
@@ -177,10 +191,11 @@ def analyze_vector(lines: list[Line], layout: VectorLayout) -> PageAnalysis:
         mask = hmask if x2 - x1 >= y2 - y1 else vmask
         cv2.rectangle(mask, (max(0, x1), max(0, y1)), (min(w - 1, x2), min(h - 1, y2)), 255, -1)
     drawings = layout.shapes + layout.images
-    grids = [g for g in find_grids(hmask, vmask)
-             if not any(g.box[0] <= (d[0] + d[2]) / 2 <= g.box[2] and g.box[1] <= (d[1] + d[3]) / 2 <= g.box[3]
-                        for d in drawings)]
+    # A grid is a table when it is mostly paper: shaded cells are fine, a bar chart's filled bars
+    # between its gridlines are not (tables.paper_grids, from the PDF's objects).
+    grids = [g for g in find_grids(hmask, vmask) if _filled(g.box, drawings) < MAX_FILLED]
     grid_boxes = [g.box for g in grids]
+    drawings = [d for d in drawings if not any(_centre_in(d, g) for g in grid_boxes)]  # cell shading
     loose = [r for r in layout.rules if not any(_touch(r, g, 2) for g in grid_boxes)]
     regions = [Region(box, "figure", 1.0) for box, drawing in
                _clusters([(d, True) for d in drawings] + [(r, False) for r in loose]) if drawing]

@@ -89,3 +89,48 @@ async def _decode(data: bytes, structure: bool = True):
     return doc, None
 
 
+
+
+def _pdf(draw) -> bytes:
+    from fpdf import FPDF
+
+    pdf = FPDF(unit="pt", format=(595, 842))
+    pdf.add_page()
+    pdf.set_font("helvetica", size=10)
+    pdf.text(50, 60, "A page drawn for the fast path with enough text to count as a text layer.")
+    draw(pdf)
+    return bytes(pdf.output())
+
+
+def test_shaded_cells_stay_a_table_and_a_chart_with_gridlines_is_a_picture():
+    def table(pdf):
+        pdf.set_fill_color(200)
+        pdf.rect(50, 100, 300, 20, style="F")  # a shaded header row
+        for r in range(5):
+            pdf.line(50, 100 + 20 * r, 350, 100 + 20 * r)
+        for c in range(4):
+            pdf.line(50 + 100 * c, 100, 50 + 100 * c, 180)
+        for r, row in enumerate([["Name", "Plan", "Actual"], ["roads", "12", "14"], ["parks", "7", "9"],
+                                 ["water", "30", "28"]]):
+            for c, text in enumerate(row):
+                pdf.text(56 + 100 * c, 114 + 20 * r, text)
+
+    _, (page,) = read(_pdf(table))
+    (tb,) = [b for b in page.blocks if b.category == "Table"]
+    assert not [b for b in page.blocks if b.category == "Picture"]
+    assert sorted((c["row"], c["col"], c["text"]) for c in tb.cells)[:3] == [(0, 0, "Name"), (0, 1, "Plan"),
+                                                                             (0, 2, "Actual")]
+
+    def chart(pdf):
+        for k in range(5):  # horizontal gridlines, and a frame: a grid of rules
+            pdf.line(50, 300 + 30 * k, 350, 300 + 30 * k)
+        pdf.line(50, 300, 50, 420)
+        pdf.line(350, 300, 350, 420)
+        pdf.set_fill_color(90)
+        for i, top in enumerate((320, 350, 310, 380, 340)):
+            pdf.rect(70 + 55 * i, top, 35, 420 - top, style="F")
+
+    _, (page,) = read(_pdf(chart))
+    assert not [b for b in page.blocks if b.category == "Table"]
+    (pic,) = [b for b in page.blocks if b.category == "Picture"]
+    assert abs(pic.box[1] - round(300 * 150 / 72)) <= 4 and abs(pic.box[2] - round(350 * 150 / 72)) <= 4

@@ -15,7 +15,8 @@ objects are ruling lines, other paths (filled bars, curves) and images are drawi
   order, captions beside their objects) is assemble.py's, as for every page.
 
 A page whose images cover most of it (a scan with an OCR'd text layer) has no usable structure:
-``page_structure`` answers None and the page goes through the layout model as before.
+``page_structure`` answers None and the page goes through the layout model as before (so do
+pages turned by /Rotate and pages drawn in form XObjects, which this path does not read yet).
 
 Callers of ``page_structure`` hold ocr/pdf.py's PDFium lock: PDFium is not thread-safe.
 """
@@ -54,12 +55,18 @@ class VectorLayout:
 
 
 def page_structure(page: "pdfium.PdfPage", scale: float) -> VectorLayout | None:
-    """The page's drawings in pixels at ``scale`` pixels per point; None for a scanned page."""
+    """The page's drawings in pixels at ``scale`` pixels per point; None for a scanned page, and
+    for pages this path does not read yet (turned by /Rotate; content in form XObjects, whose
+    objects' bounds are in the form's space): the layout model reads those as before."""
+    if page.get_rotation() % 360:
+        return None
     width, height = page.get_size()
     left, bottom = page.get_cropbox()[:2]
     out = VectorLayout((round(width * scale), round(height * scale)))
     image_area = 0.0
-    for obj in page.get_objects(max_depth=8):
+    for obj in page.get_objects(max_depth=1):
+        if obj.type == pdfium_c.FPDF_PAGEOBJ_FORM:
+            return None
         if obj.type not in (pdfium_c.FPDF_PAGEOBJ_PATH, pdfium_c.FPDF_PAGEOBJ_IMAGE):
             continue
         l, b, r, t = obj.get_bounds()

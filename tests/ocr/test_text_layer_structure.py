@@ -134,3 +134,14 @@ def test_shaded_cells_stay_a_table_and_a_chart_with_gridlines_is_a_picture():
     assert not [b for b in page.blocks if b.category == "Table"]
     (pic,) = [b for b in page.blocks if b.category == "Picture"]
     assert abs(pic.box[1] - round(300 * 150 / 72)) <= 4 and abs(pic.box[2] - round(350 * 150 / 72)) <= 4
+
+
+def test_a_rotated_page_takes_the_layout_model():
+    import pypdfium2 as pdfium
+
+    doc = pdfium.PdfDocument(draw_pdf([make_page(0, "en", False, seed=SEED)]))
+    doc[0].set_rotation(90)
+    buf = io.BytesIO()
+    doc.save(buf)
+    decoded, _ = asyncio.run(_decode(buf.getvalue()))
+    assert decoded.pages[0].text_lines is not None and decoded.pages[0].structure is None

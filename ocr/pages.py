@@ -8,10 +8,10 @@ original pixels; ``Page.scale`` converts from the model's pixels.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 from PIL import Image
 

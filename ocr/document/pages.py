@@ -6,9 +6,9 @@ from dataclasses import replace
 
 from core.types import CancelToken, OcrBlock
 from models.adapter import OcrOptions
+from ocr.document.assemble import Line, assemble
 from ocr.document.reader import DocumentReader, is_cjk
 from ocr.document.vector import VectorLayout, analyze_vector
-from ocr.document.assemble import Line, assemble
 from ocr.pages import Box, Page, PageOutcome, region_on
 
 _LINE_SEPARATOR = "\n"

@@ -32,6 +32,7 @@ from jobs.store import DbJobStore, Job
 from store.db import Database
 from models.adapter import OcrOptions
 from ocr import pdf
+from ocr.document.adapter import vector_enabled
 from ocr.formats import PAGE_SEPARATOR, page_dict
 from ocr.pages import ImageDecoder, PageOutcome
 from ocr.service import OcrOutcome, OcrRequest, OcrService
@@ -254,7 +255,9 @@ class JobService:
                 return
             doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=index,
                                                   text_layer=not generative and not p.get("force_ocr"),
-                                                  render_text_pages=Capability.LAYOUT in entry.capabilities)
+                                                  render_text_pages=Capability.LAYOUT in entry.capabilities,
+                                                  structure=Capability.LAYOUT in entry.capabilities
+                                                  and vector_enabled(entry.spec.options) and region is None)
             page = await self.ocr.read_page(job.model or "", doc.pages[0], index, options, region, token)
             del doc
             await asyncio.to_thread(self.store.save_page, job.id, index, page_dict(page))

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 from PIL import Image
 
@@ -30,6 +31,8 @@ class Page:
     index: int | None = None        # 0-based page of the upload (None: pages[i] is page first_page + i)
     # A PDF page's embedded text as (text, box in original pixels), when it has a text layer.
     text_lines: list[tuple[str, Box]] | None = None
+    # Its structure from the PDF's own objects (ocr/document/vector.py): the layout model's fast path.
+    structure: Any = None
 
     @property
     def scale(self) -> float:
@@ -97,7 +100,7 @@ class ImageDecoder:
     async def decode_pages(self, data: bytes, *, target_max_pixels: int | None,
                            only_page: int | None = None, pages: list[int] | None = None,
                            text_layer: bool = False, max_pages: int | None = None,
-                           render_text_pages: bool = True) -> Document:
+                           render_text_pages: bool = True, structure: bool = False) -> Document:
         """An image, multi-frame TIFF or (when allowed) PDF upload as a document of pages: all of
         them, ``only_page``, or the 0-based ``pages`` (a page range); with ``text_layer``, PDF pages
         carry their embedded text."""
@@ -107,8 +110,9 @@ class ImageDecoder:
                 rendered = await asyncio.to_thread(
                     pdf.render_pdf, data, dpi=self.limits.pdf_dpi, max_pages=max_pages or self.limits.max_pdf_pages,
                     max_pixels=self.limits.max_image_pixels, target_max_pixels=target_max_pixels,
-                    only_page=only_page, pages=pages, text_layer=text_layer, render_text_pages=render_text_pages)
-            return Document([Page(r.image, r.original_size, r.index, r.text_lines) for r in rendered], "PDF",
+                    only_page=only_page, pages=pages, text_layer=text_layer, render_text_pages=render_text_pages,
+                    structure=structure)
+            return Document([Page(r.image, r.original_size, r.index, r.text_lines, r.structure) for r in rendered], "PDF",
                             only_page or 0)
         image = await self.decode(data, target_max_pixels=target_max_pixels, all_frames=True)
         # decode_image reports the first frame's displayed size; other frames of another size get theirs

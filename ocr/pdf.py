@@ -26,6 +26,7 @@ from PIL import Image
 
 from core.errors import BadRequest, InvalidParameter, PayloadTooLarge
 from ocr.document.textlayer import page_lines
+from ocr.document.vector import VectorLayout, page_structure
 
 POINTS_PER_INCH = 72.0
 MAX_SIDE = 65_535
@@ -39,6 +40,9 @@ class RenderedPage:
     index: int = 0                  # 0-based page of the document
     # The page's embedded text, as (text, box in original pixels), when asked for and present.
     text_lines: list[tuple[str, tuple[int, int, int, int]]] | None = None
+    # With ``structure``: the page's structure from its own objects (ocr/document/vector.py), for a
+    # page with a usable text layer; such a page is not rendered (its image is a 1 x 1 placeholder).
+    structure: VectorLayout | None = None
 
 
 def page_count(data: bytes) -> int:
@@ -54,7 +58,7 @@ def page_count(data: bytes) -> int:
 def render_pdf(data: bytes, *, dpi: float, max_pages: int, max_pixels: int,
                target_max_pixels: int | None = None, only_page: int | None = None,
                pages: list[int] | None = None, text_layer: bool = False,
-               render_text_pages: bool = True) -> list[RenderedPage]:
+               render_text_pages: bool = True, structure: bool = False) -> list[RenderedPage]:
     """Render every page (or only ``only_page``, or the 0-based ``pages``), each scaled to fit
     ``target_max_pixels``; with ``text_layer``, each page also carries its embedded text, and
     without ``render_text_pages`` a page that has one is not rendered (its image is a 1 x 1
@@ -75,7 +79,7 @@ def render_pdf(data: bytes, *, dpi: float, max_pages: int, max_pixels: int,
                 raise PayloadTooLarge(f"{len(indices)} pages of the PDF were asked for; at most {max_pages} are "
                                       "accepted (send a page range with pages=)", param="file", code="TOO_MANY_PAGES")
             sizes = {i: _original_size(doc, i, dpi, max_pixels) for i in indices}  # refuse before rendering
-            return [_render(doc, i, sizes[i], dpi, target_max_pixels, text_layer, render_text_pages)
+            return [_render(doc, i, sizes[i], dpi, target_max_pixels, text_layer, render_text_pages, structure)
                     for i in indices]
         finally:
             doc.close()
@@ -127,7 +131,8 @@ def _original_size(doc: pdfium.PdfDocument, index: int, dpi: float, max_pixels: 
 
 
 def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: float,
-            target: int | None, text_layer: bool = False, render_text_pages: bool = True) -> RenderedPage:
+            target: int | None, text_layer: bool = False, render_text_pages: bool = True,
+            structure: bool = False) -> RenderedPage:
     w, h = size
     scale = dpi / POINTS_PER_INCH
     reduced = target is not None and w * h > target
@@ -138,6 +143,10 @@ def _render(doc: pdfium.PdfDocument, index: int, size: tuple[int, int], dpi: flo
     try:
         if text_layer:
             lines = page_lines(page, dpi / POINTS_PER_INCH)
+            layout = page_structure(page, dpi / POINTS_PER_INCH) if lines is not None and structure else None
+            if layout is not None:
+                return RenderedPage(image=Image.new("RGB", (1, 1), "white"), original_size=(w, h), index=index,
+                                    text_lines=lines, structure=layout)
             if lines is not None and not render_text_pages:
                 return RenderedPage(image=Image.new("RGB", (1, 1), "white"), original_size=(w, h), index=index,
                                     text_lines=lines)

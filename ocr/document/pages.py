@@ -1,11 +1,14 @@
 """Pages as the document pipeline and the text layer answer them, in original page pixels."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from core.types import CancelToken, OcrBlock
 from models.adapter import OcrOptions
-from ocr.document.reader import DocumentReader
+from ocr.document.assemble import Line, assemble
+from ocr.document.reader import DocumentReader, is_cjk
+from ocr.document.vector import VectorLayout, analyze_vector
 from ocr.pages import Box, Page, PageOutcome, region_on
 
 _LINE_SEPARATOR = "\n"
@@ -30,6 +33,13 @@ def page_text(blocks: list[OcrBlock]) -> str:
     return _LINE_SEPARATOR.join((b.plain if b.plain is not None else b.text) for b in blocks if b.text)
 
 
+def vector_blocks(layout: VectorLayout, *, first_page: bool) -> list[OcrBlock]:
+    """A text-layer page's blocks from its own objects (the layout model's fast path), in page pixels."""
+    lines = [Line(t, b, 1.0) for t, b in layout.lines]  # exact text: confidence 1.0, as the README says
+    analysis = analyze_vector(lines, layout)
+    return assemble(lines, analysis, first_page=first_page, cjk=is_cjk("".join(l.text for l in lines[:200])))
+
+
 class DocumentPages:
     """Runs a page through the document reader and maps its blocks back to original page pixels."""
 
@@ -38,6 +48,10 @@ class DocumentPages:
 
     async def read_page(self, model_id: str, page: Page, index: int, options: OcrOptions, region: Box | None,
                         cancel: CancelToken) -> PageOutcome:
+        if page.structure is not None:  # a text-layer page: its structure from the PDF, no model
+            blocks = await asyncio.to_thread(vector_blocks, page.structure, first_page=index == 0)
+            out = [replace(b, page=index) for b in blocks]
+            return PageOutcome(index, page_text(out), out, page.original_size)
         box = region_on(page, region) if region is not None else None
         if region is not None and box is None:
             return PageOutcome(index, "", [], page.original_size)

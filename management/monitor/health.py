@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from core.periodic import PeriodicTask
 from core.types import CancelToken
 from management.events import MODEL_STATUS, EventHub
 from models.manager import ModelManager, ModelState
@@ -31,41 +32,23 @@ class HealthProber:
                  on_change: Callable[[str, str, str | None], None] | None = None) -> None:
         self.manager = manager
         self.hub = hub
-        self.interval_s = interval_s
         self.on_change = on_change      # (model id, health, reason)
         self.health: dict[str, tuple[str, str | None, float]] = {}  # model -> (health, reason, checked at)
         self.probes = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._periodic = PeriodicTask(self.probe_all, interval_s, name="model health probe", log=log)
+
+    @property
+    def interval_s(self) -> float:
+        return self._periodic.interval_s
 
     def set_interval(self, seconds: float) -> None:
-        self.interval_s = float(seconds)
-        self._wake.set()
+        self._periodic.set_interval(seconds)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="model-health-probe")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        last = time.monotonic()
-        while True:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, last + self.interval_s - time.monotonic()))
-                if last + self.interval_s > time.monotonic():
-                    continue
-            except asyncio.TimeoutError:
-                pass
-            last = time.monotonic()
-            try:
-                await self.probe_all()
-            except Exception:  # noqa: BLE001 - the probe never dies of one bad model
-                log.exception("health probe failed")
+        await self._periodic.stop()
 
     async def probe_all(self) -> None:
         loaded = set(self.manager.loaded_ids())

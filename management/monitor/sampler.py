@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from core.periodic import PeriodicTask
 from management.events import SAMPLE, EventHub, GpuFigures, ModelFigures, Sample
 from management.monitor.gpu import MB, GpuDevice, GpuReader
 from management.monitor.host import HostReader
@@ -36,7 +37,6 @@ class Sampler:
         self.recorder = recorder
         self.hub = hub
         self.models = models
-        self.interval_s = interval_s
         self.retention_days = retention_days
         self.db: Database | None = None
         self.samples = 0
@@ -44,42 +44,24 @@ class Sampler:
         self._last_status: dict[str, str] = {}
         self._last_at = time.monotonic()
         self._last_prune = 0.0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._periodic = PeriodicTask(self.sample_once, interval_s, name="monitor-sampler", log=log)
+
+    @property
+    def interval_s(self) -> float:
+        return self._periodic.interval_s
 
     def set_interval(self, seconds: float) -> None:
         """Applies at once: the wait in progress is cut to the new interval."""
-        self.interval_s = float(seconds)
-        self._wake.set()
+        self._periodic.set_interval(seconds)
 
     def start(self, db: Database) -> None:
         self.db = db
         self._last_at = time.monotonic()
         self.recorder.take_interval()  # what came before the first interval belongs to none
-        self._task = asyncio.create_task(self._loop(), name="monitor-sampler")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        next_at = time.monotonic() + self.interval_s
-        while True:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_at - time.monotonic()))
-                next_at = self._last_at + self.interval_s  # the interval changed: re-plan from the last sample
-                if next_at > time.monotonic():
-                    continue
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.sample_once()
-            except Exception:  # noqa: BLE001 - one failed sample never stops the sampler
-                log.exception("monitoring sample failed")
-            next_at = max(next_at + self.interval_s, time.monotonic() + 0.05)
+        await self._periodic.stop()
 
     async def sample_once(self) -> Sample:
         """Take, store and publish one sample now."""

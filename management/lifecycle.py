@@ -54,6 +54,9 @@ class Lifecycle:
         self._announced: dict[str, str] = {}
         # The health probe's verdict on a running model: name -> (health, reason), or None (not probed yet).
         self.probed_health = lambda name: None
+        # Loads and unloads the manager does on its own (a request's lazy load, idle or memory
+        # unloads, a failed load) are announced too, not only the ones this lifecycle runs.
+        manager.status_listeners.append(self._announce)
 
     # ---- start-up and shutdown -----------------------------------------------------------------
     def load(self, db: Database) -> int:

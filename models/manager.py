@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from core.errors import (InsufficientResources, ModelLoadFailed, ModelNotFound, ModelNotInstalled, ModelNotRunning,
                          OperationTimeout, Overloaded)
@@ -80,6 +80,10 @@ class ModelManager:
         self.max_loaded = max_loaded  # models loaded at once (0: no limit); changed live by the management API
         self._states = {e.id: ModelState(e) for e in registry.entries()}
         self._idle_task: asyncio.Task | None = None
+        # Called with a model's id whenever its status changes (loading, loaded, failed, unloaded),
+        # whoever caused it: a request's lazy load, an idle or memory-pressure unload, the
+        # management API. Listeners run on the event loop and must be quick.
+        self.status_listeners: list[Callable[[str], None]] = []
 
     # ---- queries -------------------------------------------------------------
     def state(self, model_id: str) -> ModelState:
@@ -101,6 +105,14 @@ class ModelManager:
     def total_memory(self) -> int:
         return sum(s.memory_bytes for s in self._states.values() if s.status == "loaded")
 
+    def _set_status(self, st: ModelState, status: str, error: str | None = None) -> None:
+        st.status, st.error = status, error
+        for listener in list(self.status_listeners):
+            try:
+                listener(st.entry.id)
+            except Exception:  # noqa: BLE001 - a listener's bug never breaks a load or an unload
+                log.exception("model status listener failed for %s", st.entry.id)
+
     # ---- loading ---------------------------------------------------------------
     async def ensure_loaded(self, model_id: str, quantization: str | None = None) -> ModelState:
         """Return the model's state once it is loaded, loading it first if needed.
@@ -116,7 +128,7 @@ class ModelManager:
         elif quantization is not None and quantization != st.spec.quantization:
             await self.unload(model_id)
             if st.status == "failed":
-                st.status, st.error = "unloaded", None  # the failure was at the other quantization
+                self._set_status(st, "unloaded")  # the failure was at the other quantization
             st.quantization = quantization
         if st.status == "loaded":
             return st
@@ -142,14 +154,15 @@ class ModelManager:
         if not install.installed:
             raise ModelNotInstalled(not_installed_message(st.entry, install.reason), param="model")
         await self._make_room(st)
-        st.status = "loading"
+        self._set_status(st, "loading")
         started = time.monotonic()
         adapter = adapter_class(st.entry.spec.kind)(st.spec)
         try:
             await asyncio.to_thread(adapter.load)
         except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only
-            st.status, st.failed_at = "failed", time.monotonic()
-            st.error = exc.message if isinstance(exc, ModelLoadFailed) else "the model could not be loaded"
+            st.failed_at = time.monotonic()
+            self._set_status(st, "failed", exc.message if isinstance(exc, ModelLoadFailed)
+                             else "the model could not be loaded")
             log.exception("loading model %s failed", model_id)
             raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
                                   headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
@@ -173,7 +186,8 @@ class ModelManager:
         st.load_seconds = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.observe_load(model_id, st.load_seconds)
-        st.status, st.error, st.last_used = "loaded", None, time.monotonic()
+        st.last_used = time.monotonic()
+        self._set_status(st, "loaded")
         log.info("loaded model %s in %.2fs (%.1f MB)", model_id, st.load_seconds, st.memory_bytes / 2**20)
 
     async def _make_room(self, incoming: ModelState) -> None:
@@ -214,9 +228,9 @@ class ModelManager:
         async with st.lock:
             if st.status != "loaded":
                 if st.status == "failed":
-                    st.status, st.error = "unloaded", None
+                    self._set_status(st, "unloaded")
                 return False
-            st.status = "unloaded"
+            self._set_status(st, "unloaded")
             handles = [st.runner, st.engine, st.adapter]
             st.runner = st.engine = st.adapter = None
             st.memory_bytes = 0
@@ -283,7 +297,7 @@ class ModelManager:
                 f"memory budget of {self.memory_budget / 2**20:.0f} MB (manager.memory_budget_mb)")
         st.held, st.pinned = False, True
         if st.status == "failed":
-            st.status, st.error = "unloaded", None
+            self._set_status(st, "unloaded")
         try:
             await asyncio.wait_for(asyncio.shield(self.ensure_loaded(model_id)), timeout)
         except TimeoutError:

@@ -273,6 +273,31 @@ def test_ws_events_for_start_and_stop(api, server, tiny_models_dir):
         monitor.close()
 
 
+def test_ws_events_for_a_lazy_load_and_an_unload_through_other_surfaces(api, server, tiny_models_dir):
+    """Loads and unloads the manager does on its own (a request's lazy load, seed 003's unload) are
+    announced like the management API's start and stop."""
+    r = api.post("/api/models", json={"name": "lazy", "framework": "transformers",
+                                      "config": {"model_path": str(tiny_models_dir / TINY_TEXT)}})
+    assert r.status_code == 201, r.text
+    monitor = Monitor(server, api.s.headers["Authorization"][7:], ["model_status"])
+    try:
+        r = api.post("/v1/completions", json={"model": "lazy", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert monitor.wait(lambda f: f["type"] == "model_status_update" and f["data"]["model_name"] == "lazy"
+                            and f["data"]["status"] == "running")
+        assert api.delete("/models/lazy").json()["message"] == "Model lazy unloaded"
+        assert monitor.wait(lambda f: f["type"] == "model_status_update" and f["data"]["model_name"] == "lazy"
+                            and f["data"]["previous_status"] == "running")
+        seen = [(f["data"]["previous_status"], f["data"]["status"]) for f in monitor.of("model_status_update")
+                if f["data"]["model_name"] == "lazy"]
+        assert seen[:2] == [(None, "starting"), ("starting", "running")], seen
+        assert seen[2][0] == "running" and seen[2][1] in ("created", "stopped"), seen
+        assert api.get("/api/models/lazy").json()["status"] == seen[2][1]
+    finally:
+        monitor.close()
+        api.delete("/api/models/lazy")
+
+
 def test_ws_handshake_needs_a_valid_token(api, server):
     for kwargs in ({}, {"additional_headers": {"Authorization": "Bearer not-a-token"}}):
         with pytest.raises(InvalidStatus) as info:

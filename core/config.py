@@ -443,6 +443,9 @@ class AlertsSettings(_Strict):
     # Channels of the built-in threshold rules (alert_thresholds).
     builtin_channels: list[Literal["webhook", "email"]] = ["webhook", "email"]
     max_rules: int = Field(1000, ge=1, le=100_000)
+    # The alert history keeps this many days; older events are pruned (those of alerts still
+    # firing here are kept).
+    history_days: float = Field(90, gt=0, le=3650)
 
     @model_validator(mode="after")
     def _webhook_hosts(self) -> "AlertsSettings":

@@ -163,3 +163,12 @@ def history(s: Session, *, rule_id: str | None = None, state: str | None = None,
 def get_event(s: Session, event_id: int) -> AlertEventRecord | None:
     row = s.get(AlertEventRow, event_id)
     return _event(row) if row else None
+
+
+def prune_history(s: Session, before: datetime, keep_alert_ids: set[str]) -> int:
+    """Delete the events older than ``before``, except those of the alerts in ``keep_alert_ids``
+    (still firing: their firing event is what the resolution will refer to). Returns rows deleted."""
+    q = delete(AlertEventRow).where(AlertEventRow.ts < before)
+    if keep_alert_ids:
+        q = q.where(AlertEventRow.alert_id.not_in(sorted(keep_alert_ids)))
+    return s.execute(q).rowcount or 0

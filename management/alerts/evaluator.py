@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from core.config import AlertsSettings, AlertThresholds
 from management.alerts.channels import Notifier
@@ -26,6 +26,8 @@ from management.alerts.rules import AlertRules, Rule
 from management.events import ALERT, SAMPLE, EventHub, Sample
 from store import alerts as repo
 from store.db import Database
+
+PRUNE_EVERY_S = 3600.0  # the alert history is pruned at most this often
 
 log = logging.getLogger("chatvlm.alerts")
 
@@ -95,6 +97,7 @@ class AlertEvaluator:
         self._notifying: set[asyncio.Task] = set()
         self.samples = 0
         self._batch: list[tuple[dict, list[str], datetime]] = []
+        self._pruned_at: datetime | None = None
 
     # ---- lifespan ------------------------------------------------------------------------------
     def start(self, db: Database) -> None:
@@ -178,6 +181,19 @@ class AlertEvaluator:
         for key in [k for k in self._since if k not in seen]:
             del self._since[key]
         await self._flush()
+        if self._pruned_at is None or (now - self._pruned_at).total_seconds() >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            await self.prune(now)
+
+    async def prune(self, now: datetime) -> int:
+        """Drop history older than ``alerts.history_days`` (alerts still firing here keep theirs)."""
+        if self.db is None:
+            return 0
+        keep = {a.alert_id for a in self.active.values()}
+        gone = await self.db.run(repo.prune_history, now - timedelta(days=self.settings.history_days), keep)
+        if gone:
+            log.info("pruned %d alert history events older than %g days", gone, self.settings.history_days)
+        return gone
 
     @staticmethod
     def _message(rule: Rule, subject: str, value: float) -> str:

@@ -332,3 +332,32 @@ async def _replicas(tmp_path):
         await a.create(name="x", condition="cpu_percent >", severity="info", enabled=True, channels=[])
     assert getattr(info.value, "code", None) == "INVALID_CONDITION" and info.value.details["position"] == 14
     db.dispose()
+
+
+def test_history_is_pruned_after_history_days_but_firing_alerts_keep_theirs(database_url, receivers):
+    asyncio.run(_history_pruned(database_url, *receivers))
+
+
+async def _history_pruned(url, hook, smtp):
+    h = Harness(url, settings_for(hook, smtp, cooldown_s=0, history_days=1))
+    ended = await h.rules.create(name="ended", condition="cpu_percent >= 0", severity="info", enabled=True,
+                                 channels=[])
+    still = await h.rules.create(name="still", condition="memory_percent >= 0", severity="info", enabled=True,
+                                 channels=[])
+    old = psutil_sample()
+    old = dataclasses.replace(old, ts=old.ts - timedelta(days=3))
+    await h.step(old)  # both fire, three days ago (and the first prune finds nothing old yet)
+    await h.rules.update(ended.id, {"enabled": False})
+    await h.step(psutil_sample(after=old))  # `ended` resolves, three days ago; `still` keeps firing
+    assert sorted((e.rule_id, e.state) for e in h.history()) == sorted(
+        [(ended.id, "firing"), (ended.id, "resolved"), (still.id, "firing")])
+    recent = psutil_sample()
+    await h.step(recent)  # an hour has passed since the last prune: this sample prunes
+    assert [(e.rule_id, e.state) for e in h.history()] == [(still.id, "firing")]
+    assert await h.ev.prune(recent.ts) == 0
+    await h.rules.update(still.id, {"enabled": False})
+    await h.step(psutil_sample(after=recent))
+    assert [(e.rule_id, e.state) for e in h.history()] == [(still.id, "resolved"), (still.id, "firing")]
+    assert await h.ev.prune(recent.ts + timedelta(days=2)) == 2
+    assert h.history() == []
+    h.db.dispose()

@@ -1,4 +1,4 @@
-"""A lean decode step for Llama-architecture models (SmolLM2, Llama, TinyLlama): the same tensor
+"""A lean decode step for Llama-architecture models (SmolLM2, Llama, TinyLlama, Qwen2/2.5): the same tensor
 operations as transformers' eager forward, in the same order, without its per-module machinery.
 
 At batch 1 a 135M model's decode step is ~750 small tensor operations, and transformers'
@@ -24,7 +24,8 @@ from torch import nn
 
 from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, int4_pack
 
-LEAN_MODEL_TYPES = frozenset({"llama"})
+# Qwen2 is Llama with q/k/v biases (and optional sliding-window layers, which are not reproduced).
+LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
 
 
 def lean_supported(model: Any) -> bool:
@@ -36,6 +37,8 @@ def lean_supported(model: Any) -> bool:
     if rope.get("rope_type", "default") != "default" or getattr(config, "pretraining_tp", 1) != 1:
         return False
     if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "hidden_act", None) != "silu":
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
     inner = getattr(model, "model", None)
     return inner is not None and hasattr(inner, "layers") and hasattr(model, "lm_head")
@@ -49,9 +52,13 @@ class _Fused:
         # same 4-bit values, scale and minimum as its own layer's copy.
         self.packed, self.scales_zeros, _ = int4_pack(torch.cat([l.weight for l in layers]))
         self.sizes = [l.out_features for l in layers]
+        # A bias is added after the matmul, element by element, as each layer does it.
+        self.bias = torch.cat([l.bias.detach() for l in layers]) if layers[0].bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
+        if self.bias is not None:
+            out = out + self.bias
         return list(out.split(self.sizes, dim=-1))
 
 
@@ -117,7 +124,9 @@ class LeanDecoder:
 
 
 def _fuse(layers: list[nn.Module]) -> _Fused | None:
-    if not all(isinstance(l, Int4WeightOnlyLinear) and l.bias is None for l in layers):
+    if not all(isinstance(l, Int4WeightOnlyLinear) for l in layers):
+        return None
+    if len({l.bias is None for l in layers}) != 1:
         return None
     return _Fused(layers)
 

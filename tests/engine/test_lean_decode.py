@@ -1,9 +1,9 @@
 """The lean Llama decode step (engine/lean_decode.py) against transformers' own forward: bitwise
-the same logits, step after step, for one row, for left-padded rows (the int4 kernel, with
+the same logits, step after step, for Llama and Qwen2 (q/k/v biases), for one row, for left-padded rows (the int4 kernel, with
 q/k/v and gate/up fused), for a batch past the int4 kernel's rows (dense weights), through rows
 leaving and joining; and greedy replies through the engine identical with it on and off.
 
-The model is a tiny Llama with random weights built here (real transformers model code).
+The models are a tiny Llama and Qwen2 with random weights built here (real transformers model code).
 """
 from __future__ import annotations
 
@@ -21,24 +21,25 @@ from engine.quant import GEMV_ROWS, quantize_int4_weight_only, quantize_int8_wei
 pytestmark = pytest.mark.timeout(120)
 
 
-def tiny_llama(dtype=torch.bfloat16, attn="sdpa", **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(dtype=torch.bfloat16, attn="sdpa", arch="llama", **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from scripts.make_tiny_models import qwen_tokenizer
 
     tokenizer = qwen_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, **extra)
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
+    model = model_cls._from_config(config, attn_implementation=attn, dtype=dtype).eval()
     return model, tokenizer
 
 
-@pytest.fixture(scope="module")
-def int4_llama():
-    model, tokenizer = tiny_llama()
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def int4_llama(request):
+    model, tokenizer = tiny_llama(arch=request.param)  # qwen2: q/k/v with biases
     counts = quantize_int4_weight_only(model)
     assert counts["int4"] == 3 * 7
     return model, tokenizer
@@ -110,11 +111,9 @@ def test_models_it_does_not_reproduce_run_transformers_forward():
     scaled, _ = tiny_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     assert not lean_supported(scaled)
     assert BatchBackend(eager, tokenizer, None, threads=1).lean is None
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
-    assert not lean_supported(qwen)
+    windowed, _ = tiny_llama(arch="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    assert not lean_supported(windowed)  # sliding-window layers: transformers' forward
+    assert lean_supported(tiny_llama(arch="qwen2")[0])
 
 
 def test_engine_replies_identical_with_and_without_lean(int4_llama):

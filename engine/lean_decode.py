@@ -45,20 +45,31 @@ def lean_supported(model: Any) -> bool:
 
 
 class _Fused:
-    """Several int4 layers' copies concatenated along their outputs: one kernel call for all."""
+    """Several int4 layers' copies concatenated along their outputs: one kernel call for all.
 
-    def __init__(self, layers: list[Int4WeightOnlyLinear]) -> None:
+    The tensors are non-persistent buffers of ``owner`` (the attention or MLP module): the
+    model's memory figure counts them, they follow the model between devices, and a second
+    backend over the same model reuses them."""
+
+    def __init__(self, owner: nn.Module, layers: list[Int4WeightOnlyLinear]) -> None:
+        self.owner = owner
+        self.sizes = [l.out_features for l in layers]
+        if getattr(owner, "lean_int4", None) is not None:
+            return
         # Groups run along each output row, so packing the stacked weights gives every row the
         # same 4-bit values, scale and minimum as its own layer's copy.
-        self.packed, self.scales_zeros, _ = int4_pack(torch.cat([l.weight for l in layers]))
-        self.sizes = [l.out_features for l in layers]
+        packed, scales_zeros, _ = int4_pack(torch.cat([l.weight for l in layers]))
         # A bias is added after the matmul, element by element, as each layer does it.
-        self.bias = torch.cat([l.bias.detach() for l in layers]) if layers[0].bias is not None else None
+        bias = torch.cat([l.bias.detach() for l in layers]) if layers[0].bias is not None else None
+        owner.register_buffer("lean_int4", packed, persistent=False)
+        owner.register_buffer("lean_scales_zeros", scales_zeros, persistent=False)
+        owner.register_buffer("lean_bias", bias, persistent=False)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_zeros)
-        if self.bias is not None:
-            out = out + self.bias
+        o = self.owner
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, o.lean_int4, INT4_GROUP, o.lean_scales_zeros)
+        if o.lean_bias is not None:
+            out = out + o.lean_bias
         return list(out.split(self.sizes, dim=-1))
 
 
@@ -80,8 +91,8 @@ class LeanDecoder:
         for layer in self.inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-            self.fused_qkv.append(_fuse(qkv))
-            self.fused_up.append(_fuse(up))
+            self.fused_qkv.append(_fuse(attn, qkv))
+            self.fused_up.append(_fuse(mlp, up))
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -123,12 +134,12 @@ class LeanDecoder:
         return self.model.lm_head(_rms_norm(h, inner.norm))
 
 
-def _fuse(layers: list[nn.Module]) -> _Fused | None:
+def _fuse(owner: nn.Module, layers: list[nn.Module]) -> _Fused | None:
     if not all(isinstance(l, Int4WeightOnlyLinear) for l in layers):
         return None
     if len({l.bias is None for l in layers}) != 1:
         return None
-    return _Fused(layers)
+    return _Fused(owner, layers)
 
 
 def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

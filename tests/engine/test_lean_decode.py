@@ -100,6 +100,13 @@ def test_fused_projections_only_where_every_part_is_int4(int4_llama):
     model, _ = int4_llama
     lean = LeanDecoder(model)
     assert all(f is not None for f in lean.fused_qkv + lean.fused_up)
+    # The fused copies are the model's (non-persistent) buffers: counted in its memory, shared
+    # by every backend over it, and not in its state dict.
+    names = {n for n, _ in model.named_buffers()}
+    assert "model.layers.0.self_attn.lean_int4" in names and "model.layers.0.mlp.lean_int4" in names
+    assert not any("lean_" in k for k in model.state_dict())
+    again = LeanDecoder(model)
+    assert again.fused_qkv[0].owner.lean_int4.data_ptr() == lean.fused_qkv[0].owner.lean_int4.data_ptr()
     plain, _ = tiny_llama()
     lean = LeanDecoder(plain)
     assert all(f is None for f in lean.fused_qkv + lean.fused_up)

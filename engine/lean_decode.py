@@ -2,8 +2,8 @@
 operations as transformers' eager forward, in the same order, without its per-module machinery.
 
 At batch 1 a 135M model's decode step is ~750 small tensor operations, and transformers'
-module calls, keyword plumbing, output records and per-layer reshapes cost as much CPU time as
-the int4 matmuls themselves. This module walks the layers directly, keeps the hidden state as a
+module calls, keyword plumbing, output records and per-layer reshapes add CPU time around every
+one of them (measured: this step is 1.0–1.2× faster, docs/BENCHMARKS.md). This module walks the layers directly, keeps the hidden state as a
 (rows, hidden) matrix, and calls the int4 kernel straight for a few rows. The attention mask and
 the rotary cos/sin come from the model's own code once per step, and attention goes through
 transformers' own SDPA function, so the logits are bitwise the ones of ``model(...)``

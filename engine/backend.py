@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from engine.kv_cache import make_growing
 from engine.lean_decode import LeanDecoder, lean_supported
 from engine.prefix_cache import PrefixCache
+from engine.quant import GEMV_ROWS
 
 
 TOY_MODEL_PARAMS = 5_000_000
@@ -58,8 +59,10 @@ class BatchBackend:
         # Text prompts longer than this are prefilled this many tokens per engine step (0: at once),
         # so a long prompt does not stall the rows that are decoding.
         self.prefill_chunk = 0 if mrope else prefill_chunk
-        # Llama-architecture decode steps skip transformers' per-module machinery (same logits).
+        # Llama-architecture decode steps of a few rows skip transformers' per-module machinery
+        # (same logits). Bigger batches run the dense GEMMs, where it measured level, not faster.
         self.lean = LeanDecoder(model) if lean and not mrope and lean_supported(model) else None
+        self.lean_rows = GEMV_ROWS
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -219,7 +222,7 @@ class BatchBackend:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         position = self.mask.sum(-1, keepdim=True) + self.deltas
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        if self.lean is not None:
+        if self.lean is not None and len(tokens) <= self.lean_rows:
             return self.lean(ids, self.mask, position, self.cache)
         if self.mrope:
             position = position.unsqueeze(0).expand(3, -1, -1)

@@ -56,6 +56,7 @@ def decode_run(model, tokenizer, rows: int, lean: bool, steps: int = 6, leave_at
     Returns every step's logits."""
     backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean)
     assert (backend.lean is not None) == lean
+    backend.lean_rows = 64  # the lean step's dense path too (the engine uses it up to GEMV_ROWS rows)
     tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()
     seen = []
     for step in range(steps):
@@ -121,6 +122,19 @@ def test_models_it_does_not_reproduce_run_transformers_forward():
     windowed, _ = tiny_llama(arch="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert not lean_supported(windowed)  # sliding-window layers: transformers' forward
     assert lean_supported(tiny_llama(arch="qwen2")[0])
+
+
+def test_the_backend_takes_the_lean_step_for_a_few_rows_only(int4_llama, monkeypatch):
+    model, tokenizer = int4_llama
+    backend = BatchBackend(model, tokenizer, None, threads=1)
+    calls = []
+    lean = backend.lean
+    monkeypatch.setattr(backend, "lean", lambda *a: calls.append(a[0].shape[0]) or lean(*a))
+    for rows in (1, GEMV_ROWS, GEMV_ROWS + 1):
+        tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()
+        backend.decode(tokens)
+        backend.keep([])
+    assert calls == [1, GEMV_ROWS]
 
 
 def test_engine_replies_identical_with_and_without_lean(int4_llama):

@@ -1,18 +1,18 @@
-"""A lean decode step for Llama-architecture models (SmolLM2, Llama, TinyLlama, Qwen2/2.5): the same tensor
-operations as transformers' eager forward, in the same order, without its per-module machinery.
+"""A lean decode step for Llama-architecture models (SmolLM2, Llama, TinyLlama, Qwen2/2.5): the
+same tensor operations as transformers' eager forward, in the same order, without its
+per-module machinery. The engine takes it for steps of up to GEMV_ROWS rows.
 
-At batch 1 a 135M model's decode step is ~750 small tensor operations, and transformers'
-module calls, keyword plumbing, output records and per-layer reshapes add CPU time around every
-one of them (measured: this step is 1.0–1.2× faster, docs/BENCHMARKS.md). This module walks the layers directly, keeps the hidden state as a
-(rows, hidden) matrix, and calls the int4 kernel straight for a few rows. The attention mask and
-the rotary cos/sin come from the model's own code once per step, and attention goes through
+At batch 1 a 135M model's decode step is ~750 small tensor operations, and transformers' module
+calls, keyword plumbing, output records and per-layer reshapes add CPU time around them (this
+step measured 1.0-1.2x faster, docs/BENCHMARKS.md). It walks the layers directly, keeps the
+hidden state as a (rows, hidden) matrix, and calls the int4 kernel straight. The attention mask
+and the rotary cos/sin come from the model's own code once per step, and attention goes through
 transformers' own SDPA function, so the logits are bitwise the ones of ``model(...)``
 (tests/engine/test_lean_decode.py).
 
-For a few rows the q/k/v projections run as one int4 matmul and gate/up as another (their int4
-copies concatenated along the outputs: each output is still its own dot product over the same
-groups, so the values do not change), which halves the kernel calls and gives the second
-thread bigger pieces to share.
+The q/k/v projections run as one int4 matmul and gate/up as another (their int4 copies
+concatenated along the outputs: each output is still its own dot product over the same groups,
+so the values do not change), which cuts the kernel calls per layer from 7 to 4.
 """
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ class CausalLMAdapter(TorchModelAdapter):
         from engine.backend import BatchBackend
 
         return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
-                            prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens)
+                            prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens,
+                            lean=bool(self.spec.options.get("lean_decode", True)))
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

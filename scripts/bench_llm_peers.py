@@ -165,7 +165,7 @@ def process_server(args: list[str], port: int, env: dict | None = None, cwd: Pat
         Path(log.name).unlink(missing_ok=True)
 
 
-def bench_ours(a, quantization: str) -> dict:
+def bench_ours(a, quantization: str, lean: bool = True) -> dict:
     env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-peers-data-")}
     model = a.our_model
     prefix = f"CHATVLM_MODELS__{model.upper()}__"
@@ -179,7 +179,12 @@ def bench_ours(a, quantization: str) -> dict:
     for item in a.our_env:
         key, _, value = item.partition("=")
         env[key] = value
-    label = f"a) ours ({quantization})"
+    if not lean:  # transformers' own forward for every decode step (options.lean_decode false)
+        import json
+
+        options = json.loads(env.get(prefix + "OPTIONS") or "{}")
+        env[prefix + "OPTIONS"] = json.dumps({**options, "lean_decode": False})
+    label = f"a) ours ({quantization}{'' if lean else ', lean off'})"
     try:
         server = RemoteServer(config=a.our_config, env=env, startup_timeout=120)
     except Exception as exc:  # noqa: BLE001
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra environment for our server (repeatable)")
     parser.add_argument("--ours-quantization", default="none,int8_weight_only",
                         help="our server once per value (none, int8_weight_only, auto, configured)")
+    parser.add_argument("--lean-decode", choices=("on", "off", "both"), default="on",
+                        help="our lean Llama decode step (options.lean_decode); both: each of ours twice")
     parser.add_argument("--tserve-dtype", default="bfloat16", help="transformers serve --dtype")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", str(DEFAULT_LLAMA)))
     parser.add_argument("--levels", default="1,4,16")
@@ -319,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     if "ours" in only:
         for q in a.ours_quantization.split(","):
-            results[f"ours {q}"] = bench_ours(a, q)
+            for lean in {"on": [True], "off": [False], "both": [True, False]}[a.lean_decode]:
+                results[f"ours {q}" + ("" if lean else " lean off")] = bench_ours(a, q, lean)
     if "transformers-serve" in only and a.our_path != "none":
         results["transformers serve"] = bench_transformers_serve(a)
     if "llama-server" in only:

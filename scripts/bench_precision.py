@@ -99,18 +99,21 @@ def engine_step(model, tokenizer, batch: int, tokens: int = 24) -> tuple[float, 
     from engine.engine import Engine
 
     forward = [0.0]
-    inner = model.forward
 
-    def timed(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return inner(*a, **kw)
-        finally:
-            forward[0] += time.perf_counter() - t0
+    def timing(inner):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                forward[0] += time.perf_counter() - t0
+        return timed
 
-    model.forward = timed
+    model.forward = timing(model.forward)
     try:
         backend = BatchBackend(model, tokenizer, lambda m, p: EncodedPrompt(tokenizer(p)["input_ids"]))
+        if backend.lean is not None:  # Llama decode steps run the lean step, not model.forward
+            backend.lean = timing(backend.lean)
 
         async def run() -> float:
             engine = Engine(backend, name="bench", max_batch=batch)

@@ -1,0 +1,155 @@
+"""A lean decode step for Llama-architecture models (SmolLM2, Llama, TinyLlama, Qwen2/2.5): the
+same tensor operations as transformers' eager forward, in the same order, without its
+per-module machinery. The engine takes it for steps of up to GEMV_ROWS rows.
+
+At batch 1 a 135M model's decode step is ~750 small tensor operations, and transformers' module
+calls, keyword plumbing, output records and per-layer reshapes add CPU time around them (this
+step measured 1.0-1.2x faster, docs/BENCHMARKS.md). It walks the layers directly, keeps the
+hidden state as a (rows, hidden) matrix, and calls the int4 kernel straight. The attention mask
+and the rotary cos/sin come from the model's own code once per step, and attention goes through
+transformers' own SDPA function, so the logits are bitwise the ones of ``model(...)``
+(tests/engine/test_lean_decode.py).
+
+The q/k/v projections run as one int4 matmul and gate/up as another (their int4 copies
+concatenated along the outputs: each output is still its own dot product over the same groups,
+so the values do not change), which cuts the kernel calls per layer from 7 to 4.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, int4_pack
+
+# Qwen2 is Llama with q/k/v biases (and optional sliding-window layers, which are not reproduced).
+LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
+
+
+def lean_supported(model: Any) -> bool:
+    """Whether ``model`` has the plain Llama layout this step reproduces exactly."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in LEAN_MODEL_TYPES:
+        return False
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "hidden_act", None) != "silu":
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    inner = getattr(model, "model", None)
+    return inner is not None and hasattr(inner, "layers") and hasattr(model, "lm_head")
+
+
+class _Fused:
+    """Several int4 layers' copies concatenated along their outputs: one kernel call for all.
+
+    The tensors are non-persistent buffers of ``owner`` (the attention or MLP module): the
+    model's memory figure counts them, they follow the model between devices, and a second
+    backend over the same model reuses them."""
+
+    def __init__(self, owner: nn.Module, layers: list[Int4WeightOnlyLinear]) -> None:
+        self.owner = owner
+        self.sizes = [l.out_features for l in layers]
+        if getattr(owner, "lean_int4", None) is not None:
+            return
+        # Groups run along each output row, so packing the stacked weights gives every row the
+        # same 4-bit values, scale and minimum as its own layer's copy.
+        packed, scales_zeros, _ = int4_pack(torch.cat([l.weight for l in layers]))
+        # A bias is added after the matmul, element by element, as each layer does it.
+        bias = torch.cat([l.bias.detach() for l in layers]) if layers[0].bias is not None else None
+        owner.register_buffer("lean_int4", packed, persistent=False)
+        owner.register_buffer("lean_scales_zeros", scales_zeros, persistent=False)
+        owner.register_buffer("lean_bias", bias, persistent=False)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        o = self.owner
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, o.lean_int4, INT4_GROUP, o.lean_scales_zeros)
+        if o.lean_bias is not None:
+            out = out + o.lean_bias
+        return list(out.split(self.sizes, dim=-1))
+
+
+class LeanDecoder:
+    """Runs decode steps (one new token per row) of a Llama-architecture model."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import create_causal_mask
+
+        self.model = model
+        self.inner = model.model
+        self.config = model.config
+        self._mask_fn = create_causal_mask
+        self._sdpa = sdpa_attention_forward
+        self.head_dim = self.inner.layers[0].self_attn.head_dim
+        self.fused_qkv: list[_Fused | None] = []
+        self.fused_up: list[_Fused | None] = []
+        for layer in self.inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            self.fused_qkv.append(_fuse(attn, qkv))
+            self.fused_up.append(_fuse(mlp, up))
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        """Next-token logits (rows, vocab) for ``ids`` (rows, 1), writing their KV into ``cache``."""
+        inner = self.inner
+        embeds = inner.embed_tokens(ids)
+        mask = self._mask_fn(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                             past_key_values=cache, position_ids=position_ids)
+        cos, sin = inner.rotary_emb(embeds, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rows = ids.shape[0]
+        few = rows <= GEMV_ROWS
+        shape = (rows, 1, -1, self.head_dim)
+        h = embeds.view(rows, -1)
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = _rms_norm(h, layer.input_layernorm)
+            fused = self.fused_qkv[i]
+            if few and fused is not None:
+                q, k, v = fused(x)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(shape).transpose(1, 2)
+            k = k.view(shape).transpose(1, 2)
+            v = v.view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            k, v = cache.update(k, v, attn.layer_idx)
+            out, _ = self._sdpa(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+            h = h + attn.o_proj(out.reshape(rows, -1))
+            x = _rms_norm(h, layer.post_attention_layernorm)
+            fused = self.fused_up[i]
+            if few and fused is not None:
+                gate, up = fused(x)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(F.silu(gate) * up)
+        return self.model.lm_head(_rms_norm(h, inner.norm))
+
+
+def _fuse(owner: nn.Module, layers: list[nn.Module]) -> _Fused | None:
+    if not all(isinstance(l, Int4WeightOnlyLinear) for l in layers):
+        return None
+    if len({l.bias is None for l in layers}) != 1:
+        return None
+    return _Fused(owner, layers)
+
+
+def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, operation for operation (float32 inside)."""
+    x = h.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -14,7 +14,10 @@ margin band are page headers and footers even where the model saw none.
 
 Reading order: page headers first, then the body in bands separated by full-width blocks (and by
 narrower blocks that cross the gutter between two columns, such as a centred figure), each
-band read column by column (columns split at vertical gaps no block crosses), then footers.
+band read column by column (columns split at vertical gaps no block crosses, so two, three or
+more columns), then footers. Headings at the foot of a band with no block beside them (a short
+section header over a full-width paragraph) are read with the full-width block below them, not
+at the end of the column they line up with.
 Captions are then moved beside their figure or table: a caption (the model's figure_caption or
 table_caption, or a text block starting "Figure 2", "Table 1", "Рисунок", "Таблица", "图", "表")
 belongs to the nearest Picture or Table that overlaps it horizontally by more than 30% of the
@@ -254,13 +257,30 @@ def reading_order(blocks: list[_Block], page_width: int) -> list[_Block]:
     band: list[_Block] = []
     for b in body:
         if b.box[2] - b.box[0] >= full or id(b) in spanning:
-            out += _columns(band)
+            heads = _heads_of(band)
+            out += _columns([x for x in band if x not in heads]) + heads
             band = []
             out.append(b)
         else:
             band.append(b)
     out += _columns(band)
     return headers + out + footers
+
+
+def _heads_of(band: list[_Block]) -> list[_Block]:
+    """The headings at the foot of a band with nothing beside them: they head the full-width
+    block that follows (a section header over a full-width paragraph between two column bands),
+    not the column they happen to line up with."""
+    heads: list[_Block] = []
+    rest = list(band)
+    while rest:
+        low = max(rest, key=lambda b: (b.box[1], b.box[0]))
+        if low.category not in ("Title", "Section-header") or \
+                any(o is not low and o.box[3] > low.box[1] + 2 for o in rest):
+            break
+        heads.insert(0, low)
+        rest.remove(low)
+    return heads
 
 
 def _spanning(blocks: list[_Block], left: int, right: int) -> set[int]:

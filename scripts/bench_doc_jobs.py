@@ -12,6 +12,9 @@ as ``--jobs`` jobs at once. For each phase it prints:
   machine-wide: other processes on the machine count too);
 * how many of the server's threads were runnable at once (state R in /proc, sampled every 0.1 s):
   the work's own parallelism, which a busy machine does not hide the way it hides CPU time;
+* "cores wanted": the same CPU time plus the time the server's and children's threads spent
+  runnable but waiting for a core (/proc/<pid>/task/<tid>/schedstat), over wall time: what the
+  work would use if it had the machine to itself, which other processes' load cannot hide;
 * the machine's load average, since the cores are shared.
 """
 from __future__ import annotations
@@ -47,6 +50,18 @@ def runnable_threads(pid: int) -> int:
     return n
 
 
+def _waited_seconds(pid: int) -> dict[int, float]:
+    """Per thread of the process: seconds spent runnable, waiting for a core (schedstat field 2)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def _cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()  # every thread of the process
     return t.user + t.system
@@ -66,6 +81,8 @@ class Sampler:
         self.percore: list[list[float]] = []
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._wait_first: dict[tuple[int, int], float] = {}  # (pid, tid) -> runqueue wait
+        self._wait_last: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._look(initial=True)
         psutil.cpu_percent(percpu=True)  # starts the per-core interval
@@ -81,6 +98,13 @@ class Sampler:
                 continue
             self._first.setdefault(p.pid, used if initial or p.pid == self.pid else 0.0)
             self._last[p.pid] = used
+            try:
+                waits = _waited_seconds(p.pid)
+            except OSError:
+                continue
+            for tid, w in waits.items():
+                self._wait_first.setdefault((p.pid, tid), w if initial else 0.0)
+                self._wait_last[(p.pid, tid)] = w
 
     def _run(self) -> None:
         n = 0
@@ -100,7 +124,8 @@ class Sampler:
         children = sum(self._last[p] - self._first[p] for p in self._last if p != self.pid)
         r = self.runnable or [0]
         cores = [statistics.mean(c) for c in zip(*self.percore)] if self.percore else []
-        return {"cores_used": (server + children) / wall, "children_share": children / max(1e-9, server + children),
+        waited = sum(self._wait_last[k] - self._wait_first[k] for k in self._wait_last)
+        return {"cores_used": (server + children) / wall, "cores_wanted": (server + children + waited) / wall, "children_share": children / max(1e-9, server + children),
                 "n_children": len(self._last) - 1, "percore": cores,
                 "runnable_mean": statistics.mean(r), "runnable_2plus": sum(x >= 2 for x in r) / len(r)}
 
@@ -148,13 +173,15 @@ def main() -> None:
     for name, r in (("1 job", one), (f"{args.jobs} jobs", many)):
         per = " ".join(f"{c:.0f}%" for c in r["percore"])
         print(f"{name:>8}: {r['pages_per_s']:.3f} pages/s ({r['seconds']:.1f} s); cores used {r['cores_used']:.2f} "
-              f"of {ncpu} (server + {r['n_children']} child processes, children {100 * r['children_share']:.0f}%); "
+              f"of {ncpu} (server + {r['n_children']} child processes, children {100 * r['children_share']:.0f}%), "
+              f"cores wanted {r['cores_wanted']:.2f}; "
               f"per-core use (machine-wide) {per}; runnable threads mean {r['runnable_mean']:.2f}, "
               f">= 2 runnable {100 * r['runnable_2plus']:.0f}% of samples; "
               f"load average {' '.join(f'{x:.2f}' for x in r['load'])}")
     print(f"throughput ratio {args.jobs} jobs / 1 job: {many['pages_per_s'] / one['pages_per_s']:.2f}; "
           f"cores used {many['cores_used']:.2f} vs {one['cores_used']:.2f} "
-          f"(ratio {many['cores_used'] / max(1e-9, one['cores_used']):.2f}); target >= 1.7 of 2 with {args.jobs} jobs")
+          f"(ratio {many['cores_used'] / max(1e-9, one['cores_used']):.2f}), cores wanted {many['cores_wanted']:.2f} "
+          f"vs {one['cores_wanted']:.2f}; target >= 1.7 of 2 with {args.jobs} jobs")
 
 
 if __name__ == "__main__":

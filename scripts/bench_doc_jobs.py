@@ -10,8 +10,9 @@ as ``--jobs`` jobs at once. For each phase it prints:
   processes included), over the phase's wall time (1.00 = one core busy all along);
 * each core's utilisation, from psutil.cpu_percent(percpu=True) sampled during the phase (this is
   machine-wide: other processes on the machine count too);
-* how many of the server's threads were runnable at once (state R in /proc, sampled every 0.1 s):
-  the work's own parallelism, which a busy machine does not hide the way it hides CPU time;
+* how many of the server's (and its children's) threads were runnable at once (state R in /proc,
+  sampled every 0.1 s): the work's own parallelism, which a busy machine does not hide the way it
+  hides CPU time;
 * "cores wanted": the same CPU time plus the time the server's and children's threads spent
   runnable but waiting for a core (/proc/<pid>/task/<tid>/schedstat), over wall time: what the
   work would use if it had the machine to itself, which other processes' load cannot hide;
@@ -40,7 +41,11 @@ from tests.server_process import RemoteServer  # noqa: E402
 
 def runnable_threads(pid: int) -> int:
     n = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # a child that has just ended
+        return 0
+    for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
@@ -91,6 +96,7 @@ class Sampler:
         self._thread.start()
 
     def _look(self, initial: bool = False) -> None:
+        self._alive = [self.pid]
         for p in [self.proc] + self.proc.children(recursive=True):
             try:
                 used = _cpu_seconds(p)
@@ -98,6 +104,8 @@ class Sampler:
                 continue
             self._first.setdefault(p.pid, used if initial or p.pid == self.pid else 0.0)
             self._last[p.pid] = used
+            if p.pid != self.pid:
+                self._alive.append(p.pid)
             try:
                 waits = _waited_seconds(p.pid)
             except OSError:
@@ -109,8 +117,8 @@ class Sampler:
     def _run(self) -> None:
         n = 0
         while not self._stop.wait(0.1):
-            self.runnable.append(runnable_threads(self.pid))
             self._look()
+            self.runnable.append(sum(runnable_threads(pid) for pid in self._alive))
             n += 1
             if n % 5 == 0:  # every 0.5 s: the share of each core busy since the previous call
                 self.percore.append(psutil.cpu_percent(percpu=True))

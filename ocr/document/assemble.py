@@ -226,7 +226,9 @@ def _continues(block: _Block, line: Line, body: int) -> bool:
         pitch = sorted(b - a for a, b in zip(centres, centres[1:]))[(len(centres) - 1) // 2]
         if pitch > 0.5 * body:
             return (line.box[1] + line.box[3]) / 2 - centres[-1] <= 1.35 * pitch
-    top = min(line.box[1], line.box[3] - body) if line.box[3] - line.box[1] < floor else line.box[1]
+    # A line without ascenders (lower-case Cyrillic, "neon ocean") starts lower than its neighbours'
+    # would: its top is taken as its bottom less a body line's height.
+    top = min(line.box[1], line.box[3] - body)
     return top - last.box[3] < 0.75 * body
 
 

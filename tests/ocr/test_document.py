@@ -108,6 +108,21 @@ def test_three_columns_and_a_full_width_section_between_the_bands():
     assert blocks[6].category == "Section-header" and blocks[7].category == "Text"
 
 
+def test_a_line_without_ascenders_continues_its_paragraph():
+    """Glyph-tight boxes (a text layer read through the layout model): the first line hangs a
+    descender ("у"), the second has none of the tall letters, so the white between the boxes is
+    as wide as a paragraph break would be at 0.75 of a line; it is still one paragraph."""
+    page = Image.new("RGB", (600, 800), "white")
+    lines = [Line("Совет окно офис участник", (100, 330, 400, 350)),
+             Line("рынок рынок запись здоровье.", (100, 365, 420, 383)),
+             Line("Рост вода годовой энергия", (100, 390, 410, 412)),
+             Line("Другой абзац ниже", (100, 450, 330, 470))]
+    blocks = assemble(lines, PageAnalysis(0, page, []), first_page=False, cjk=False)
+    assert [(b.category, b.text) for b in blocks] == [
+        ("Text", "Совет окно офис участник рынок рынок запись здоровье. Рост вода годовой энергия"),
+        ("Text", "Другой абзац ниже")]
+
+
 @pytest.mark.parametrize("spec,want", [("1-3,7", [0, 1, 2, 6]), ("2", [1]), (" 3 - 4 , 1 ", [0, 2, 3]),
                                        ("", None), (None, None), ("2,2,1-2", [0, 1])])
 def test_page_ranges(spec, want):

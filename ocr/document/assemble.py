@@ -260,7 +260,7 @@ def reading_order(blocks: list[_Block], page_width: int) -> list[_Block]:
     for b in body:
         if b.box[2] - b.box[0] >= full or id(b) in spanning:
             heads = _heads_of(band)
-            out += _columns([x for x in band if x not in heads]) + heads
+            out += _columns([x for x in band if not any(x is h for h in heads)]) + heads
             band = []
             out.append(b)
         else:
@@ -281,7 +281,7 @@ def _heads_of(band: list[_Block]) -> list[_Block]:
                 any(o is not low and o.box[3] > low.box[1] + 2 for o in rest):
             break
         heads.insert(0, low)
-        rest.remove(low)
+        rest = [o for o in rest if o is not low]
     return heads
 
 

@@ -187,7 +187,7 @@ def _borderless_regions(lines: list[Line], taken: list[Box]) -> list[Box]:
     def glued(row: list[Line]) -> bool:
         """A run of the row sits right under a line above it, at a paragraph's line spacing: the
         row continues prose (the short last lines of paragraphs in three columns)."""
-        return any(o not in row and min(o.box[2], l.box[2]) - max(o.box[0], l.box[0]) > 0
+        return any(all(o is not x for x in row) and min(o.box[2], l.box[2]) - max(o.box[0], l.box[0]) > 0
                    and -2 <= l.box[1] - o.box[3] < 0.6 * body for l in row for o in free)
 
     for row in rows:

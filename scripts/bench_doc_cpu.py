@@ -1,11 +1,11 @@
 """Quality and speed of the CPU document pipeline (doc_cpu) on generated pages of known structure.
 
-    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--job-pages 200] [--only quality] [--errors]
+    python scripts/bench_doc_cpu.py [--pages 12] [--seed 7] [--three-column 6] [--job-pages 200] [--only quality] [--errors]
 
 Starts a real server (no weights: RapidOCR, Tesseract, doc_cpu), sends the quality set made by
 scripts/make_doc_pages.py (a seed the tests do not use), and prints:
-* the issue's quality table (heading F1, ruled-table structure, cell text, two-column reading
-  order as Kendall tau, text CER per language), on scans (PNG) and on text-layer PDFs;
+* the issue's quality table (heading F1, ruled-table structure, cell text, two- and three-column
+  reading order as Kendall tau, text CER per language), on scans (PNG) and on text-layer PDFs;
 * pages/s of doc_cpu Markdown against plain RapidOCR text on the same scanned pages (one run,
   side by side), and of text-layer pages: the fast path (structure from the PDF) against the
   layout model (a second server with models.doc_cpu.options.text_layer_structure=false), in turn;
@@ -105,12 +105,12 @@ def score_page(spec: PageSpec, blocks: list[dict], acc: dict) -> None:
         for c in tb.cells:
             acc[f"{key}_cell_sims"].append(sim(c.text, got_cells[(c.row, c.col)]["text"])
                                            if (c.row, c.col) in got_cells else 0.0)
-    # reading order on two-column pages (body blocks, furniture left out)
-    if spec.two_column:
+    # reading order on two- and three-column pages (body blocks, furniture left out)
+    if spec.columns >= 2:
         t_body = [b.text for b in spec.blocks if not b.category.startswith("Page-") and b.category not in OBJECTS]
         g_body = [b for b in blocks if not (b["category"] or "").startswith("Page-") and b["category"] not in OBJECTS]
         pairs = sorted(match(t_body, [b["text"] for b in g_body], 0.6))
-        acc["tau"].append(kendall_tau([g_body[j]["reading_order"] for _, j in pairs]))
+        acc[f"tau{spec.columns}"].append(kendall_tau([g_body[j]["reading_order"] for _, j in pairs]))
     # captions: found as Caption and read right beside their figure or table
     for k, tb in enumerate(spec.blocks):
         if tb.category != "Caption":
@@ -150,7 +150,7 @@ def _iou(a, b) -> float:
 def new_acc() -> dict:
     acc = {k: 0 for k in ("head_tp", "head_fp", "head_fn", "ruled_n", "ruled_exact", "borderless_n",
                           "borderless_exact", "caption_n", "caption_found", "caption_beside")}
-    acc.update({"ruled_cell_sims": [], "borderless_cell_sims": [], "tau": [], "cer_en": [], "cer_zh": [],
+    acc.update({"ruled_cell_sims": [], "borderless_cell_sims": [], "tau2": [], "tau3": [], "cer_en": [], "cer_zh": [],
                 "cer_ru": []})
     return acc
 
@@ -169,7 +169,9 @@ def report(acc: dict) -> dict:
             "borderless_exact": f"{acc['borderless_exact']}/{acc['borderless_n']}",
             "borderless_cell_similarity": round(statistics.mean(acc["borderless_cell_sims"]), 3)
             if acc["borderless_cell_sims"] else None,
-            "two_column_kendall_tau": round(statistics.mean(acc["tau"]), 3) if acc["tau"] else None,
+            "two_column_kendall_tau": round(statistics.mean(acc["tau2"]), 3) if acc["tau2"] else None,
+            "three_column_kendall_tau": round(statistics.mean(acc["tau3"]), 3) if acc["tau3"] else None,
+            "three_column_tau_min": round(min(acc["tau3"]), 3) if acc["tau3"] else None,
             "captions_found": f"{acc['caption_found']}/{acc['caption_n']}",
             "captions_beside_their_object": f"{acc['caption_beside']}/{acc['caption_n']}",
             "cer_en": _r(cer("cer_en")), "cer_zh": _r(cer("cer_zh")), "cer_ru": _r(cer("cer_ru"))}
@@ -231,11 +233,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=12)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--three-column", type=int, default=6, help="three-column pages added to the quality set")
     ap.add_argument("--job-pages", type=int, default=200)
     ap.add_argument("--only", choices=("quality", "speed", "jobs"), help="run one part only")
     ap.add_argument("--errors", action="store_true", help="print each text block the CER counts errors in")
     args = ap.parse_args()
-    specs = quality_set(args.pages, args.seed)
+    specs = quality_set(args.pages, args.seed, args.three_column)
     images = {s.name: draw_png(s) for s in specs}
     env = {"CHATVLM_LIMITS__REQUEST_TIMEOUT_S": "600", "CHATVLM_LIMITS__MAX_PDF_PAGES": "100",
            "CHATVLM_JOBS__MAX_PER_CLIENT": "8"}
@@ -253,10 +256,11 @@ def main() -> None:
         results = {}
         if args.only in (None, "quality"):
             quality(server, specs, images, results, args.errors, old)
+        # speed and jobs on the first --pages pages only, as measured before three-column pages
         if args.only in (None, "speed"):
-            speed(server, specs, images, old)
+            speed(server, specs[:args.pages], images, old)
         if args.only in (None, "jobs"):
-            jobs(server, specs, images, args.job_pages)
+            jobs(server, specs[:args.pages], images, args.job_pages)
 
 
 def print_errors(spec: PageSpec, blocks: list[dict]) -> None:

@@ -6,7 +6,7 @@ images with no text layer) and as a born-digital PDF with fpdf2 (a real text lay
 ruling lines as vector paths). The ground truth is the description itself, so nothing here is
 tuned on what the pipeline answers.
 
-    python scripts/make_doc_pages.py OUT_DIR [--seed 7] [--pages 12]
+    python scripts/make_doc_pages.py OUT_DIR [--seed 7] [--pages 12] [--three-column 6]
 
 writes OUT_DIR/<name>.png, <name>.pdf (text layer, en/ru), <name>.scan.pdf and truth.json.
 """
@@ -76,6 +76,7 @@ class PageSpec:
     # drawing operations in points: ("text", x, y, size, bold, s), ("line", x1, y1, x2, y2) and
     # ("rect", x1, y1, x2, y2, grey) (a filled bar of a chart)
     ops: list[tuple] = field(default_factory=list)
+    columns: int = 1        # the most columns side by side on the page (1, 2 or 3)
 
 
 def _font(language: str, bold: bool, size_px: float) -> ImageFont.FreeTypeFont:
@@ -120,13 +121,13 @@ class _Writer:
         self.spec.blocks.append(TruthBlock(category, sep.join(lines), box))
         self.y += gap
 
-    def figure(self, width: float, height: float, rng: random.Random) -> None:
+    def figure(self, width: float, height: float, rng: random.Random, bars: int = 6) -> None:
         """A bar chart without text (axes and filled bars), centred in the frame."""
         x0 = self.x + (self.width - width) / 2
         top, bottom = self.y, self.y + height
         self.spec.ops.append(("line", x0, top, x0, bottom))
         self.spec.ops.append(("line", x0, bottom, x0 + width, bottom))
-        n = 6
+        n = bars
         step = (width - 10) / n
         for i in range(n):
             bar_top = top + rng.uniform(0.05, 0.7) * height
@@ -216,11 +217,15 @@ def _paragraph(rng: random.Random, lang: str, sentences: int = 3) -> str:
     return ("" if lang == "zh" else " ").join(_sentence(rng, lang, n) for _ in range(sentences))
 
 
-def make_page(index: int, language: str, two_column: bool, seed: int = 7) -> PageSpec:
+def make_page(index: int, language: str, two_column: bool, seed: int = 7, columns: int | None = None) -> PageSpec:
     """One page: header, title (first page only), numbered sections, paragraphs, a list, a ruled
-    table with a spanning header, a borderless table, a footer; optionally a two-column body."""
+    table with a spanning header, a borderless table, a footer; optionally a two-column body.
+    ``columns=3`` makes a three-column page instead (see three_column_page)."""
+    if columns == 3:
+        return three_column_page(index, language, seed)
     rng = random.Random(seed * 1000 + index)
-    spec = PageSpec(f"doc_{language}_{index:02d}{'_2col' if two_column else ''}", language, two_column)
+    spec = PageSpec(f"doc_{language}_{index:02d}{'_2col' if two_column else ''}", language, two_column,
+                    columns=2 if two_column else 1)
     margin, width = 50.0, PAGE_PT[0] - 100.0
     head = _Writer(spec, margin, width, 28)
     head.text_block("Page-header", {"en": "City Council", "ru": "Городской совет", "zh": "城市议会"}[language]
@@ -262,6 +267,68 @@ def make_page(index: int, language: str, two_column: bool, seed: int = 7) -> Pag
     w.figure(min(width, 260.0), 110.0, rng)
     fig_caption = _caption(rng, language, "figure", index + 1)
     w.text_block("Caption", fig_caption, 9, indent=(width - _width_pt(fig_caption, language, 9)) / 2)
+    foot = _Writer(spec, margin, width, PAGE_PT[1] - 40)
+    foot.text_block("Page-footer", f"— {index + 1} —", 8, gap=0)
+    return spec
+
+
+def _fitting(sections: list[str], start: int, prefix: str, language: str, size: float, width: float) -> str:
+    """The first section name from ``start`` on whose numbered heading fits on one line of ``width``."""
+    for k in range(len(sections)):
+        name = sections[(start + k) % len(sections)]
+        if _width_pt(f"{prefix} {name}", language, size, bold=True) <= width:
+            return f"{prefix} {name}"
+    raise ValueError("no section name fits the column")
+
+
+def three_column_page(index: int, language: str, seed: int = 7) -> PageSpec:
+    """A three-column page, in reading order: page header; a full-width band (the title on the
+    first page of three, a section header, a paragraph); three columns, each a section header and
+    a paragraph, the middle one with a bar chart and its caption below it; a full-width section
+    header and paragraph between the column bands; three more columns, the last holding a
+    captioned ruled table; the page footer."""
+    rng = random.Random(seed * 1000 + 500 + index)
+    spec = PageSpec(f"doc_{language}_{index:02d}_3col", language, False, columns=3)
+    margin, width, gutter = 50.0, PAGE_PT[0] - 100.0, 16.0
+    colw = (width - 2 * gutter) / 3
+    sections = SECTIONS[language]
+    number = 1 + (index % 3)
+    head = _Writer(spec, margin, width, 28)
+    head.text_block("Page-header", {"en": "City Council", "ru": "Городской совет", "zh": "城市议会"}[language]
+                    + f" · {2020 + index}", 8, gap=18)
+    w = _Writer(spec, margin, width, head.y)
+    if index % 3 == 0:
+        w.text_block("Title", TITLES[language], 20, bold=True, gap=16)
+    w.text_block("Section-header", f"{number}. {sections[index % len(sections)]}", 13, bold=True)
+    wide = 4 if language == "zh" else 2  # sentences of a full-width paragraph: two lines or more
+    w.text_block("Text", _paragraph(rng, language, wide), 10, gap=14)
+
+    def band(sub: int, last: str | None) -> float:
+        cols = [_Writer(spec, margin + k * (colw + gutter), colw, w.y) for k in range(3)]
+        for k, col in enumerate(cols):  # written column after column: the truth's reading order
+            col.text_block("Section-header", _fitting(sections, index + sub + k, f"{number}.{sub + k}", language,
+                                                       12, colw), 12, bold=True)
+            col.text_block("Text", _paragraph(rng, language, 3 if k != 1 else 2), 10)
+            if k == 1 and last == "figure":
+                col.y += 4
+                col.figure(colw - 20, 70.0, rng, bars=4)
+                cap = _caption(rng, language, "figure", index + 1)
+                fits = _width_pt(cap, language, 9) <= colw
+                col.text_block("Caption", cap, 9, indent=(colw - _width_pt(cap, language, 9)) / 2 if fits else 0)
+            if k == 2 and last == "table":
+                col.y += 4
+                col.text_block("Caption", _caption(rng, language, "table", index + 1), 9, gap=6)
+                heads = HEADS[language]
+                col.table([[heads[0], heads[1]]] + [[rng.choice(WORDS[language])[:8], str(rng.randint(10, 99))]
+                                                    for _ in range(3)], ruled=True, span_header=None, size=9)
+        return max(c.y for c in cols) + 6
+
+    w.y = band(1, "figure")
+    w.text_block("Section-header", f"{number}.4 {sections[(index + 4) % len(sections)]}", 13, bold=True)
+    w.text_block("Text", _paragraph(rng, language, wide + 1), 10, gap=14)
+    w.y = band(5, "table")
+    if w.y > PAGE_PT[1] - 50:
+        raise ValueError(f"{spec.name} runs into the footer")
     foot = _Writer(spec, margin, width, PAGE_PT[1] - 40)
     foot.text_block("Page-footer", f"— {index + 1} —", 8, gap=0)
     return spec
@@ -316,10 +383,11 @@ def scanned_pdf(images: list[Image.Image]) -> bytes:
     return out.getvalue()
 
 
-def quality_set(n: int = 12, seed: int = 7) -> list[PageSpec]:
-    """n pages spread over en/zh/ru, half of them two-column."""
+def quality_set(n: int = 12, seed: int = 7, three: int = 0) -> list[PageSpec]:
+    """n pages spread over en/zh/ru, half of them two-column, then ``three`` three-column pages."""
     langs = ("en", "zh", "ru")
-    return [make_page(i, langs[i % 3], two_column=(i // 3) % 2 == 1, seed=seed) for i in range(n)]
+    return [make_page(i, langs[i % 3], two_column=(i // 3) % 2 == 1, seed=seed) for i in range(n)] + \
+        [three_column_page(i, langs[i % 3], seed=seed) for i in range(three)]
 
 
 def main() -> None:
@@ -327,9 +395,10 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--pages", type=int, default=12)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--three-column", type=int, default=6, help="three-column pages added to the set")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    specs = quality_set(args.pages, args.seed)
+    specs = quality_set(args.pages, args.seed, args.three_column)
     truth = {}
     for spec in specs:
         img = draw_png(spec)
@@ -337,7 +406,7 @@ def main() -> None:
         (args.out / f"{spec.name}.scan.pdf").write_bytes(scanned_pdf([img]))
         if spec.language != "zh":
             (args.out / f"{spec.name}.pdf").write_bytes(draw_pdf([spec]))
-        truth[spec.name] = {"language": spec.language, "two_column": spec.two_column,
+        truth[spec.name] = {"language": spec.language, "two_column": spec.two_column, "columns": spec.columns,
                             "blocks": [asdict(b) for b in spec.blocks]}
     (args.out / "truth.json").write_text(json.dumps(truth, ensure_ascii=False, indent=1), encoding="utf-8")
     print(f"wrote {len(specs)} pages to {args.out}")

@@ -14,7 +14,10 @@ margin band are page headers and footers even where the model saw none.
 
 Reading order: page headers first, then the body in bands separated by full-width blocks (and by
 narrower blocks that cross the gutter between two columns, such as a centred figure), each
-band read column by column (columns split at vertical gaps no block crosses), then footers.
+band read column by column (columns split at vertical gaps no block crosses, so two, three or
+more columns), then footers. Headings at the foot of a band with no block beside them (a short
+section header over a full-width paragraph) are read with the full-width block below them, not
+at the end of the column they line up with.
 Captions are then moved beside their figure or table: a caption (the model's figure_caption or
 table_caption, or a text block starting "Figure 2", "Table 1", "Рисунок", "Таблица", "图", "表")
 belongs to the nearest Picture or Table that overlaps it horizontally by more than 30% of the
@@ -223,7 +226,9 @@ def _continues(block: _Block, line: Line, body: int) -> bool:
         pitch = sorted(b - a for a, b in zip(centres, centres[1:]))[(len(centres) - 1) // 2]
         if pitch > 0.5 * body:
             return (line.box[1] + line.box[3]) / 2 - centres[-1] <= 1.35 * pitch
-    top = min(line.box[1], line.box[3] - body) if line.box[3] - line.box[1] < floor else line.box[1]
+    # A line without ascenders (lower-case Cyrillic, "neon ocean") starts lower than its neighbours'
+    # would: its top is taken as its bottom less a body line's height.
+    top = min(line.box[1], line.box[3] - body)
     return top - last.box[3] < 0.75 * body
 
 
@@ -254,13 +259,30 @@ def reading_order(blocks: list[_Block], page_width: int) -> list[_Block]:
     band: list[_Block] = []
     for b in body:
         if b.box[2] - b.box[0] >= full or id(b) in spanning:
-            out += _columns(band)
+            heads = _heads_of(band)
+            out += _columns([x for x in band if not any(x is h for h in heads)]) + heads
             band = []
             out.append(b)
         else:
             band.append(b)
     out += _columns(band)
     return headers + out + footers
+
+
+def _heads_of(band: list[_Block]) -> list[_Block]:
+    """The headings at the foot of a band with nothing beside them: they head the full-width
+    block that follows (a section header over a full-width paragraph between two column bands),
+    not the column they happen to line up with."""
+    heads: list[_Block] = []
+    rest = list(band)
+    while rest:
+        low = max(rest, key=lambda b: (b.box[1], b.box[0]))
+        if low.category not in ("Title", "Section-header") or \
+                any(o is not low and o.box[3] > low.box[1] + 2 for o in rest):
+            break
+        heads.insert(0, low)
+        rest = [o for o in rest if o is not low]
+    return heads
 
 
 def _spanning(blocks: list[_Block], left: int, right: int) -> set[int]:

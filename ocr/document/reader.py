@@ -4,7 +4,8 @@ shared with /ocr), and assemble.py turns lines and regions into ordered, categor
 
 Engines: RapidOCR reads the whole upright page in one call (its detector keeps columns and table
 cells apart); Tesseract, whose single-block mode would run lines of two columns together, reads
-each ink segment and each ruled-table cell on its own. RapidOCR's detector sees the page scaled
+each ink segment and each ruled-table cell on its own (segments side by side in two layout
+regions, such as two of three columns, stay apart). RapidOCR's detector sees the page scaled
 down to 1216 px, where 8-pt print can vanish: ink segments no line covers are read again from
 their own full-resolution crop. Lone dots and dashes are then checked against their ink
 (glyphs.py). A PDF page with a text layer is not OCR'd at all unless the client asks for
@@ -166,27 +167,44 @@ def _units(analysis: PageAnalysis) -> list[Box]:
                        for g in analysis.grids)]
     w, h = analysis.image.size
     pad = 4
+    blocks = [r.box for r in analysis.regions if r.label not in ("figure", "table")]
     return units + [(max(0, x1 - pad), max(0, y1 - pad), min(w, x2 + pad), min(h, y2 + pad))
-                    for x1, y1, x2, y2 in _paragraphs(free)]
+                    for x1, y1, x2, y2 in _paragraphs(free, blocks)]
 
 
-def _paragraphs(segments: list[Box]) -> list[Box]:
-    """Merge line segments that stack closely in one column into paragraph boxes."""
+def _region_of(box: Box, regions: list[Box]) -> int | None:
+    """The smallest of the layout regions holding the box's centre (None: in none of them)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    inside = [i for i, r in enumerate(regions) if r[0] <= cx <= r[2] and r[1] <= cy <= r[3]]
+    return min(inside, key=lambda i: (regions[i][2] - regions[i][0]) * (regions[i][3] - regions[i][1]), default=None)
+
+
+def _paragraphs(segments: list[Box], regions: list[Box] | None = None) -> list[Box]:
+    """Merge line segments that stack closely in one column into paragraph boxes.
+
+    Words of one line side by side are merged too, unless the layout model put them in two
+    different text regions: three columns' gutters are barely wider than a word space at heading
+    size once the ink is dilated."""
     out: list[list[int]] = []
+    where: list[int | None] = []  # the region of each paragraph's first segment
     heights = sorted(s[3] - s[1] for s in segments)
     line_h = heights[len(heights) // 2] if heights else 0  # most segments are one line of text
     for s in sorted(segments, key=lambda b: (b[1], b[0])):
         h = s[3] - s[1]
-        for p in reversed(out):
+        mine = _region_of(s, regions or [])
+        for k in range(len(out) - 1, -1, -1):
+            p = out[k]
             overlap = min(p[2], s[2]) - max(p[0], s[0])
             v_overlap = min(p[3], s[3]) - max(p[1], s[1])
             # words of a heading: side by side, a word space apart (of one line's height, not of a
             # paragraph's: two columns' paragraphs are side by side too, a gutter apart)
             gap = min(h, p[3] - p[1], line_h)
-            same_line = v_overlap > 0.5 * min(h, p[3] - p[1]) and -gap < s[0] - p[2] < gap
+            same_line = v_overlap > 0.5 * min(h, p[3] - p[1]) and -gap < s[0] - p[2] < gap and \
+                (mine is None or where[k] is None or mine == where[k])
             if same_line or (overlap > 0.3 * min(p[2] - p[0], s[2] - s[0]) and 0 <= s[1] - p[3] < 0.8 * h):
                 p[0], p[1], p[2], p[3] = min(p[0], s[0]), min(p[1], s[1]), max(p[2], s[2]), max(p[3], s[3])
                 break
         else:
             out.append(list(s))
+            where.append(mine)
     return [tuple(p) for p in out]  # type: ignore[misc]

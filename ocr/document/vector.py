@@ -9,7 +9,9 @@ objects are ruling lines, other paths (filled bars, curves) and images are drawi
   inside it is a chart, not a table;
 * figures: drawings (with the rules that touch them, a chart's axes) merged into one region;
 * borderless tables: three or more consecutive rows of two or more short text runs, a few body
-  heights apart;
+  heights apart, each run leaving most of the way to the next one empty (lines of prose in
+  three columns are short and far apart too, but fill their column), the first row not set
+  right under a line above it at a paragraph's spacing;
 * the rest (title, section headers from type size, list items from bullets and numbers, page
   headers and footers from the margin bands, paragraphs from line pitch, columns for reading
   order, captions beside their objects) is assemble.py's, as for every page.
@@ -41,6 +43,7 @@ RULE_MIN_PT = 10.0
 SCANNED_SHARE = 0.5     # images covering this share of the page: a scan, read by the layout model
 _MERGE_PX = 6
 MAX_FILLED = 0.3        # a grid whose drawings cover this share of it is a chart, not a table
+CELL_FILL = 0.6         # a borderless cell spans at most this share of the way to the next cell
 
 
 @dataclass
@@ -165,9 +168,12 @@ def _borderless_regions(lines: list[Line], taken: list[Box]) -> list[Box]:
             rows.append([line])
 
     def cells(row: list[Line]) -> bool:
+        # Cells leave most of the way to the next cell empty; the lines of prose set in three
+        # columns are as short and as far apart, but each fills its column up to the gutter.
         row = sorted(row, key=lambda l: l.box[0])
         return len(row) >= 2 and all(l.box[2] - l.box[0] <= 0.35 * span for l in row) and \
-            all(b.box[0] - a.box[2] >= 1.5 * body for a, b in zip(row, row[1:]))
+            all(b.box[0] - a.box[2] >= 1.5 * body and a.box[2] - a.box[0] <= CELL_FILL * (b.box[0] - a.box[0])
+                for a, b in zip(row, row[1:]))
 
     regions: list[Box] = []
     group: list[list[Line]] = []
@@ -178,13 +184,19 @@ def _borderless_regions(lines: list[Line], taken: list[Box]) -> list[Box]:
             regions.append((min(l.box[0] for l in ls) - 2, min(l.box[1] for l in ls) - 2,
                             max(l.box[2] for l in ls) + 2, max(l.box[3] for l in ls) + 2))
 
+    def glued(row: list[Line]) -> bool:
+        """A run of the row sits right under a line above it, at a paragraph's line spacing: the
+        row continues prose (the short last lines of paragraphs in three columns)."""
+        return any(all(o is not x for x in row) and min(o.box[2], l.box[2]) - max(o.box[0], l.box[0]) > 0
+                   and -2 <= l.box[1] - o.box[3] < 0.6 * body for l in row for o in free)
+
     for row in rows:
         top = min(l.box[1] for l in row)
-        if cells(row) and (not group or top - max(l.box[3] for l in group[-1]) < 3 * body):
+        if group and cells(row) and top - max(l.box[3] for l in group[-1]) < 3 * body:
             group.append(row)
             continue
         close()
-        group = [row] if cells(row) else []
+        group = [row] if cells(row) and not glued(row) else []
     close()
     return regions
 

@@ -1,5 +1,5 @@
 """The CPU document pipeline (doc_cpu) through a real server: Markdown and JSON with layout
-categories, ruled tables with spans, two-column reading order, text-layer PDFs against scans,
+categories, ruled tables with spans, two- and three-column reading order, text-layer PDFs against scans,
 page ranges and rotated pages. Pages come from scripts/make_doc_pages.py with a seed of their
 own (the benchmark's set uses another), so the tests do not tune the benchmark."""
 from __future__ import annotations
@@ -153,3 +153,36 @@ def test_annotate_draws_categories_with_a_legend(cpu_server, en_page):
     colours = set(drawn.crop((drawn.width * 2 // 3, 0, drawn.width, 300)).getdata())  # the legend's corner
     for category in ("Title", "Section-header", "Table", "List-item"):
         assert colour_of(category) in colours, category
+
+
+@pytest.mark.parametrize("kind", ["scan", "text_layer"])
+def test_three_column_page_reads_column_by_column_with_full_width_blocks_in_place(cpu_server, kind):
+    """A three-column page (title, full-width section and paragraph, three columns with a figure
+    and its caption in the middle one, a full-width section between the column bands, three more
+    columns ending in a captioned table): its Markdown has every heading, paragraph and caption in
+    the order the page is written, both through the layout model (a scan) and the text layer."""
+    spec = make_page(0, "en", two_column=False, seed=SEED, columns=3)
+    assert spec.columns == 3
+    data, name = (png_bytes(draw_png(spec)), "page.png") if kind == "scan" else (draw_pdf([spec]), "page.pdf")
+    r = ocr(cpu_server, data, name, format="markdown")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "doc_cpu"
+    paragraphs = [p.strip() for p in body["markdown"].split("\n\n") if p.strip()]
+    plain = [p.lstrip("#").strip() for p in paragraphs]
+
+    def at(text: str) -> int:
+        best = max(range(len(plain)), key=lambda i: similarity(plain[i], text))
+        assert similarity(plain[best], text) > 0.9, (text, paragraphs)
+        return best
+
+    blocks = [b for b in spec.blocks if b.category in ("Title", "Section-header", "Text", "Caption")]
+    positions = [at(b.text) for b in blocks]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions), (positions, paragraphs)
+    assert all(paragraphs[at(b.text)].startswith("#") for b in blocks if b.category in ("Title", "Section-header"))
+    # the full-width section between the bands comes after all three upper columns, before the lower ones
+    heads = [b.text for b in spec.blocks if b.category == "Section-header"]
+    assert max(at(h) for h in heads[1:4]) < at(heads[4]) < min(at(h) for h in heads[5:8])
+    # the table comes right after its caption, in the last column; the page header stays out
+    caption = next(b.text for b in blocks if b.category == "Caption" and b.text.startswith("Table"))
+    assert paragraphs[at(caption) + 1].startswith("<table>") and "City Council ·" not in body["markdown"]

@@ -83,6 +83,46 @@ def test_categories_and_two_column_reading_order():
     assert cats[-1] == ("Page-footer", "- 3 -")
 
 
+def test_three_columns_and_a_full_width_section_between_the_bands():
+    page = Image.new("RGB", (1200, 1400), "white")
+    col = [(100, 400), (450, 750), (800, 1100)]
+
+    def column_band(top: int, tag: str) -> list[Line]:
+        out = []
+        for k, (x1, x2) in enumerate(col):
+            out.append(Line(f"{tag}.{k + 1} Heading", (x1, top, x1 + 200, top + 30)))
+            out += [Line(f"{tag} column {k + 1} line {j + 1}", (x1, top + 50 + 30 * j, x2 - 20 * (j % 2), top + 72 + 30 * j))
+                    for j in range(4)]
+        return out
+
+    lines = column_band(200, "a") + [
+        Line("2. Short heading", (100, 420, 330, 450)),                    # alone at the band's foot
+        Line("A full-width paragraph between the bands", (100, 470, 1100, 492)),
+        Line("that runs over two rows of the page.", (100, 500, 900, 522))] + column_band(560, "b")
+    blocks = assemble(lines, PageAnalysis(0, page, []), first_page=False, cjk=False)
+    got = [b.text.split(" line")[0] if "line" in b.text else b.text for b in blocks]
+    assert got == ["a.1 Heading", "a column 1", "a.2 Heading", "a column 2", "a.3 Heading", "a column 3",
+                   "2. Short heading",
+                   "A full-width paragraph between the bands that runs over two rows of the page.",
+                   "b.1 Heading", "b column 1", "b.2 Heading", "b column 2", "b.3 Heading", "b column 3"], got
+    assert blocks[6].category == "Section-header" and blocks[7].category == "Text"
+
+
+def test_a_line_without_ascenders_continues_its_paragraph():
+    """Glyph-tight boxes (a text layer read through the layout model): the first line hangs a
+    descender ("у"), the second has none of the tall letters, so the white between the boxes is
+    as wide as a paragraph break would be at 0.75 of a line; it is still one paragraph."""
+    page = Image.new("RGB", (600, 800), "white")
+    lines = [Line("Совет окно офис участник", (100, 330, 400, 350)),
+             Line("рынок рынок запись здоровье.", (100, 365, 420, 383)),
+             Line("Рост вода годовой энергия", (100, 390, 410, 412)),
+             Line("Другой абзац ниже", (100, 450, 330, 470))]
+    blocks = assemble(lines, PageAnalysis(0, page, []), first_page=False, cjk=False)
+    assert [(b.category, b.text) for b in blocks] == [
+        ("Text", "Совет окно офис участник рынок рынок запись здоровье. Рост вода годовой энергия"),
+        ("Text", "Другой абзац ниже")]
+
+
 @pytest.mark.parametrize("spec,want", [("1-3,7", [0, 1, 2, 6]), ("2", [1]), (" 3 - 4 , 1 ", [0, 2, 3]),
                                        ("", None), (None, None), ("2,2,1-2", [0, 1])])
 def test_page_ranges(spec, want):

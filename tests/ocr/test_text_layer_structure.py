@@ -60,6 +60,22 @@ def test_two_columns_are_read_column_by_column():
     assert [got.index(t) for t in body] == sorted(got.index(t) for t in body)
 
 
+def test_three_columns_are_read_column_by_column_and_are_no_table():
+    """Lines of prose in three columns are short and far apart, like a borderless table's cells:
+    they stay paragraphs, and the short heading over the full-width paragraph between the column
+    bands is read with that paragraph, not at the end of the first column."""
+    for index, language in ((0, "en"), (2, "ru")):
+        spec = make_page(index, language, False, seed=SEED, columns=3)
+        _, (page,) = read(draw_pdf([spec]))
+        assert [b.category for b in page.blocks if b.category == "Table"] == ["Table"]  # the captioned one only
+        body = [b.text for b in spec.blocks if b.category in ("Title", "Section-header", "Text", "Caption")]
+        got = [b.text for b in page.blocks]
+        assert all(t in got for t in body), [t for t in body if t not in got]
+        assert [got.index(t) for t in body] == sorted(got.index(t) for t in body)
+        table = next(i for i, b in enumerate(page.blocks) if b.category == "Table")
+        assert page.blocks[table - 1].category == "Caption" and page.blocks[table + 1].category == "Page-footer"
+
+
 def test_scans_and_the_option_off_take_the_layout_model():
     spec = make_page(0, "en", False, seed=SEED)
     doc, _ = asyncio.run(_decode(scanned_pdf([draw_png(spec)])))

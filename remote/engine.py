@@ -262,21 +262,26 @@ class RemoteHandle:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[StreamDelta]:
+        # The body is read as it arrives and split into lines here: every event of one read is
+        # parsed before any is yielded, so all but the last go out with ``more`` (one write for all
+        # of them downstream) and the per-line text decoding of httpx is skipped.
         engine = self.engine
         chunks, text, usage, finish, ok = 0, "", None, None, None
-        lines = self._response.aiter_lines()
+        reads = self._response.aiter_bytes()
+        buffer, done, failure = b"", False, None
+        looping = self.params.max_repeat
         try:
-            while True:
+            while not done:
                 if self.cancel.cancelled:
                     self.finish_reason = "cancelled"
                     return
                 try:
                     remaining = self._remaining()
                     if remaining is None or remaining > engine.cfg.timeout_s:
-                        line = await anext(lines)  # the read timeout (timeout_s) comes first anyway
+                        data = await anext(reads)  # the read timeout (timeout_s) comes first anyway
                     else:
                         async with asyncio.timeout(remaining):  # around the read only, never a yield
-                            line = await anext(lines)
+                            data = await anext(reads)
                 except StopAsyncIteration:
                     if finish is None:
                         ok = False
@@ -286,31 +291,43 @@ class RemoteHandle:
                     self.finish_reason = "cancelled"
                     self.cancel.cancel()
                     return
-                if not line.startswith("data:"):
-                    continue  # comments (keep-alive), event names, blank separators
-                try:
-                    chunk = wire.parse_event(line[5:].strip())
-                except ValueError:
-                    ok = False
-                    raise BadGateway(f"model '{engine.name}': the remote engine sent an unreadable event") from None
-                if chunk is None:
-                    break
-                if chunk.error is not None:
-                    ok = False
-                    raise BadGateway(f"model '{engine.name}': the remote engine failed: {chunk.error}")
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                if chunk.text:
-                    chunks += 1
-                    text += chunk.text
+                *lines, buffer = (buffer + data).split(b"\n")
+                pieces: list[str] = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # comments (keep-alive), event names, blank separators
+                    try:
+                        chunk = wire.parse_event(line[5:])
+                    except ValueError:
+                        failure = f"model '{engine.name}': the remote engine sent an unreadable event"
+                        break
+                    if chunk is None:
+                        done = True
+                        break
+                    if chunk.error is not None:
+                        failure = f"model '{engine.name}': the remote engine failed: {chunk.error}"
+                        break
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        finish = chunk.finish_reason
+                    if chunk.text:
+                        chunks += 1
+                        pieces.append(chunk.text)
+                        if looping:
+                            text += chunk.text
+                            if _looping(text, looping):
+                                finish, done = "stop", True
+                                break
+                if pieces:
                     if self._first_at is None:
                         self._first_at = time.monotonic()
-                    yield StreamDelta(chunk.text)
-                    if self.params.max_repeat and _looping(text, self.params.max_repeat):
-                        finish = "stop"
-                        break
+                    last = len(pieces) - 1
+                    for i, piece in enumerate(pieces):  # the last one waits for no read when the end follows
+                        yield StreamDelta(piece, more=i < last or done)
+                if failure is not None:
+                    ok = False
+                    raise BadGateway(failure)
             if usage is None:  # the remote gave none: count
                 usage = (wire.count_tokens(self.prompt.prompt_text), chunks)
             self.finish_reason, self.usage = finish or "stop", Usage(*usage)

@@ -55,11 +55,14 @@ class Usage:
 @dataclass(frozen=True)
 class StreamDelta:
     """A piece of a streamed reply. ``text`` is always whole UTF-8 characters (may be empty);
-    the last delta has ``finish_reason`` ("stop" | "length") and ``usage`` set."""
+    the last delta has ``finish_reason`` ("stop" | "length") and ``usage`` set. ``more``: the
+    next delta is already at hand (a remote sent several events in one read), so a writer may hold
+    this one back and send both in one write."""
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    more: bool = False
 
 
 @dataclass(frozen=True)

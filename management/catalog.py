@@ -93,9 +93,12 @@ class ModelCatalog:
         signature = await self.db.run(models_repo.signature)
         if signature == self._signature:
             return []
-        records = await self.db.run(models_repo.list_all)
         removed = []
         async with self._lock:
+            # Read under the lock that this replica's own create, update and delete hold: a snapshot
+            # read before a local delete finished would bring the deleted model back.
+            signature = await self.db.run(models_repo.signature)
+            records = await self.db.run(models_repo.list_all)
             wanted = {rec.name: rec for rec in records}
             for entry in list(self.registry.entries()):
                 rec = wanted.get(entry.id)

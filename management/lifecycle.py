@@ -2,7 +2,9 @@
 
 The desired state (what the operator asked to run, persisted) is kept apart from the observed
 state (the manager's: loaded, loading, failed). At start-up the two are reconciled: models that
-were running are started again, stopped ones are held. A failure shows as ``error`` with its
+were running are started again, stopped ones are held. Replicas on one database follow each
+other: a start or stop accepted by one is stored, and the others read it at their next registry
+refresh (``follow``) and start or stop their own copy. A failure shows as ``error`` with its
 reason, never as a crash. Tasks run on the event loop, owned by the app's lifespan.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Lifecycle:
         self._transition: dict[str, str] = {}    # name -> "starting" | "stopping" while a task runs
         self._pending: dict[str, int] = {}       # tasks queued or running per model
         self._locks: dict[str, asyncio.Lock] = {}
+        self._accepting: dict[str, int] = {}     # our own desired-state writes in flight (follow skips them)
         self._tasks: set[asyncio.Task] = set()
         self.events = events                      # MODEL_STATUS is published on every status change
         self._announced: dict[str, str] = {}
@@ -118,15 +121,42 @@ class Lifecycle:
         # The desired state is committed with the task, before the 202: a kill right after it still
         # restarts (or keeps stopped) the model as the last accepted request asked.
         desired = "stopped" if action == "stop" else "running"
-        await self.db.run(_accept, task_id, name, action, desired)
-        self.desired[name] = desired
+        self._accepting[name] = self._accepting.get(name, 0) + 1
+        try:
+            await self.db.run(_accept, task_id, name, action, desired)
+            self.desired[name] = desired
+        finally:
+            self._accepting[name] -= 1
+            if not self._accepting[name]:
+                del self._accepting[name]
+        self._queue(task_id, name, action, force, timeout)
+        return task_id
+
+    async def follow(self) -> list[str]:
+        """Start or stop here what another replica sharing the database was asked to start or stop
+        (its desired state, stored with its task). Returns the models acted on. Called by the
+        registry refresh; an action of ours still being written or run is never undone here."""
+        stored = await self.db.run(models_repo.desired_states)
+        acted = []
+        for name, desired in stored.items():
+            if (self.desired.get(name) == desired or name not in self.manager.registry
+                    or name in self._accepting or name in self._pending):
+                continue
+            self.desired[name] = desired
+            action = "stop" if desired == "stopped" else "start"
+            self.logbook.info(name, f"{'stopped' if action == 'stop' else 'started'} through another replica: "
+                                    f"{'stopping' if action == 'stop' else 'starting'} here too")
+            self._queue(None, name, action, False, None)
+            acted.append(name)
+        return acted
+
+    def _queue(self, task_id: str | None, name: str, action: str, force: bool, timeout: float | None) -> None:
         self._pending[name] = self._pending.get(name, 0) + 1
         self._transition[name] = "stopping" if action in ("stop", "restart") else "starting"
         self._announce(name)
         task = asyncio.create_task(self._run(task_id, name, action, force, timeout), name=f"{action}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._done)
-        return task_id
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -139,11 +169,13 @@ class Lifecycle:
             raise NotFound(f"task '{task_id[:64]}' not found", param="task_id", code="TASK_NOT_FOUND")
         return rec
 
-    async def _run(self, task_id: str, name: str, action: str, force: bool, timeout: float | None) -> None:
+    async def _run(self, task_id: str | None, name: str, action: str, force: bool, timeout: float | None) -> None:
+        """One action under the model's lock; ``task_id`` None: following another replica (no task record)."""
         lock = self._locks.setdefault(name, asyncio.Lock())
+        mark = self._mark if task_id is not None else _no_mark
         try:
             async with lock:
-                await self.db.run(tasks_repo.mark, task_id, "running")
+                await mark(task_id, "running")
                 try:
                     if action in ("stop", "restart"):
                         self._transition[name] = "stopping"
@@ -156,22 +188,24 @@ class Lifecycle:
                 except ChatVLMError as exc:
                     self._errors[name] = exc.message
                     self.logbook.error(name, f"{action} failed ({exc.code}): {exc.message}")
-                    await self.db.run(tasks_repo.mark, task_id, "failed", error=exc.message, error_code=exc.code)
+                    await mark(task_id, "failed", error=exc.message, error_code=exc.code)
                     return
                 except Exception:  # noqa: BLE001 - a bug fails this task only, logged with its traceback
                     log.exception("%s of %s failed", action, name)
                     self._errors[name] = "internal error (see the server log)"
                     self.logbook.error(name, f"{action} failed: internal error")
-                    await self.db.run(tasks_repo.mark, task_id, "failed", error="internal error",
-                                      error_code="INTERNAL_ERROR")
+                    await mark(task_id, "failed", error="internal error", error_code="INTERNAL_ERROR")
                     return
-                await self.db.run(tasks_repo.mark, task_id, "succeeded")
+                await mark(task_id, "succeeded")
         finally:
             self._pending[name] -= 1
             if not self._pending[name]:
                 self._pending.pop(name, None)
                 self._transition.pop(name, None)
             self._announce(name)
+
+    async def _mark(self, task_id: str, status: str, **fields) -> None:
+        await self.db.run(tasks_repo.mark, task_id, status, **fields)
 
     async def _start(self, name: str, timeout: float) -> None:
         entry = self.manager.state(name).entry
@@ -213,6 +247,10 @@ class Lifecycle:
         self.events.publish(MODEL_STATUS, {"model_id": entry.meta.id if entry.meta else entry.id, "model_name": name,
                                            "status": st.status, "previous_status": previous, "health": st.health,
                                            "reason": st.reason})
+
+
+async def _no_mark(task_id: None, status: str, **fields) -> None:
+    """Following another replica: its task is the record; this replica's action only logs."""
 
 
 def _accept(s, task_id: str, name: str, action: str, desired: str) -> None:

@@ -74,13 +74,15 @@ class Management:
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
 
     async def _refresh_loop(self) -> None:
-        """Models and users created, changed or deleted through other replicas sharing the database show up here."""
+        """Models and users created, changed or deleted through other replicas sharing the database show up
+        here, and the models they started or stopped are started or stopped here too."""
         while True:
             await asyncio.sleep(self.settings.management.registry_refresh_s)
             try:
                 await self.identity.refresh()  # a user deleted elsewhere loses its tokens here too
                 for name in await self.catalog.refresh():
                     self.lifecycle.forget(name)
+                await self.lifecycle.follow()  # starts and stops accepted by other replicas
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a database hiccup: retried at the next turn

@@ -5,17 +5,23 @@ Requests pass a concurrency bound (``max_concurrency``), then wait in the model'
 (``max_queue``), then get 503. Each one goes to a healthy URL, least loaded first; a URL that
 cannot be reached is skipped before any byte is sent. Tokens pass straight through as the remote
 streams them. Leaving the handle closes the upstream connection, which stops the remote's work.
+
+Generation requests go through aiohttp (its C HTTP parser and its connection pool cost a fraction
+of httpx's per request and per streamed chunk: see docs/BENCHMARKS.md, remote engine, run 7); the
+health probes, a few requests a second, stay on httpx.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 
 from core.config import RemoteEngineConfig
@@ -29,6 +35,7 @@ from remote.pool import Backend, BackendPool
 log = logging.getLogger("chatvlm.remote")
 
 RETRY_AFTER = {"Retry-After": "1"}
+KEEPALIVE_S = 4.0
 # A remote's 401/403 means our api_key for it is wrong: the client did nothing wrong.
 _CREDENTIAL_STATUSES = (401, 403, 407)
 
@@ -44,11 +51,13 @@ class RemoteEngine:
         self.metrics = metrics
         self.context_length = None  # the remote's business; it refuses a prompt that is too long
         self._headers = {"Authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
+        self._post_headers = {**self._headers, "Content-Type": "application/json"}
         self._running = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None       # the health probes
+        self.session: aiohttp.ClientSession | None = None  # the generation requests
         self.pool: BackendPool | None = None
 
     # ---- lifecycle (the manager's) ---------------------------------------------------------
@@ -61,6 +70,13 @@ class RemoteEngine:
         limits = httpx.Limits(max_connections=self.cfg.max_concurrency + 2 * len(self.cfg.base_url),
                               max_keepalive_connections=self.cfg.max_concurrency)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+        # Idle connections are dropped before servers drop them (uvicorn, under vLLM, SGLang and
+        # transformers serve, closes them after 5 s): a request on one the server just closed fails.
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency + 2 * len(self.cfg.base_url), limit_per_host=0,
+                                         keepalive_timeout=KEEPALIVE_S)
+        self.session = aiohttp.ClientSession(
+            connector=connector, trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s, sock_read=self.cfg.timeout_s))
         self.pool = BackendPool(self.cfg.base_url, self.client, headers=self._headers,
                                 interval_s=self.cfg.health_interval_s, failure_threshold=self.cfg.failure_threshold,
                                 open_s=self.cfg.open_s, name=self.name)
@@ -88,6 +104,7 @@ class RemoteEngine:
                 fut.set_exception(ModelUnavailable(f"model '{self.name}' was unloaded", headers=RETRY_AFTER))
         await self.pool.stop()
         await self.client.aclose()
+        await self.session.close()
 
     # ---- what the generation service calls -------------------------------------------------
     @property
@@ -158,7 +175,7 @@ class RemoteHandle:
         self.cancel = cancel
         self._waiter = waiter
         self._has_slot = waiter is None
-        self._response: httpx.Response | None = None
+        self._response: aiohttp.ClientResponse | None = None
         self._backend: Backend | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
@@ -187,6 +204,7 @@ class RemoteHandle:
     async def _open(self) -> None:
         engine, pool = self.engine, self.engine.pool
         tried: set[str] = set()
+        stale_retry = True
         while True:
             backend = pool.acquire(tried)
             if backend is None:
@@ -194,28 +212,31 @@ class RemoteHandle:
                                          headers=RETRY_AFTER)
             tried.add(backend.url)
             self._backend = backend
-            request = engine.client.build_request("POST", backend.url + self.prompt.path, json=self.body,
-                                                  headers=engine._headers)
             try:
-                response = await engine.client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, httpx.ConnectTimeout):
-                    self._drop_backend(backend, down=True)
-                    continue
+                response = await engine.session.post(backend.url + self.prompt.path, data=self._payload(),
+                                                     headers=engine._post_headers, allow_redirects=False)
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError):
+                self._drop_backend(backend, down=True)  # never reached it: another URL may take it
+                continue
+            except aiohttp.ServerTimeoutError:
                 self._drop_backend(backend, ok=False)
                 raise GatewayTimeout(f"model '{engine.name}': the remote engine did not answer within "
                                      f"{engine.cfg.timeout_s:g} s") from None
-            except httpx.ConnectError:
-                self._drop_backend(backend, down=True)  # never reached it: another URL may take it
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) if stale_retry else ():
+                # Likely a kept-alive connection the server had just closed: once, the same URL
+                # again, without counting it against the URL.
+                stale_retry = False
+                self._drop_backend(backend, ok=None)
+                tried.discard(backend.url)
                 continue
-            except httpx.TransportError:
+            except aiohttp.ClientError:
                 self._drop_backend(backend, ok=False)  # the connection broke before any answer
                 continue
-            if response.status_code < 400:
+            if response.status < 400:
                 self._response = response
                 return
             raw = await _read_capped(response)
-            status = response.status_code
+            status = response.status
             message = wire.error_from_body(raw)
             if status >= 500 or status in _CREDENTIAL_STATUSES:
                 self._drop_backend(backend, ok=False if status >= 500 else None)
@@ -230,6 +251,9 @@ class RemoteHandle:
             headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
             raise RemoteRejected(status, message or f"the remote engine refused the request ({status})",
                                  code=_CODES.get(status, "REMOTE_REJECTED"), headers=headers)
+
+    def _payload(self) -> bytes:
+        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
 
     def _drop_backend(self, backend: Backend, ok: bool | None = None, down: bool = False) -> None:
         self.engine.pool.release(backend, None if down else ok)
@@ -262,66 +286,83 @@ class RemoteHandle:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[StreamDelta]:
+        # The body is read as it arrives and split into lines here: every event of one read is
+        # parsed before any is yielded, so all but the last go out with ``more`` (one write for all
+        # of them downstream).
         engine = self.engine
         chunks, text, usage, finish, ok = 0, "", None, None, None
-        lines = self._response.aiter_lines()
+        reads = self._response.content.iter_any()
+        buffer, done, failure = b"", False, None
+        looping = self.params.max_repeat
         try:
-            while True:
+            while not done:
                 if self.cancel.cancelled:
                     self.finish_reason = "cancelled"
                     return
                 try:
                     remaining = self._remaining()
                     if remaining is None or remaining > engine.cfg.timeout_s:
-                        line = await anext(lines)  # the read timeout (timeout_s) comes first anyway
+                        data = await anext(reads)  # the read timeout (timeout_s) comes first anyway
                     else:
                         async with asyncio.timeout(remaining):  # around the read only, never a yield
-                            line = await anext(lines)
+                            data = await anext(reads)
                 except StopAsyncIteration:
                     if finish is None:
                         ok = False
                         raise BadGateway(f"model '{engine.name}': the remote engine's stream ended early") from None
                     break
+                except aiohttp.ServerTimeoutError:  # the remote's silence (timeout_s), before the deadline below
+                    ok = False
+                    raise GatewayTimeout(f"model '{engine.name}': the remote engine stopped streaming for "
+                                         f"{engine.cfg.timeout_s:g} s") from None
                 except TimeoutError:  # the request's own deadline (the service says 504)
                     self.finish_reason = "cancelled"
                     self.cancel.cancel()
                     return
-                if not line.startswith("data:"):
-                    continue  # comments (keep-alive), event names, blank separators
-                try:
-                    chunk = wire.parse_event(line[5:].strip())
-                except ValueError:
-                    ok = False
-                    raise BadGateway(f"model '{engine.name}': the remote engine sent an unreadable event") from None
-                if chunk is None:
-                    break
-                if chunk.error is not None:
-                    ok = False
-                    raise BadGateway(f"model '{engine.name}': the remote engine failed: {chunk.error}")
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                if chunk.text:
-                    chunks += 1
-                    text += chunk.text
+                *lines, buffer = (buffer + data).split(b"\n")
+                pieces: list[str] = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # comments (keep-alive), event names, blank separators
+                    try:
+                        chunk = wire.parse_event(line[5:])
+                    except ValueError:
+                        failure = f"model '{engine.name}': the remote engine sent an unreadable event"
+                        break
+                    if chunk is None:
+                        done = True
+                        break
+                    if chunk.error is not None:
+                        failure = f"model '{engine.name}': the remote engine failed: {chunk.error}"
+                        break
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        finish = chunk.finish_reason
+                    if chunk.text:
+                        chunks += 1
+                        pieces.append(chunk.text)
+                        if looping:
+                            text += chunk.text
+                            if _looping(text, looping):
+                                finish, done = "stop", True
+                                break
+                if pieces:
                     if self._first_at is None:
                         self._first_at = time.monotonic()
-                    yield StreamDelta(chunk.text)
-                    if self.params.max_repeat and _looping(text, self.params.max_repeat):
-                        finish = "stop"
-                        break
+                    last = len(pieces) - 1
+                    for i, piece in enumerate(pieces):  # the last one waits for no read when the end follows
+                        yield StreamDelta(piece, more=i < last or done)
+                if failure is not None:
+                    ok = False
+                    raise BadGateway(failure)
             if usage is None:  # the remote gave none: count
                 usage = (wire.count_tokens(self.prompt.prompt_text), chunks)
             self.finish_reason, self.usage = finish or "stop", Usage(*usage)
             ok = True
             self._observe()
             yield StreamDelta("", self.finish_reason, self.usage)
-        except httpx.TimeoutException:
-            ok = False
-            raise GatewayTimeout(f"model '{engine.name}': the remote engine stopped streaming for "
-                                 f"{engine.cfg.timeout_s:g} s") from None
-        except httpx.HTTPError:
+        except aiohttp.ClientError:
             ok = False
             if engine._stopping:
                 raise ModelUnavailable(f"model '{engine.name}' was unloaded", headers=RETRY_AFTER) from None
@@ -332,7 +373,10 @@ class RemoteHandle:
                 self._observe(chunks)
             elif ok is False:
                 self._observe(chunks, "error")
-            await self._response.aclose()  # an unfinished stream closes the connection: the remote stops
+            if ok:
+                self._response.release()  # the connection is reused only when its body was read to the end
+            else:
+                self._response.close()  # an unfinished stream closes the connection: the remote stops
             self._finish_request(ok)
 
     def _observe(self, chunks: int | None = None, reason: str | None = None) -> None:
@@ -350,18 +394,19 @@ _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 408: "REQUEST_TIMEOUT", 409: "CO
 MAX_ERROR_BYTES = 16 * 1024
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     """At most MAX_ERROR_BYTES of an error body, then the connection is closed."""
     raw = b""
     try:
-        async for part in response.aiter_bytes():
-            raw += part
-            if len(raw) >= MAX_ERROR_BYTES:
+        while len(raw) < MAX_ERROR_BYTES:
+            part = await response.content.read(MAX_ERROR_BYTES - len(raw))
+            if not part:
                 break
-    except httpx.HTTPError:
+            raw += part
+    except (aiohttp.ClientError, TimeoutError):
         pass
     finally:
-        await response.aclose()
+        response.close()
     return raw[:MAX_ERROR_BYTES]
 
 

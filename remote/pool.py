@@ -23,6 +23,7 @@ class Backend:
     healthy: bool = True      # optimistic until the first probe answers
     circuit: str = CLOSED
     failures: int = 0         # failures in a row (requests and probes)
+    probe_failures: int = 0   # failed probes in a row
     opened_at: float = 0.0
     inflight: int = 0
     trial: bool = False       # a half-open trial request is out
@@ -124,8 +125,18 @@ class BackendPool:
                 log.exception("remote %s: health probe failed", self.name)
 
     async def _probe(self, backend: Backend) -> None:
-        """/health first; a server without it (or failing it) is asked for /v1/models."""
-        ok = await self._get_ok(backend.url + "/health") or await self._get_ok(backend.url + "/v1/models")
+        """/health first; a server without it (or failing it) is asked for /v1/models. A refused
+        connection marks the URL unhealthy at once; a slow or failing answer only after
+        ``failure_threshold`` probes in a row (a busy server is not a dead one)."""
+        answer = await self._get(backend.url + "/health")
+        if answer is not True:
+            second = await self._get(backend.url + "/v1/models")
+            answer = True if second is True else (None if None in (answer, second) else False)
+        ok = answer is True
+        backend.probe_failures = 0 if ok else backend.probe_failures + 1
+        if not ok and answer is not None and backend.healthy and backend.probe_failures < self.failure_threshold:
+            self._failed(backend, "health probe")  # counted (the circuit may open), still probed as healthy
+            return
         if ok and not backend.healthy:
             log.info("remote %s: %s answers its health probe again", self.name, backend.url)
         if not ok and backend.healthy:
@@ -136,9 +147,12 @@ class BackendPool:
         elif not ok:
             self._failed(backend, "health probe")
 
-    async def _get_ok(self, url: str) -> bool:
+    async def _get(self, url: str) -> bool | None:
+        """True: a 2xx answer; False: another answer, or none in time; None: the connection was refused."""
         try:
             r = await self.client.get(url, headers=self.headers, timeout=min(2.0, self.interval_s))
             return r.status_code < 300
+        except httpx.ConnectError:
+            return None
         except httpx.HTTPError:
             return False

@@ -88,10 +88,11 @@ class Chunk:
     error: str | None = None              # an error event inside the stream
 
 
-def parse_event(data: str) -> Chunk | None:
-    """A ``data:`` payload of the stream (None for the [DONE] marker). Raises ValueError when it is
-    not the OpenAI chunk shape."""
-    if data.strip() == "[DONE]":
+def parse_event(data: str | bytes) -> Chunk | None:
+    """A ``data:`` payload of the stream, text or UTF-8 bytes (None for the [DONE] marker). Raises
+    ValueError when it is not the OpenAI chunk shape."""
+    data = data.strip()
+    if data == b"[DONE]" or data == "[DONE]":
         return None
     obj = json.loads(data)
     if not isinstance(obj, dict):

@@ -12,12 +12,18 @@ requests one after another (the overhead our hop adds when nothing queues).
     .venv/bin/python scripts/bench_remote.py                 # a tiny random-weight checkpoint
     .venv/bin/python scripts/bench_remote.py --model-path /path/to/SmolLM2-135M-Instruct --tokens 64
 
+With ``--compare-tree DIR`` (another checkout, e.g. ``git archive <commit> | tar -x -C DIR``), it
+measures the relay itself instead: the same clients through our server from DIR (A) and from this
+tree (B), both relaying to the one transformers serve, in ABBA rounds; printed per side: tok/s and
+the relaying server's CPU per streamed event, with the ratios B/A.
+
 Bounded loops, 127.0.0.1 only, every server stopped at the end.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -98,6 +104,8 @@ def main() -> None:
     parser.add_argument("--remote-threads", type=int, default=0,
                         help="OMP_NUM_THREADS of transformers serve (0: its default, every core); 1 leaves a core to "
                              "us and the clients, as a remote on its own machine would")
+    parser.add_argument("--compare-tree", type=Path,
+                        help="another checkout of this repository: compare its relay (A) with this tree's (B)")
     a = parser.parse_args()
 
     model_path = a.model_path
@@ -111,12 +119,9 @@ def main() -> None:
             "warning", "--continuous-batching", "--cb-max-memory-percent", "0.05", "--cb-max-batch-tokens", "2048"]
     tenv = {"OMP_NUM_THREADS": str(a.remote_threads)} if a.remote_threads else None
     with process_server(args, port, env=tenv) as tserve:
-        env = {**OFFLINE_ENV, "CHATVLM_MODELS__REMOTE__NAME": "transformers serve", "CHATVLM_MODELS__REMOTE__KIND": "remote",
-               "CHATVLM_MODELS__REMOTE__FRAMEWORK": "openai",
-               "CHATVLM_MODELS__REMOTE__REMOTE__BASE_URL": json.dumps([tserve]),
-               "CHATVLM_MODELS__REMOTE__REMOTE__REMOTE_MODEL": str(model_path),
-               "CHATVLM_MODELS__REMOTE__REMOTE__MAX_CONCURRENCY": str(a.clients * 2),
-               "CHATVLM_MODELS__REMOTE__MAX_QUEUE": str(a.clients * 4)}
+        if a.compare_tree:
+            return compare_trees(a, tserve, model_path)
+        env = _remote_env(a, tserve, model_path)
         with RemoteServer(models_dir=Path(tempfile.mkdtemp(prefix="bench-remote-empty-")), env=env) as ours:
             direct, through = (tserve, str(model_path)), (ours.url, "remote")
             print(f"model: {model_path}; {a.clients} clients x {a.per_client} requests x {a.tokens} tokens, "
@@ -149,6 +154,47 @@ def main() -> None:
           f"({cpu_front / max(events, 1) * 1e6:.0f} us per event, HTTP handling included)")
     print(f"per-round ratios (through/direct): "
           + ", ".join(f"{t_ / d_:.2f}" for d_, t_ in zip(tps["direct"], tps["through"])))
+
+
+def _remote_env(a, tserve: str, model_path: Path) -> dict[str, str]:
+    return {**OFFLINE_ENV, "CHATVLM_MODELS__REMOTE__NAME": "transformers serve", "CHATVLM_MODELS__REMOTE__KIND": "remote",
+            "CHATVLM_MODELS__REMOTE__FRAMEWORK": "openai", "CHATVLM_MODELS__REMOTE__REMOTE__BASE_URL": json.dumps([tserve]),
+            "CHATVLM_MODELS__REMOTE__REMOTE__REMOTE_MODEL": str(model_path),
+            "CHATVLM_MODELS__REMOTE__REMOTE__MAX_CONCURRENCY": str(a.clients * 2),
+            "CHATVLM_MODELS__REMOTE__MAX_QUEUE": str(a.clients * 4), "CHATVLM_SERVER__LOG_LEVEL": "warning"}
+
+
+def compare_trees(a, tserve: str, model_path: Path) -> None:
+    """Relay A (``--compare-tree``) against relay B (this tree), same clients, same remote, ABBA rounds."""
+    with contextlib.ExitStack() as stack:
+        relays = {}
+        for label, tree in (("A", a.compare_tree.resolve()), ("B", ROOT)):
+            port = free_port()
+            env = {**_remote_env(a, tserve, model_path), "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix=f"bench-{label}-")}
+            url = stack.enter_context(process_server(
+                [sys.executable, str(tree / "api.py"), "--host", "127.0.0.1", "--port", str(port), "--models-dir",
+                 tempfile.mkdtemp(prefix="bench-remote-empty-")], port, env=env, cwd=tree))
+            proc = next(c for c in psutil.Process().children() if f"--port {port}" in " ".join(c.cmdline()))
+            relays[label] = (url, proc)
+            asyncio.run(concurrent(url, "remote", 4, 1, 8))  # warm-up (the first also loads the remote's model)
+        print(f"A: {a.compare_tree}, B: {ROOT}; {a.clients} clients x {a.per_client} requests x {a.tokens} tokens, "
+              f"{a.rounds} rounds", flush=True)
+        tps = {"A": [], "B": []}
+        cpu, events = {"A": 0.0, "B": 0.0}, {"A": 0, "B": 0}
+        for r in range(a.rounds):
+            for label in ("AB" if r % 2 == 0 else "BA"):
+                url, proc = relays[label]
+                before = _cpu(proc)
+                rate, _, n = asyncio.run(concurrent(url, "remote", a.clients, a.per_client, a.tokens))
+                cpu[label] += _cpu(proc) - before
+                events[label] += n
+                tps[label].append(rate)
+                print(f"  round {r + 1} {label}: {rate:7.1f} tok/s", flush=True)
+    us = {k: cpu[k] / max(events[k], 1) * 1e6 for k in cpu}
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    for k in "AB":
+        print(f"relay {k}: {med[k]:.1f} tok/s, {us[k]:.0f} us of CPU per streamed event ({events[k]} events)")
+    print(f"B/A: tok/s {med['B'] / med['A']:.3f}, CPU per event {us['B'] / us['A']:.3f}")
 
 
 def _cpu(proc) -> float:

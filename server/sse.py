@@ -39,12 +39,16 @@ def sse_response(deltas: AsyncIterator[StreamDelta], *, on_delta: Callable[[Stre
     shutdown = anyio.Event()  # set by sse-starlette when the server begins to shut down
     stop_at: float | None = None
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[bytes]:
         nonlocal stop_at
+        held: list[bytes] = []  # events of deltas that said more follows: sent with the next one, in one write
         try:
             async for delta in deltas:
                 for data in on_delta(delta):
-                    yield _event(data)
+                    held.append(_encode(data))
+                if held and not (delta.more or delta.finish_reason):  # the end marker follows a finish
+                    yield b"".join(held)
+                    held.clear()
                 if shutdown.is_set():  # SIGTERM: finish if there is time, else end the stream properly
                     stop_at = stop_at or time.monotonic() + max(0.0, drain_s - END_MARGIN_S)
                     if time.monotonic() >= stop_at:
@@ -52,24 +56,28 @@ def sse_response(deltas: AsyncIterator[StreamDelta], *, on_delta: Callable[[Stre
                                                headers={"Retry-After": "5"})
         except ChatVLMError as exc:
             request_context.note_failure(exc.status_code)
-            for data in on_error(exc):
-                yield _event(data)
+            held.extend(_encode(data) for data in on_error(exc))
         except Exception:  # noqa: BLE001 - a bug mid-stream: say so, then end the stream properly
             log.exception("generation failed mid-stream")
             request_context.note_failure(500)
-            for data in on_error(ServerError("internal error during generation")):
-                yield _event(data)
+            held.extend(_encode(data) for data in on_error(ServerError("internal error during generation")))
         finally:
             await deltas.aclose()
-        for data in end():
-            yield _event(data)
+        held.extend(_encode(data) for data in end())
+        if held:  # never an empty chunk: in chunked encoding it would end the response
+            yield b"".join(held)
 
     return EventSourceResponse(events(), ping=KEEPALIVE_S, sep=SEP, headers=headers,
                                shutdown_event=shutdown, shutdown_grace_period=max(drain_s, END_MARGIN_S),
                                ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep=SEP))
 
 
-def _event(data: Any) -> ServerSentEvent:
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one encoder, not one per event
+
+
+def _encode(data: Any) -> bytes:
+    """One event's bytes: a dict as JSON on one ``data:`` line (JSON escapes line breaks), other
+    data through sse-starlette's encoder (a line break in it starts a new ``data:`` line)."""
     if isinstance(data, dict):
-        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return ServerSentEvent(data=data, sep=SEP)
+        return ("data: " + _JSON.encode(data) + SEP + SEP).encode()
+    return ServerSentEvent(data=data, sep=SEP).encode()

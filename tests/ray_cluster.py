@@ -22,9 +22,11 @@ from tests.server_process import ROOT, free_port
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 
 
-def ray_bin() -> str | None:
-    found = Path(sys.executable).parent / "ray"
-    return str(found) if found.exists() else shutil.which("ray")
+def ray_cli(module: str = "ray.scripts.scripts") -> list[str]:
+    """The ``ray`` (or, with ``ray.serve.scripts``, the ``serve``) command of this interpreter. Run as
+    a module: a console script's first line names the interpreter of the venv it was installed in,
+    which breaks when the venv is moved or shared."""
+    return [sys.executable, "-m", module]
 
 
 def _ports(*flags: str) -> list[str]:
@@ -47,12 +49,13 @@ class RayCluster:
                             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                             "--runtime-env-agent-port")]
 
-        ray = ray_bin() or "ray"
+        ray = ray_cli()
+        self.client_port = free_port()  # Ray Client (ray://): how `serve run` reaches the cluster from outside
         # one temp dir per node: nodes on one machine must not share socket paths
-        head = [ray, "start", "--temp-dir", f"{self.temp}/h", "--head", "--node-ip-address", HEAD,
-                "--port", str(self.gcs_port), "--include-dashboard", "false", *_ports("--ray-client-server-port"),
-                *common()]
-        worker = [ray, "start", "--temp-dir", f"{self.temp}/w", "--node-ip-address", WORKER,
+        head = [*ray, "start", "--temp-dir", f"{self.temp}/h", "--head", "--node-ip-address", HEAD,
+                "--port", str(self.gcs_port), "--include-dashboard", "false",
+                "--ray-client-server-port", str(self.client_port), *common()]
+        worker = [*ray, "start", "--temp-dir", f"{self.temp}/w", "--node-ip-address", WORKER,
                   "--address", self.address, *common()]
         self._logs = [Path(self.temp) / "head.out", Path(self.temp) / "worker.out"]
         # Both nodes under one launcher in one new session: one process group to stop, and one

@@ -3,23 +3,28 @@ throw-away PostgreSQL and Redis, reached through Ray Serve's HTTP proxy: both an
 created through one is served by the other; a job started through one is read through the
 other (SSE through the proxy); WebSocket frames pass the proxy; killing one replica's actor
 fails only the requests it held (5xx, never a hang) while the other keeps serving; one client's
-rate limit holds across the replicas. Everything is stopped at the end."""
+rate limit holds across the replicas. Then the shipped YAML config deploys a second application
+on the same cluster with the real `serve run deploy/ray_serve.yaml`, which answers through the
+proxy. Everything is stopped at the end."""
 from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from PIL import Image, ImageDraw, ImageFont
 
 from scripts.make_doc_pages import scanned_pdf
 from tests.e2e.management_api import ADMIN_PASSWORD, token
-from tests.server_process import free_port
+from tests.server_process import ROOT, free_port
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (requirements.txt)")
 RPM = 600
@@ -40,11 +45,8 @@ def png(img: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def serve_url(postgres_cluster, redis_server, tmp_path_factory):
-    from ray import serve
-
-    from deploy.ray_serve import build_app
-    from tests.ray_cluster import HEAD, RayCluster
+def cluster(postgres_cluster, redis_server, tmp_path_factory):
+    from tests.ray_cluster import RayCluster
 
     env = {"CHATVLM_DATABASE__URL": postgres_cluster.new_database(), "CHATVLM_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "CHATVLM_MANAGEMENT__JWT_SECRET": "j" * 48, "CHATVLM_MANAGEMENT__REGISTRY_REFRESH_S": "0.5",
@@ -53,6 +55,19 @@ def serve_url(postgres_cluster, redis_server, tmp_path_factory):
            "CHATVLM_MODELS_DIR": str(tmp_path_factory.mktemp("weights")), "CHATVLM_SERVER__LOG_LEVEL": "warning",
            "OMP_NUM_THREADS": "1"}
     cluster = RayCluster(env)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def serve_url(cluster):
+    from ray import serve
+
+    from deploy.ray_serve import build_app
+    from tests.ray_cluster import HEAD
+
     try:
         ray.init(address=cluster.address, _node_ip_address=HEAD, logging_level="warning", log_to_driver=False)
         port = free_port()
@@ -71,11 +86,8 @@ def serve_url(postgres_cluster, redis_server, tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            cluster.stop()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +204,53 @@ def test_cluster(serve_url, page_png):
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert len(seen) == 2 and sum(map(len, seen.values())) < RPM  # both counted into one window
     assert requests.get(url + "/models", timeout=10).status_code == 429
+
+
+def serve_config(path: Path, proxy_port: int) -> Path:
+    """deploy/ray_serve.yaml as shipped, with only what a test on a running cluster must change: the
+    proxy where the cluster's is (the head's loopback address), a name and route of its own beside
+    the application already there, one replica of half a CPU (what the nodes have left). The
+    example's runtime_env (its database and Redis) is dropped: the nodes carry the test's settings
+    in their environment, which replicas inherit."""
+    from tests.ray_cluster import HEAD
+
+    cfg = yaml.safe_load((ROOT / "deploy" / "ray_serve.yaml").read_text())
+    cfg["proxy_location"] = "HeadOnly"
+    cfg["http_options"] = {**cfg["http_options"], "host": HEAD, "port": proxy_port}
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "deploy.ray_serve:build_app"
+    args = {k: v for k, v in app["args"].items() if k not in ("min_replicas", "max_replicas", "target_ongoing_requests")}
+    app.update(name="chatvlm-yaml", route_prefix="/yaml", args={**args, "replicas": 1, "num_cpus": 0.5})
+    app.pop("runtime_env", None)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_serve_run_with_the_yaml_config(cluster, serve_url, tmp_path):
+    """`serve run deploy/ray_serve.yaml` (the real CLI, reaching the cluster through Ray Client) deploys
+    the application the config describes; it answers through the proxy, with its replica id."""
+    from ray import serve
+
+    from tests.ray_cluster import HEAD, ray_cli
+
+    config = serve_config(tmp_path / "ray_serve.yaml", int(serve_url.rsplit(":", 1)[1]))
+    run = subprocess.run([*ray_cli("ray.serve.scripts"), "run", "--non-blocking", "--address",
+                          f"ray://{HEAD}:{cluster.client_port}", str(config)], cwd=ROOT, env=cluster.env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                r = requests.get(serve_url + "/yaml/health", timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < end, "the application from the YAML config did not answer"
+            time.sleep(0.5)
+        # its own replica (the rate limit test above used up this client's budget: /health is exempt)
+        assert r.headers["x-replica-id"] not in {replica(requests.get(serve_url + "/health", timeout=10))
+                                                 for _ in range(10)}
+    finally:
+        serve.delete("chatvlm-yaml")

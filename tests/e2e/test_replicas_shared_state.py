@@ -1,6 +1,7 @@
 """Two real server processes sharing one PostgreSQL database and one Redis, as replicas do: a model
 created through one is served by the other, a job started through one is read, streamed and
-cancelled through the other, and a client's rate limit is one limit across both."""
+cancelled through the other, a model started or stopped through one is started or stopped on the
+other, and a client's rate limit is one limit across both."""
 from __future__ import annotations
 
 import io
@@ -115,3 +116,23 @@ def test_a_user_deleted_through_one_loses_its_token_on_the_other(replicas):
     until(lambda: requests.get(b.url + "/api/users/me", headers=bearer, timeout=10).status_code == 200)
     assert admin_a.delete("/api/users/roamer").status_code in (200, 204)
     until(lambda: requests.get(b.url + "/api/users/me", headers=bearer, timeout=10).status_code == 401)
+
+
+def test_a_start_or_stop_through_one_is_followed_by_the_other(replicas, pages):
+    """The desired state is shared: a model started through one replica loads on the other at its next
+    registry refresh (no request needed), and one stopped through the other stops on the first and
+    stays stopped there (503 MODEL_NOT_RUNNING, no lazy load)."""
+    a, b = replicas
+    api_a, api_b = Api(a.url), Api(b.url)
+    assert api_a.post("/api/models", json={"name": "follow-ocr", "framework": "rapidocr"}).status_code == 201
+    until(lambda: api_b.get("/api/models/follow-ocr").status_code == 200)
+    assert api_b.get("/api/models/follow-ocr").json()["status"] == "created"
+    assert api_a.post("/api/models/follow-ocr/start").status_code == 202
+    until(lambda: api_b.get("/api/models/follow-ocr").json()["status"] == "running", 120)
+    assert "follow-ocr" in requests.get(b.url + "/health", timeout=10).json()["loaded_models"]
+    assert api_b.post("/api/models/follow-ocr/stop").status_code == 202
+    until(lambda: api_a.get("/api/models/follow-ocr").json()["status"] == "stopped", 60)
+    assert "follow-ocr" not in requests.get(a.url + "/health", timeout=10).json()["loaded_models"]
+    r = requests.post(a.url + "/ocr", files={"file": ("p.png", png(pages[0]))}, data={"model": "follow-ocr"}, timeout=60)
+    assert r.status_code == 503 and r.json()["code"] == "MODEL_NOT_RUNNING", r.text
+    assert api_a.delete("/api/models/follow-ocr").status_code in (200, 204)

@@ -304,3 +304,41 @@ def test_v1_models_load_unload(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "MODEL_NOT_FOUND"
     r = client.post("/api/v1/models/absent/load")
     assert r.status_code == 503 and r.json()["error"]["code"] == "MODEL_NOT_INSTALLED"
+
+
+def test_deltas_that_say_more_follows_leave_in_one_write():
+    """Events a remote sent in one read (``more``) leave in one body message, still one SSE event each;
+    the finish and the end marker leave together."""
+    import asyncio
+
+    async def deltas():
+        yield StreamDelta("a", more=True)
+        yield StreamDelta("b", more=True)
+        yield StreamDelta("c")
+        yield StreamDelta("d")
+        yield StreamDelta("", "stop", Usage(1, 4))
+
+    from server.schemas.openai_responses import ChatChunks
+
+    s = ChatChunks("m", include_usage=True)
+    response = sse_response(deltas(), on_delta=s.on_delta, on_error=s.on_error, end=s.end)
+    bodies: list[str] = []
+
+    async def receive():
+        await asyncio.sleep(3600)  # the client stays: sse-starlette cancels this when the stream ends
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            bodies.append(message["body"].decode())
+
+    asyncio.run(response({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send))
+    events = [sse_events(b) for b in bodies]
+    assert [len(e) for e in events] == [4, 1, 3], bodies  # the first carries the role chunk too
+
+    def content(event: str) -> str:
+        return json.loads(event)["choices"][0]["delta"].get("content", "")
+
+    assert [content(e) for e in events[0]] == ["", "a", "b", "c"] and content(events[1][0]) == "d"
+    assert json.loads(events[2][0])["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(events[2][1])["usage"]["completion_tokens"] == 4 and events[2][2] == "[DONE]"

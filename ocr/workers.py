@@ -180,9 +180,12 @@ class WorkerPool:
                     raise ModelUnavailable(f"model '{self.name}' has no worker process left; reload it",
                                            headers={"Retry-After": "1"})
             try:
-                return self._idle.get(timeout=_POLL_S)
+                worker = self._idle.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
+            if worker.proc.poll() is None:
+                return worker
+            self._replace(worker, "it died while idle")  # no request was on it: try another
 
     def _release(self, worker: _Worker) -> None:
         with self._lock:

@@ -162,3 +162,22 @@ def test_cli_interrupted_leaves_no_worker(tmp_path, sig) -> None:
             proc.kill()
             proc.wait()
     _wait_none(mark, 10)
+
+
+def test_deadline_gives_504_at_once_and_the_workers_stay(tmp_path) -> None:
+    """A page that cannot be read within limits.request_timeout_s: 504 at the deadline, not when
+    the worker is done; the worker finishes the page in the background and stays in the pool."""
+    mark = uuid.uuid4().hex
+    env = {MARK: mark, "CHATVLM_LIMITS__REQUEST_TIMEOUT_S": "0.5", "CHATVLM_MANAGER__PRELOAD": '["rapidocr"]'}
+    with RemoteServer(models_dir=tmp_path / "no-weights", env=env) as server:
+        deadline = time.monotonic() + 120
+        while len(_workers(mark)) < 2:  # the preload is under way (the server answers /health meanwhile)
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.1)
+        pids = {p.pid for p in _workers(mark)}
+        started = time.monotonic()
+        r = _ocr(server, _big_page())
+        took = time.monotonic() - started
+        assert r.status_code == 504, r.text
+        assert took < 5, took
+        assert {p.pid for p in _workers(mark)} == pids

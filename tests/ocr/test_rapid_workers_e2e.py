@@ -181,3 +181,34 @@ def test_deadline_gives_504_at_once_and_the_workers_stay(tmp_path) -> None:
         assert r.status_code == 504, r.text
         assert took < 5, took
         assert {p.pid for p in _workers(mark)} == pids
+
+
+def test_doc_cpu_answers_the_same_with_thread_and_process_workers(tmp_path) -> None:
+    """The document pipeline reads through manager.run(rapidocr, "ocr", ...): its Markdown and
+    JSON (blocks, categories, boxes) are the same whichever way RapidOCR runs."""
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from core.config import load_settings
+    from server.app import create_app
+    from scripts.make_doc_pages import draw_png, make_page
+
+    page = _png(draw_png(make_page(0, "en", two_column=True, seed=101)))
+    answers = {}
+    for mode in ("thread", "process"):
+        data = yaml.safe_load((ROOT / "config.yaml").read_text())
+        data["models"]["rapidocr"]["options"]["workers"] = mode
+        config = tmp_path / f"{mode}.yaml"
+        config.write_text(yaml.safe_dump(data))
+        settings = load_settings(config, models_dir=tmp_path / "no-weights", data_dir=tmp_path / mode)
+        with TestClient(create_app(settings)) as client:
+            for fmt in ("json", "markdown"):
+                r = client.post("/ocr", files={"file": ("page.png", page)},
+                                data={"model": "doc_cpu", "format": fmt})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                body.pop("processing_time", None)
+                answers[(mode, fmt)] = body
+    assert answers[("thread", "json")]["blocks"]
+    assert answers[("thread", "json")] == answers[("process", "json")]
+    assert answers[("thread", "markdown")] == answers[("process", "markdown")]

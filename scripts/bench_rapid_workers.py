@@ -4,7 +4,9 @@ measured side by side in one run (rounds interleaved, so a busy moment hits ever
 Both adapters are loaded at once (concurrency 2, 1 onnxruntime thread per call, as config.yaml)
 and read the same images (samples/, cycled). Prints the images per second of each configuration,
 the ratios that matter (2 callers against 1 in each mode; process against thread at 2 callers),
-and the resident memory of each worker process.
+the resident memory of each worker process, and how one call's CPU time splits between
+onnxruntime's ``run`` (which releases the GIL) and the rest (Python, numpy, OpenCV), measured
+in thread CPU time so that other processes on the machine do not change it.
 
     .venv/bin/python scripts/bench_rapid_workers.py [--images 28] [--rounds 3]
 """
@@ -48,6 +50,42 @@ def read_all(adapter: RapidOcrAdapter, images: list[Image.Image], n: int, caller
     return time.perf_counter() - started
 
 
+class _OrtClock:
+    """Thread CPU time spent inside ``onnxruntime.InferenceSession.run`` (patched while it counts)."""
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        self.seconds = 0.0
+        self._cls = onnxruntime.InferenceSession
+        self._orig = self._cls.run
+
+    def __enter__(self) -> "_OrtClock":
+        orig, clock = self._orig, self
+
+        def run(session, *a, **k):
+            t = time.thread_time()
+            try:
+                return orig(session, *a, **k)
+            finally:
+                clock.seconds += time.thread_time() - t
+
+        self._cls.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cls.run = self._orig
+
+
+def onnx_share(adapter: RapidOcrAdapter, images: list[Image.Image]) -> tuple[float, float]:
+    """(CPU s in onnxruntime, CPU s in all) over one pass of the images, in this thread."""
+    with _OrtClock() as clock:
+        started = time.thread_time()
+        for image in images:
+            adapter.ocr(image, OcrOptions(), CancelToken())
+        return clock.seconds, time.thread_time() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=28)
@@ -79,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"process {rate[('process', 2)] / rate[('process', 1)]:.2f}x")
             print(f"process against thread, 2 callers: {rate[('process', 2)] / rate[('thread', 2)]:.2f}x; "
                   f"1 caller: {rate[('process', 1)] / rate[('thread', 1)]:.2f}x")
+            in_ort, total = onnx_share(adapters["thread"], images * 2)
+            print(f"one call's CPU time (thread mode, {2 * len(images)} calls): {total:.2f} s, of which "
+                  f"onnxruntime run {in_ort / total:.0%}, the rest (Python, numpy, OpenCV) {1 - in_ort / total:.0%}")
             pool = adapters["process"].worker_pool
             assert pool is not None
             print("worker RSS: " + ", ".join(f"pid {pid} {rss / 2**20:.0f} MB" for pid, rss in pool.rss_bytes().items()))

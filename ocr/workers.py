@@ -15,7 +15,8 @@ What a caller can rely on:
   ``ModelUnavailable`` (503, Retry-After) at once, and is replaced in the background.
 - ``close`` stops every worker (a stop message, then SIGKILL after a short wait). A worker whose
   parent is gone exits by itself: its socket reaches EOF, and a watchdog notices the new parent
-  even while it is busy.
+  even while it is busy. Workers ignore SIGINT and SIGTERM sent to the whole process group (a
+  terminal's Ctrl-C, a service manager's stop): their parent decides when they stop.
 """
 from __future__ import annotations
 
@@ -299,7 +300,11 @@ def _child_main(fd: int) -> None:
     """Entry point of a worker: load the engine, then answer calls until told to stop or orphaned."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    # Ctrl-C reaches the whole process group, and a service manager may SIGTERM every process of
+    # the service: the parent stops its workers itself once its in-flight requests are done (a
+    # draining server still reads pages), and a worker whose parent is gone exits by itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     conn = Connection(fd)
     try:

@@ -204,6 +204,13 @@ def test_unload_stops_the_processes(tmp_path) -> None:
     a = _adapter(tmp_path, concurrency=2)
     pids = a.worker_pool.pids()
     assert len(pids) == 2
+    # A terminal's Ctrl-C or a service manager's SIGTERM to every process: the parent decides.
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert not any(_gone(pid) for pid in pids)
+    assert a.ocr(load_rgb("line_zh.png"), OcrOptions(), CancelToken()).blocks
     a.unload()
     assert a.worker_pool is None and a.memory_bytes() == 0
     assert all(_gone(pid) for pid in pids)

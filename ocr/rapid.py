@@ -19,6 +19,9 @@ model's ``options`` in config.yaml:
       box_thresh: 0.5          # detector box score threshold
       unclip_ratio: 1.6        # detector box growth
       log_level: error         # rapidocr's own logger
+      workers: process         # "process": each concurrent call in its own worker process
+                               # (ocr/workers.py); "thread": threads sharing one engine
+      worker_cancel_grace_s: 10   # a cancelled call's worker may finish its image this long
 
 Thread safety: one loaded ``RapidOCR`` object may be called from several threads at once.
 Its call path keeps no per-call state on shared objects as long as no per-call keyword
@@ -27,6 +30,12 @@ lazy model loaders are double-checked under locks (and warmed here at load), and
 onnxruntime's ``InferenceSession.run`` is thread-safe. Keep ``concurrency`` x
 ``intra_op_threads`` at or below the core count: on 2 cores, 2 concurrent calls with 2
 onnxruntime threads each was the slowest setup measured (onnxruntime's threads spin).
+
+Workers: with ``workers: process`` (the default) the adapter owns a pool of ``concurrency``
+long-lived processes (ocr/workers.py), each holding its own engine; a call sends the page's
+pixels to an idle one and gets the grouped blocks back. Two calls then share no GIL: the
+decoding, numpy and OpenCV work around the ONNX sessions runs truly side by side. Both modes
+run the same functions on the same pixels, so their blocks are identical.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ from core.errors import BadRequest, Cancelled, ModelLoadFailed, ModelNotInstalle
 from core.types import CancelToken, Capability, OcrBlock, OcrResult
 from models.adapter import InstallState, ModelSpec, OcrOptions
 from ocr.languages import parse_languages
+from ocr.workers import WorkerPool
 
 log = logging.getLogger("chatvlm.ocr.rapid")
 
@@ -68,6 +78,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "box_thresh": 0.5,
     "unclip_ratio": 1.6,
     "log_level": "error",
+    "workers": "process",
+    "worker_cancel_grace_s": 10.0,
 }
 
 # onnxruntime sessions, kernels and working buffers on top of the weights: the process
@@ -101,7 +113,8 @@ class RapidOcrAdapter:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self._engine: Any = None
+        self._engine: Any = None  # workers: thread
+        self._pool: WorkerPool | None = None  # workers: process
         self._model_bytes = 0
         self._lock = threading.Lock()  # load/unload only; inference runs unlocked
 
@@ -125,34 +138,55 @@ class RapidOcrAdapter:
 
     def load(self) -> None:
         with self._lock:
-            if self._engine is not None:
+            if self._engine is not None or self._pool is not None:
                 return
             state = self.check_installed(self.spec)
             if not state.installed:
                 raise ModelNotInstalled(f"model '{self.spec.id}' is not installed")
+            opts = _options(self.spec)
+            paths = _bundled_model_paths()
+            assert paths is not None
+            cache_dir = Path(self.spec.data_dir) / "rapidocr"
             try:
-                opts = _options(self.spec)
-                paths = _bundled_model_paths()
-                assert paths is not None
-                engine = _build_engine(opts, paths, Path(self.spec.data_dir) / "rapidocr")
-                _warm_up(engine)
+                if opts["workers"] == "process":
+                    pool = WorkerPool(self.spec.id, self.spec.concurrency, "ocr.rapid:_worker_init",
+                                      "ocr.rapid:_worker_read", (opts, paths, cache_dir, True),
+                                      cancel_grace_s=opts["worker_cancel_grace_s"])
+                    pool.start()
+                    self._pool = pool
+                else:
+                    self._engine = _worker_init(opts, paths, cache_dir)
+            except ModelLoadFailed as exc:
+                log.error("loading %s failed: %s", self.spec.id, exc.message)
+                raise
             except Exception:
                 log.exception("loading %s failed", self.spec.id)
                 raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
             used = ("det", "rec", "cls") if opts["use_cls"] else ("det", "rec")
             self._model_bytes = sum(paths[t].stat().st_size for t in used)
-            self._engine = engine
-            log.info("loaded %s (rapidocr, det limit %s=%s, cls %s, %s threads)", self.spec.id,
+            log.info("loaded %s (rapidocr, det limit %s=%s, cls %s, %s threads, %s workers)", self.spec.id,
                      opts["limit_type"], opts["limit_side_len"], "on" if opts["use_cls"] else "off",
-                     opts["intra_op_threads"])
+                     opts["intra_op_threads"], opts["workers"])
 
     def unload(self) -> None:
         with self._lock:
-            # Calls in flight keep their own reference and finish; the sessions go with the last one.
+            # Thread mode: calls in flight keep their own reference and finish; the sessions go
+            # with the last one. Process mode: the worker processes are stopped now.
+            pool, self._pool = self._pool, None
             self._engine = None
             self._model_bytes = 0
+        if pool is not None:
+            pool.close()
+
+    @property
+    def worker_pool(self) -> WorkerPool | None:
+        """The worker processes (``workers: process``), None in thread mode or when unloaded."""
+        return self._pool
 
     def memory_bytes(self) -> int:
+        pool = self._pool
+        if pool is not None:  # the engines live in the workers: their resident memory, measured
+            return sum(pool.rss_bytes().values())
         if self._engine is None:
             return 0
         return self._model_bytes + _RUNTIME_OVERHEAD_BYTES
@@ -168,22 +202,19 @@ class RapidOcrAdapter:
     # ---- inference ---------------------------------------------------------------
 
     def ocr(self, image: Image.Image, options: OcrOptions, cancel: CancelToken) -> OcrResult:
-        engine = self._engine
-        if engine is None:
+        engine, pool = self._engine, self._pool
+        if engine is None and pool is None:
             raise ModelUnavailable(f"model '{self.spec.id}' is not loaded")
         if not self.supports_language(options.language):
             raise BadRequest(f"model '{self.spec.id}' cannot read {options.language!r} text",
                              param="language", code="LANGUAGE_NOT_SUPPORTED")
         if cancel.cancelled:
             raise Cancelled("request cancelled")
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        bgr = _pad_thin(np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1]))
-        # No keyword arguments: rapidocr stores them on the shared engine (not thread-safe).
-        result = engine(bgr)
+        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        lines = pool.call(rgb, cancel) if pool is not None else _worker_read(engine, rgb)
         if cancel.cancelled:
             raise Cancelled("request cancelled")
-        blocks = _to_blocks(result, rgb.width, rgb.height)
-        return OcrResult(text=_join_lines(blocks), blocks=[b for line in blocks for b in line],
+        return OcrResult(text=_join_lines(lines), blocks=[b for line in lines for b in line],
                          model=self.spec.id)
 
 
@@ -207,6 +238,10 @@ def _options(spec: ModelSpec) -> dict[str, Any]:
     opts["use_cls"] = bool(opts["use_cls"])
     opts["intra_op_threads"] = int(opts["intra_op_threads"])
     opts["inter_op_threads"] = int(opts["inter_op_threads"])
+    opts["workers"] = str(opts["workers"]).lower()
+    if opts["workers"] not in ("process", "thread"):
+        raise ModelLoadFailed(f"model '{spec.id}': option workers must be 'process' or 'thread'")
+    opts["worker_cancel_grace_s"] = float(opts["worker_cancel_grace_s"])
     return opts
 
 
@@ -245,6 +280,24 @@ def _warm_up(engine: Any) -> None:
         font = ImageFont.load_default()
     draw.text((12, 12), "Warm up 123", font=font, fill="black")
     engine(np.ascontiguousarray(np.asarray(img)[:, :, ::-1]))
+
+
+def _worker_init(opts: dict[str, Any], paths: dict[str, Path], cache_dir: Path, own_process: bool = False) -> Any:
+    """A warmed-up engine (in a worker process, or in this one in thread mode)."""
+    if own_process:  # a worker is one of `concurrency` processes: OpenCV's own pool would oversubscribe
+        import cv2
+
+        cv2.setNumThreads(opts["intra_op_threads"])
+    engine = _build_engine(opts, paths, cache_dir)
+    _warm_up(engine)
+    return engine
+
+
+def _worker_read(engine: Any, rgb: np.ndarray) -> list[list[OcrBlock]]:
+    """One page's RGB pixels -> blocks grouped into lines (the same code in both modes)."""
+    bgr = _pad_thin(np.ascontiguousarray(rgb[:, :, ::-1]))
+    # No keyword arguments: rapidocr stores them on the shared engine (not thread-safe).
+    return _to_blocks(engine(bgr), rgb.shape[1], rgb.shape[0])
 
 
 # rapidocr rescales so that the longest side is <= 2000 px and rounds sides to multiples of

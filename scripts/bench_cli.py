@@ -7,7 +7,10 @@ server once (CPU engines only, warmed up, as a running server is), then times ea
 user runs it. For every configuration it reports the whole command (process start, in-process
 model load) and the run itself (the CLI's own "in X s", from the first file to the last).
 
-    .venv/bin/python scripts/bench_cli.py [--images 50] [--rounds 1]
+    .venv/bin/python scripts/bench_cli.py [--images 50] [--rounds 1] [--workers process|thread]
+
+``--workers`` sets RapidOCR's ``options.workers`` (config.yaml's value when omitted) for the
+server and the in-process CLI alike, through a copy of config.yaml.
 """
 from __future__ import annotations
 
@@ -38,6 +41,15 @@ def make_images(folder: Path, n: int) -> None:
             ImageOps.expand(im, border=4, fill=(shade, shade, shade)).save(folder / f"{i:03d}_{src.stem}.png")
 
 
+def write_config(path: Path, workers: str) -> None:
+    """config.yaml with RapidOCR's ``options.workers`` set."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    data["models"]["rapidocr"].setdefault("options", {})["workers"] = workers
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def run_cli(folder: Path, out: Path, extra: list[str], env: dict) -> tuple[float, float]:
     out.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -55,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=50)
     p.add_argument("--rounds", type=int, default=1, help="repeat every configuration, keep the median")
+    p.add_argument("--workers", choices=("process", "thread"), help="RapidOCR's options.workers")
     args = p.parse_args(argv)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         tmp = Path(tmp)
         folder = tmp / "images"
@@ -63,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         make_images(folder, args.images)
         weights = tmp / "weights"  # none: RapidOCR and Tesseract only, as `make run` on a fresh machine
         env = {**os.environ, "CHATVLM_DATA_DIR": str(tmp / "data"), "CHATVLM_SERVER__LOG_LEVEL": "warning"}
-        with RemoteServer(models_dir=weights, env={"CHATVLM_DATA_DIR": str(tmp / "data")}) as server:
+        config = ROOT / "config.yaml"
+        if args.workers:
+            config = tmp / "config.yaml"
+            write_config(config, args.workers)
+        with RemoteServer(models_dir=weights, config=config, env={"CHATVLM_DATA_DIR": str(tmp / "data")}) as server:
             import requests
 
             with open(folder / os.listdir(folder)[0], "rb") as f:  # warm: the server is already running
                 requests.post(server.url + "/ocr", files={"file": f}, params={"model": "rapidocr"}, timeout=120)
             configs = {
-                "in-process, concurrency 1": ["--models-dir", str(weights), "--concurrency", "1"],
-                "in-process, concurrency 2": ["--models-dir", str(weights), "--concurrency", "2"],
+                "in-process, concurrency 1": ["--config", str(config), "--models-dir", str(weights), "--concurrency", "1"],
+                "in-process, concurrency 2": ["--config", str(config), "--models-dir", str(weights), "--concurrency", "2"],
                 "--server,   concurrency 1": ["--server", server.url, "--concurrency", "1"],
                 "--server,   concurrency 2": ["--server", server.url, "--concurrency", "2"],
             }
@@ -80,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[name].append(run_cli(folder, tmp / "out.jsonl", extra, env))
         med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
     n = args.images
-    print(f"chatvlm ocr over {n} images, RapidOCR, {os.cpu_count()} cores, {args.rounds} round(s), median")
+    print(f"chatvlm ocr over {n} images, RapidOCR (workers: {args.workers or 'as config.yaml'}), "
+          f"{os.cpu_count()} cores, {args.rounds} round(s), median")
     print(f"{'configuration':28} {'command s':>10} {'run s':>8} {'images/s (run)':>15}")
     for name, (wall, run) in med.items():
         print(f"{name:28} {wall:10.2f} {run:8.2f} {n / run:15.2f}")
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"in-process vs --server (concurrency 2): run {sv2[1] / ip2[1]:.2f}x, command {sv2[0] / ip2[0]:.2f}x")
     print(f"concurrency 2 vs 1, in-process: run {ip1[1] / ip2[1]:.2f}x   --server: run {sv1[1] / sv2[1]:.2f}x "
           "(target >= 1.6x)")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -166,7 +166,8 @@ def test_one_engine_from_two_threads(adapter) -> None:
 
 
 def test_no_network_and_no_writes_outside_data_dir(tmp_path, monkeypatch) -> None:
-    """Load and read with sockets disabled and HOME pointing at a missing folder."""
+    """Load and read with sockets disabled and HOME pointing at a missing folder (thread mode:
+    the socket patch reaches this process only; process mode is checked below)."""
     def refuse(*args, **kwargs):
         raise AssertionError("rapidocr tried to open a network connection")
 
@@ -174,14 +175,38 @@ def test_no_network_and_no_writes_outside_data_dir(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HOME", str(tmp_path / "no-home"))
     data_dir = tmp_path / "data"
-    a = RapidOcrAdapter(_spec(data_dir, limit_side_len=960, intra_op_threads=1))
+    a = RapidOcrAdapter(_spec(data_dir, limit_side_len=960, intra_op_threads=1, workers="thread"))
     a.load()
     try:
         result = _ocr(a, "line_zh.png")
         assert similarity(result.text, expected()["line_zh.png"]["text"], drop_spaces=True) >= 0.9
     finally:
         a.unload()
-    assert not (tmp_path / "no-home").exists()
+    _assert_only_onnxruntime_telemetry(tmp_path / "no-home")
+    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+
+
+def _assert_only_onnxruntime_telemetry(home: Path) -> None:
+    """The first import of onnxruntime in a process writes its telemetry device id under
+    $HOME/.cache (onnxruntime's doing, in either mode); nothing else may appear there."""
+    ort_dir = home / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime"
+    written = {p for p in home.rglob("*") if p.is_file()} if home.exists() else set()
+    assert all(p.parent == ort_dir for p in written), written
+
+
+def test_worker_process_writes_nothing_of_ours_outside_data_dir(tmp_path, monkeypatch) -> None:
+    """A worker process writes nothing outside the data dir either (no model download, no
+    rapidocr cache), onnxruntime's device id aside."""
+    monkeypatch.setenv("HOME", str(tmp_path / "no-home"))
+    data_dir = tmp_path / "data"
+    a = RapidOcrAdapter(_spec(data_dir, limit_side_len=960, intra_op_threads=1, workers="process"))
+    a.load()
+    try:
+        result = _ocr(a, "line_zh.png")
+        assert similarity(result.text, expected()["line_zh.png"]["text"], drop_spaces=True) >= 0.9
+    finally:
+        a.unload()
+    _assert_only_onnxruntime_telemetry(tmp_path / "no-home")
     assert not data_dir.exists() or not any(data_dir.rglob("*"))
 
 

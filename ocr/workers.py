@@ -50,6 +50,13 @@ class WorkerCrashed(Exception):
     """A worker process ended or broke its socket in the middle of a call."""
 
 
+def _readable(conn: Connection) -> bool:
+    try:
+        return conn.poll(0)
+    except (OSError, EOFError):
+        return True
+
+
 class _Worker:
     """One process and the parent's end of its socket."""
 
@@ -184,9 +191,11 @@ class WorkerPool:
                 worker = self._idle.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            if worker.proc.poll() is None:
+            if worker.proc.poll() is None and not _readable(worker.conn):
                 return worker
-            self._replace(worker, "it died while idle")  # no request was on it: try another
+            # No request was on it: try another. An idle worker has nothing to say, so a readable
+            # socket means it closed (the process is dying, though not yet reaped) or broke.
+            self._replace(worker, "it died while idle")
 
     def _release(self, worker: _Worker) -> None:
         with self._lock:

@@ -17,6 +17,12 @@ from tests.server_process import ROOT
 MODEL = "tesseract"
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell without job control starts background commands with SIGINT ignored, and a Python
+    started with SIGINT ignored keeps ignoring it; a user's terminal gives the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_login_start_stop_and_logs(request, tmp_path):
     server = request.getfixturevalue("ocr_server")
     env = {**cli_env(tmp_path), "CHATVLM_TOKEN_FILE": str(tmp_path / "tokens.json")}
@@ -39,7 +45,8 @@ def test_login_start_stop_and_logs(request, tmp_path):
 
     # logs --follow prints the stop while it happens.
     follow = subprocess.Popen([sys.executable, "-m", "chatvlm", "models", "logs", MODEL, "--follow", "-n", "5", *at],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_ctrl_c_as_in_a_terminal)
     time.sleep(2)
     stopped = chatvlm("models", "stop", MODEL, *at, env=env)
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["status"] == "succeeded", stopped.stderr

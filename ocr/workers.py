@@ -151,31 +151,47 @@ class WorkerPool:
     # ---- calls -----------------------------------------------------------------------
 
     def call(self, payload: Any, cancel: CancelToken) -> Any:
-        """Run ``call(state, payload)`` on an idle worker and return its result."""
-        worker = self._acquire(cancel)
-        try:
-            worker.conn.send(("call", payload))
-        except OSError:
-            self._replace(worker, "its socket broke")
-            raise self._crashed() from None
-        while True:
-            if cancel.cancelled:
-                threading.Thread(target=self._drain, args=(worker,), daemon=True,
-                                 name=f"{self.name}-drain-{worker.pid}").start()
-                raise Cancelled("request cancelled")
+        """Run ``call(state, payload)`` on an idle worker and return its result.
+
+        A worker acknowledges a call when it takes it. One that ends before that was already
+        dead or dying while idle (killed, not yet noticed): the call goes to another worker. One
+        that ends after it died during the call: this request fails (503), the worker is replaced."""
+        for _ in range(self.size + 2):
+            worker = self._acquire(cancel)
+            taken = False
             try:
-                ready = worker.conn.poll(_POLL_S)
-                reply = worker.conn.recv() if ready else None
-            except (EOFError, OSError):
-                self._replace(worker, "it died during a call")
-                raise self._crashed() from None
-            if reply is not None:
-                break
-        self._release(worker)
-        kind, value = reply
-        if kind == "error":
-            raise RuntimeError(f"{self.name} worker failed: {value}")
-        return value
+                worker.conn.send(("call", payload))
+            except OSError:
+                self._replace(worker, "it died while idle")
+                continue
+            while True:
+                if cancel.cancelled:
+                    threading.Thread(target=self._drain, args=(worker,), daemon=True,
+                                     name=f"{self.name}-drain-{worker.pid}").start()
+                    raise Cancelled("request cancelled")
+                try:
+                    ready = worker.conn.poll(_POLL_S)
+                    reply = worker.conn.recv() if ready else None
+                except (EOFError, OSError):
+                    reply = None
+                    if not taken:
+                        self._replace(worker, "it died while idle")
+                        break
+                    self._replace(worker, "it died during a call")
+                    raise self._crashed() from None
+                if reply is not None and reply[0] == "taken":
+                    taken = True
+                    continue
+                if reply is not None:
+                    break
+            if reply is None:
+                continue  # the worker was dead before it took the call: another one takes it
+            self._release(worker)
+            kind, value = reply
+            if kind == "error":
+                raise RuntimeError(f"{self.name} worker failed: {value}")
+            return value
+        raise self._crashed()
 
     def _acquire(self, cancel: CancelToken) -> _Worker:
         while True:
@@ -209,9 +225,11 @@ class WorkerPool:
 
     def _drain(self, worker: _Worker) -> None:
         """A cancelled call's worker: wait for its (dropped) answer, or kill it after the grace."""
+        deadline = time.monotonic() + self.cancel_grace_s
         try:
-            if worker.conn.poll(self.cancel_grace_s):
-                worker.conn.recv()
+            while worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                if worker.conn.recv()[0] == "taken":
+                    continue
                 self._release(worker)
                 return
             reason = f"a cancelled call ran over {self.cancel_grace_s:g} s"
@@ -332,6 +350,10 @@ def _child_main(fd: int) -> None:
         except (EOFError, OSError):
             return
         if kind == "stop":
+            return
+        try:
+            conn.send(("taken", None))  # the parent tells a death before this from one during the call
+        except OSError:
             return
         try:
             reply = ("ok", handle(state, payload))

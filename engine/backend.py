@@ -35,7 +35,7 @@ class EncodedPrompt:
 class BatchBackend:
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
                  mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
-                 prefix_block: int = 32, prefill_chunk: int = 0, lean: bool = True) -> None:
+                 prefix_block: int = 32, prefill_chunk: int = 0, lean: bool = True, native: bool = True) -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -59,9 +59,10 @@ class BatchBackend:
         # Text prompts longer than this are prefilled this many tokens per engine step (0: at once),
         # so a long prompt does not stall the rows that are decoding.
         self.prefill_chunk = 0 if mrope else prefill_chunk
-        # Llama-architecture decode steps of a few rows skip transformers' per-module machinery
-        # (same logits). Bigger batches run the dense GEMMs, where it measured level, not faster.
-        self.lean = LeanDecoder(model) if lean and not mrope and lean_supported(model) else None
+        # Llama-architecture decode steps skip transformers' per-module machinery (same logits):
+        # every step once the compiled layers are built (engine/native_step.py), before that (or
+        # without a compiler) steps of a few rows, as bigger ones measured level with transformers.
+        self.lean = LeanDecoder(model, native=native) if lean and not mrope and lean_supported(model) else None
         self.lean_rows = GEMV_ROWS
 
     def bind_thread(self) -> None:
@@ -222,7 +223,7 @@ class BatchBackend:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         position = self.mask.sum(-1, keepdim=True) + self.deltas
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        if self.lean is not None and len(tokens) <= self.lean_rows:
+        if self.lean is not None and (len(tokens) <= self.lean_rows or self.lean.compiled(self.cache)):
             return self.lean(ids, self.mask, position, self.cache)
         if self.mrope:
             position = position.unsqueeze(0).expand(3, -1, -1)

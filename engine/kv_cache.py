@@ -51,20 +51,32 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, used = key_states.shape[-2], self._n
-        if self._vn != used:
-            raise RuntimeError("keys and values of a cache layer were assigned different lengths")
-        if used + n > self.capacity or self._v.shape[-2] < used + n or self._k.shape[0] != key_states.shape[0]:
-            size = used + n + max(GROW_MIN, (used + n) // 4)
-            k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[3]))
-            v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[3]))
-            if used:
-                k[:, :, :used] = self._k[:, :, :used]
-                v[:, :, :used] = self._v[:, :, :used]
-            self._k, self._v = k, v
+        self.reserve(n, key_states, value_states)
         self._k[:, :, used:used + n] = key_states
         self._v[:, :, used:used + n] = value_states
         self._n = self._vn = used + n
         return self.keys, self.values
+
+    def reserve(self, n: int, key_like: torch.Tensor, value_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for ``n`` more positions of a batch shaped like ``key_like``/``value_like``
+        (batch, heads, any, dim); return the whole buffers. The native decode step writes into
+        them and then calls ``advance``."""
+        used = self._n
+        if self._vn != used:
+            raise RuntimeError("keys and values of a cache layer were assigned different lengths")
+        if used + n > self.capacity or self._v.shape[-2] < used + n or self._k.shape[0] != key_like.shape[0]:
+            size = used + n + max(GROW_MIN, (used + n) // 4)
+            k = key_like.new_empty((*key_like.shape[:2], size, key_like.shape[3]))
+            v = value_like.new_empty((*value_like.shape[:2], size, value_like.shape[3]))
+            if used:
+                k[:, :, :used] = self._k[:, :, :used]
+                v[:, :, :used] = self._v[:, :, :used]
+            self._k, self._v = k, v
+        return self._k, self._v
+
+    def advance(self, n: int) -> None:
+        """``n`` positions were written after the used part (by the native decode step)."""
+        self._n = self._vn = self._n + n
 
 
 def make_growing(cache: Any) -> Any:

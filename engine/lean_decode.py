@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import native_step
+from engine.kv_cache import GrowingLayer
 from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, int4_pack
 
 # Qwen2 is Llama with q/k/v biases (and optional sliding-window layers, which are not reproduced).
@@ -76,7 +78,7 @@ class _Fused:
 class LeanDecoder:
     """Runs decode steps (one new token per row) of a Llama-architecture model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, native: bool = True) -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.masking_utils import create_causal_mask
 
@@ -93,6 +95,12 @@ class LeanDecoder:
             qkv, up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
             self.fused_qkv.append(_fuse(attn, qkv))
             self.fused_up.append(_fuse(mlp, up))
+        # The same layers compiled (engine/native_step.py), once built; None: the Python loop only.
+        self.native = NativeLayers(self) if native and NativeLayers.supports(model) else None
+
+    def compiled(self, cache: Any) -> bool:
+        """Whether the next step over ``cache`` runs the compiled layers."""
+        return self.native is not None and self.native.ready(cache)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -105,6 +113,9 @@ class LeanDecoder:
         cos, sin = inner.rotary_emb(embeds, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = ids.shape[0]
+        if self.compiled(cache):
+            h = self.native(embeds.view(rows, -1), cos, sin, mask, cache)
+            return self.model.lm_head(_rms_norm(h, inner.norm))
         few = rows <= GEMV_ROWS
         shape = (rows, 1, -1, self.head_dim)
         h = embeds.view(rows, -1)
@@ -153,3 +164,78 @@ def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class NativeLayers:
+    """The decoder layers of a LeanDecoder as one call to the compiled step: the weights are
+    packed once into the slot list engine/native_step.cpp reads; each step adds the cache
+    layers' buffers (grown here first, as GrowingLayer.update would) and moves their ends."""
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Every projection a plain or int4 Linear on the CPU (int8 layers keep the Python loop)."""
+        if model.device.type != "cpu":
+            return False
+        for layer in model.model.layers:
+            mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+            if not all(type(m) in (nn.Linear, Int4WeightOnlyLinear) for m in mods):
+                return False
+        return True
+
+    def __init__(self, lean: "LeanDecoder") -> None:
+        native_step.start_build()
+        self.lean = lean
+        self.slots: list[torch.Tensor | None] | None = None  # packed at the first native step
+        self.eps: list[float] = []
+        attn = lean.inner.layers[0].self_attn
+        self.n_rep = int(getattr(attn, "num_key_value_groups", 1))
+        self.scaling = float(attn.scaling)
+
+    def ready(self, cache: Any) -> bool:
+        if native_step.status() != "ready":
+            return False
+        layers = getattr(cache, "layers", ())
+        return len(layers) == len(self.lean.inner.layers) and all(type(l) is GrowingLayer for l in layers)
+
+    def _pack(self) -> None:
+        stride = native_step.slot_stride()
+        slots: list[torch.Tensor | None] = []
+        for i, layer in enumerate(self.lean.inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, up = self.lean.fused_qkv[i], self.lean.fused_up[i]
+            row: list[torch.Tensor | None] = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            row += [qkv.owner.lean_int4, qkv.owner.lean_scales_zeros, qkv.owner.lean_bias] if qkv else [None] * 3
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                row += _linear_slots(m)
+            row += [up.owner.lean_int4, up.owner.lean_scales_zeros, up.owner.lean_bias] if up else [None] * 3
+            for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                row += _linear_slots(m)
+            row += [None, None]  # this step's cache buffers
+            assert len(row) == stride
+            slots += row
+            self.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
+        self.stride, self.slots = stride, slots
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any) -> torch.Tensor:
+        if self.slots is None:
+            self._pack()
+        slots, stride = list(self.slots), self.stride
+        layers = cache.layers
+        used = layers[0]._n
+        for i, layer in enumerate(layers):
+            keys, values = layer.keys, layer.values
+            if layer._n != used:
+                raise RuntimeError("the cache layers hold different lengths")
+            slots[i * stride + stride - 2], slots[i * stride + stride - 1] = layer.reserve(1, keys, values)
+        h = native_step.decode_layers(h, cos, sin, mask if isinstance(mask, torch.Tensor) else None, slots, used,
+                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP)
+        for layer in layers:
+            layer.advance(1)
+        return h
+
+
+def _linear_slots(m: nn.Module) -> list[torch.Tensor | None]:
+    """(dense weight, bias, int4 copy, its scales and zeros) of a projection."""
+    int4 = isinstance(m, Int4WeightOnlyLinear)
+    return [m.weight, m.bias, m.weight_int4 if int4 else None, m.scales_zeros if int4 else None]

@@ -165,7 +165,7 @@ def process_server(args: list[str], port: int, env: dict | None = None, cwd: Pat
         Path(log.name).unlink(missing_ok=True)
 
 
-def bench_ours(a, quantization: str, lean: bool = True) -> dict:
+def bench_ours(a, quantization: str, lean: bool = True, native: bool = True) -> dict:
     env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-peers-data-")}
     model = a.our_model
     prefix = f"CHATVLM_MODELS__{model.upper()}__"
@@ -179,12 +179,18 @@ def bench_ours(a, quantization: str, lean: bool = True) -> dict:
     for item in a.our_env:
         key, _, value = item.partition("=")
         env[key] = value
-    if not lean:  # transformers' own forward for every decode step (options.lean_decode false)
-        import json
+    if not lean or not native:  # options.lean_decode false: transformers' own forward for every step;
+        import json               # options.native_decode false: the lean step's Python loop
 
         options = json.loads(env.get(prefix + "OPTIONS") or "{}")
-        env[prefix + "OPTIONS"] = json.dumps({**options, "lean_decode": False})
-    label = f"a) ours ({quantization}{'' if lean else ', lean off'})"
+        env[prefix + "OPTIONS"] = json.dumps({**options, "lean_decode": lean, "native_decode": native})
+    if lean and native:
+        # The server builds the compiled step in the background at first use (the Python loop
+        # runs until then): build it here first, so the server only loads it.
+        from engine import native_step
+
+        print(f"  compiled decode step: {'ready' if native_step.wait(600) else native_step.error()}", flush=True)
+    label = f"a) ours ({quantization}{'' if lean else ', lean off'}{'' if native or not lean else ', python step'})"
     try:
         server = RemoteServer(config=a.our_config, env=env, startup_timeout=120)
     except Exception as exc:  # noqa: BLE001
@@ -300,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="our server once per value (none, int8_weight_only, auto, configured)")
     parser.add_argument("--lean-decode", choices=("on", "off", "both"), default="on",
                         help="our lean Llama decode step (options.lean_decode); both: each of ours twice")
+    parser.add_argument("--native-decode", choices=("on", "off", "both"), default="on",
+                        help="the lean step's compiled layers (options.native_decode); off: its Python loop")
     parser.add_argument("--tserve-dtype", default="bfloat16", help="transformers serve --dtype")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", str(DEFAULT_LLAMA)))
     parser.add_argument("--levels", default="1,4,16")
@@ -326,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     if "ours" in only:
         for q in a.ours_quantization.split(","):
-            for lean in {"on": [True], "off": [False], "both": [True, False]}[a.lean_decode]:
-                results[f"ours {q}" + ("" if lean else " lean off")] = bench_ours(a, q, lean)
+            choice = {"on": [True], "off": [False], "both": [True, False]}
+            for lean in choice[a.lean_decode]:
+                for native in choice[a.native_decode] if lean else [True]:
+                    name = f"ours {q}" + ("" if lean else " lean off") + ("" if native else " python step")
+                    results[name] = bench_ours(a, q, lean, native)
     if "transformers-serve" in only and a.our_path != "none":
         results["transformers serve"] = bench_transformers_serve(a)
     if "llama-server" in only:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages `make run` and `make test` use, installed when they are missing.
 #
-#   bash scripts/system_deps.sh run    # what serving uses: Tesseract (rus, chi_sim)
+#   bash scripts/system_deps.sh run    # what serving uses: Tesseract (rus, chi_sim), g++ (the compiled decode step)
 #   bash scripts/system_deps.sh test   # that, plus what the tests draw and start (fonts, ...)
 #
 # As root (or through sudo when it needs no password) the missing packages are installed with
@@ -15,6 +15,7 @@ RUN_NEEDS=(
   "/usr/share/tesseract-ocr/5/tessdata/eng.traineddata|tesseract-ocr"
   "/usr/share/tesseract-ocr/5/tessdata/rus.traineddata|tesseract-ocr-rus"
   "/usr/share/tesseract-ocr/5/tessdata/chi_sim.traineddata|tesseract-ocr-chi-sim"
+  "cmd:g++|g++"
 )
 TEST_NEEDS=(
   "font:DejaVuSans|fonts-dejavu-core"

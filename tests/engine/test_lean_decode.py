@@ -51,10 +51,12 @@ def prompts(tokenizer, n: int) -> list[EncodedPrompt]:
     return [EncodedPrompt(tokenizer(texts[i % len(texts)])["input_ids"]) for i in range(n)]
 
 
-def decode_run(model, tokenizer, rows: int, lean: bool, steps: int = 6, leave_at: int = 3, join: bool = True):
+def decode_run(model, tokenizer, rows: int, lean: bool, steps: int = 6, leave_at: int = 3, join: bool = True,
+               native: bool = False):
     """Prefill ``rows`` prompts, decode greedily; halfway drop row 0 and let one prompt join.
-    Returns every step's logits."""
-    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean)
+    Returns every step's logits. ``native``: the compiled layers (engine/native_step.py) when
+    built, else the lean step's Python loop."""
+    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native)
     assert (backend.lean is not None) == lean
     backend.lean_rows = 64  # the lean step's dense path too (the engine uses it up to GEMV_ROWS rows)
     tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()
@@ -124,12 +126,12 @@ def test_models_it_does_not_reproduce_run_transformers_forward():
     assert lean_supported(tiny_llama(arch="qwen2")[0])
 
 
-def test_the_backend_takes_the_lean_step_for_a_few_rows_only(int4_llama, monkeypatch):
+def test_without_the_compiled_layers_the_lean_step_takes_a_few_rows_only(int4_llama, monkeypatch):
     model, tokenizer = int4_llama
-    backend = BatchBackend(model, tokenizer, None, threads=1)
+    backend = BatchBackend(model, tokenizer, None, threads=1, native=False)
     calls = []
-    lean = backend.lean
-    monkeypatch.setattr(backend, "lean", lambda *a: calls.append(a[0].shape[0]) or lean(*a))
+    step = LeanDecoder.__call__
+    monkeypatch.setattr(LeanDecoder, "__call__", lambda self, *a: calls.append(a[0].shape[0]) or step(self, *a))
     for rows in (1, GEMV_ROWS, GEMV_ROWS + 1):
         tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()
         backend.decode(tokens)

@@ -167,7 +167,7 @@ def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(causal):
         async with engine_over(chunked) as engine:
             short = engine.submit(engine.encode(None, "Hello there"), params, CancelToken())
             engine.start()
-            await wait_until(lambda: engine.steps >= 2, what="decode under way")
+            await wait_until(lambda: engine.steps >= 2, timeout=30, what="decode under way")
             before = engine.steps
             long = engine.submit(engine.encode(None, LONG), greedy(5), CancelToken())
             await wait_until(lambda: engine.active_count == 2 and not engine._prefilling, timeout=30,

@@ -1,0 +1,146 @@
+// The decoder layers of one lean decode step (engine/lean_decode.py) in C++: the same ATen
+// operations, in the same order, on the same tensors, so the logits stay bitwise transformers'.
+// What goes away is the Python interpreter between them: at one row a 135M model's step is
+// ~1,500 small operations, and from Python each one costs more than its kernel.
+//
+// Built at first use by engine/native_step.py (torch.utils.cpp_extension); registered as
+// torch.ops.chatvlm_native.decode_layers.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+// Per layer, this many optional tensors, in this order (engine/native_step.py packs them).
+enum Slot : int64_t {
+  IN_NORM, POST_NORM,
+  QKV_INT4, QKV_SZ, QKV_BIAS,
+  Q_W, Q_B, Q_INT4, Q_SZ,
+  K_W, K_B, K_INT4, K_SZ,
+  V_W, V_B, V_INT4, V_SZ,
+  O_W, O_B, O_INT4, O_SZ,
+  GU_INT4, GU_SZ, GU_BIAS,
+  G_W, G_B, G_INT4, G_SZ,
+  U_W, U_B, U_INT4, U_SZ,
+  D_W, D_B, D_INT4, D_SZ,
+  K_BUF, V_BUF,
+  STRIDE
+};
+
+using Slots = c10::List<std::optional<at::Tensor>>;
+
+struct Layer {
+  const Slots& s;
+  int64_t base;
+  at::Tensor get(int64_t i) const {
+    std::optional<at::Tensor> t = s.get(base + i);
+    return t.has_value() ? *t : at::Tensor();
+  }
+};
+
+// transformers' LlamaRMSNorm: float32 inside, the weight times the result in the input's dtype.
+at::Tensor rms_norm(const at::Tensor& h, const at::Tensor& weight, double eps) {
+  at::Tensor x = h.to(at::kFloat);
+  at::Tensor variance = x.pow(2).mean(-1, true);
+  x = x * at::rsqrt(variance + eps);
+  return weight * x.to(h.scalar_type());
+}
+
+// One projection as its module runs it: the int4 kernel for a few rows when the layer has an
+// int4 copy (Int4WeightOnlyLinear), otherwise F.linear on the dense weight.
+at::Tensor project(const at::Tensor& x, const Layer& l, int64_t w, int64_t b, int64_t q, int64_t sz,
+                   int64_t gemv_rows, int64_t group) {
+  at::Tensor packed = l.get(q), bias = l.get(b);
+  if (packed.defined() && x.size(0) <= gemv_rows) {
+    at::Tensor out = at::_weight_int4pack_mm_for_cpu(x.to(l.get(w).scalar_type()), packed, group, l.get(sz));
+    return bias.defined() ? out + bias : out;
+  }
+  return at::linear(x, l.get(w), bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+// Several int4 layers concatenated along their outputs (lean_decode._Fused): one kernel call.
+std::vector<at::Tensor> fused(const at::Tensor& x, const Layer& l, int64_t q, int64_t sz, int64_t bias_slot,
+                              at::IntArrayRef sizes, int64_t group) {
+  at::Tensor out = at::_weight_int4pack_mm_for_cpu(x, l.get(q), group, l.get(sz));
+  at::Tensor bias = l.get(bias_slot);
+  if (bias.defined()) out = out + bias;
+  return out.split_with_sizes(sizes, -1);
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  int64_t half = x.size(-1) / 2;
+  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+                         const std::optional<at::Tensor>& mask, const Slots& slots, int64_t used,
+                         int64_t head_dim, int64_t n_rep, double scaling, at::ArrayRef<double> eps,
+                         int64_t gemv_rows, int64_t group) {
+  const int64_t rows = h.size(0);
+  const int64_t layers = static_cast<int64_t>(slots.size()) / STRIDE;
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == layers * STRIDE, "decode_layers: bad slot count");
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * layers, "decode_layers: bad eps count");
+  const bool few = rows <= gemv_rows;
+  const std::vector<int64_t> shape = {rows, 1, -1, head_dim};
+  for (int64_t i = 0; i < layers; ++i) {
+    Layer l{slots, i * STRIDE};
+    at::Tensor x = rms_norm(h, l.get(IN_NORM), eps[2 * i]);
+    at::Tensor q, k, v;
+    if (few && l.get(QKV_INT4).defined()) {
+      std::vector<int64_t> sizes = {l.get(Q_W).size(0), l.get(K_W).size(0), l.get(V_W).size(0)};
+      auto parts = fused(x, l, QKV_INT4, QKV_SZ, QKV_BIAS, sizes, group);
+      q = parts[0]; k = parts[1]; v = parts[2];
+    } else {
+      q = project(x, l, Q_W, Q_B, Q_INT4, Q_SZ, gemv_rows, group);
+      k = project(x, l, K_W, K_B, K_INT4, K_SZ, gemv_rows, group);
+      v = project(x, l, V_W, V_B, V_INT4, V_SZ, gemv_rows, group);
+    }
+    q = q.view(shape).transpose(1, 2);
+    k = k.view(shape).transpose(1, 2);
+    v = v.view(shape).transpose(1, 2);
+    q = (q * cos) + (rotate_half(q) * sin);
+    k = (k * cos) + (rotate_half(k) * sin);
+    // The cache layer's buffer has room (the caller made sure): write this step's position, as
+    // kv_cache.GrowingLayer.update does, and attend over the used part.
+    at::Tensor kbuf = l.get(K_BUF), vbuf = l.get(V_BUF);
+    kbuf.slice(2, used, used + 1).copy_(k);
+    vbuf.slice(2, used, used + 1).copy_(v);
+    at::Tensor keys = kbuf.slice(2, 0, used + 1), values = vbuf.slice(2, 0, used + 1);
+    // transformers' sdpa_attention_forward for one query position: grouped heads packed into the
+    // query with a mask, enable_gqa without one.
+    at::Tensor out;
+    if (n_rep > 1 && mask.has_value()) {
+      at::Tensor packed = q.reshape({q.size(0), q.size(1) / n_rep, n_rep, q.size(3)});
+      at::Tensor m = *mask;
+      if (m.size(1) != 1) m = m.reshape({m.size(0), m.size(1) / n_rep, n_rep, m.size(3)});
+      out = at::scaled_dot_product_attention(packed, keys, values, m, 0.0, false, scaling, false);
+    } else {
+      out = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, n_rep > 1);
+    }
+    out = out.reshape({out.size(0), -1, 1, values.size(-1)}).transpose(1, 2).contiguous();
+    h = h + project(out.reshape({rows, -1}), l, O_W, O_B, O_INT4, O_SZ, gemv_rows, group);
+    x = rms_norm(h, l.get(POST_NORM), eps[2 * i + 1]);
+    at::Tensor gate, up;
+    if (few && l.get(GU_INT4).defined()) {
+      std::vector<int64_t> sizes = {l.get(G_W).size(0), l.get(U_W).size(0)};
+      auto parts = fused(x, l, GU_INT4, GU_SZ, GU_BIAS, sizes, group);
+      gate = parts[0]; up = parts[1];
+    } else {
+      gate = project(x, l, G_W, G_B, G_INT4, G_SZ, gemv_rows, group);
+      up = project(x, l, U_W, U_B, U_INT4, U_SZ, gemv_rows, group);
+    }
+    h = h + project(at::silu(gate) * up, l, D_W, D_B, D_INT4, D_SZ, gemv_rows, group);
+  }
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chatvlm_native, m) {
+  m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
+  m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] slots, int used, "
+        "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group) -> Tensor",
+        &decode_layers);
+}

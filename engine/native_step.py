@@ -1,0 +1,102 @@
+"""The compiled layers of the lean decode step (engine/native_step.cpp), built at first use.
+
+The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, so the
+logits do not change (tests/engine/test_native_step.py); it removes the interpreter between the
+~1,500 operations of a step. It is built once per source and torch version with torch's own
+extension builder (a C++ compiler and ninja are needed; ~40 s on two cores) into
+``$CHATVLM_NATIVE_DIR`` (by default ``~/.cache/chatvlm/native``), in a background thread:
+until it is ready, or when it cannot be built, the Python loop runs and nothing else changes.
+Processes building at once wait for one another on an OS lock that a killed build releases.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_step.cpp")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"status": "idle", "error": None, "thread": None}
+_ready = threading.Event()
+
+
+def _library_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"chatvlm_native_{digest}"
+
+
+def build_dir() -> Path:
+    """Where the library is built: $CHATVLM_NATIVE_DIR, else ~/.cache/chatvlm/native."""
+    return Path(os.environ.get("CHATVLM_NATIVE_DIR") or Path.home() / ".cache" / "chatvlm" / "native")
+
+
+def _build() -> None:
+    try:
+        from torch.utils import cpp_extension
+
+        # ninja from the virtual environment (the `ninja` wheel) when it is not on PATH.
+        venv_bin = str(Path(sys.executable).parent)
+        if shutil.which("ninja") is None and venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+        if shutil.which("ninja") is None:
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError("no C++ compiler (install g++)")
+        name = _library_name()
+        folder = build_dir() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=["-O3"],
+                           build_directory=str(folder))
+        torch.ops.chatvlm_native.slot_stride()  # registered
+        _state["status"] = "ready"
+        log.info("native decode step: built and loaded")
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the Python loop in charge
+        _state["status"], _state["error"] = "unavailable", f"{type(exc).__name__}: {exc}"
+        log.warning("native decode step unavailable, the Python step runs: %s", _state["error"])
+    finally:
+        _ready.set()
+
+
+def start_build() -> None:
+    """Build and load the extension in a background thread (once per process)."""
+    with _lock:
+        if _state["status"] != "idle":
+            return
+        _state["status"] = "building"
+        thread = threading.Thread(target=_build, name="native-step-build", daemon=True)
+        _state["thread"] = thread
+        thread.start()
+
+
+def status() -> str:
+    """idle | building | ready | unavailable"""
+    return _state["status"]
+
+
+def error() -> str | None:
+    return _state["error"]
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Start the build if needed and wait for it; whether the native step is ready."""
+    start_build()
+    _ready.wait(timeout)
+    return _state["status"] == "ready"
+
+
+def decode_layers(*args: Any) -> torch.Tensor:
+    return torch.ops.chatvlm_native.decode_layers(*args)
+
+
+def slot_stride() -> int:
+    return int(torch.ops.chatvlm_native.slot_stride())

@@ -8,16 +8,22 @@ whose first blocks are cached is prefilled alone from there.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import make_growing
+from engine.kv_cache import GROW_MIN, GrowingLayer, make_growing
 from engine.lean_decode import LeanDecoder, lean_supported
 from engine.prefix_cache import PrefixCache
 from engine.quant import GEMV_ROWS
+from engine.sliced_prefill import SlicedPrefill
+
+# A long prompt's slice between decode steps takes about this share of a decode step's time, so
+# the decoding rows wait at most about twice their usual step (engine/sliced_prefill.py).
+SLICE_OF_STEP = 0.9
 
 
 TOY_MODEL_PARAMS = 5_000_000
@@ -64,6 +70,10 @@ class BatchBackend:
         # without a compiler) steps of a few rows, as bigger ones measured level with transformers.
         self.lean = LeanDecoder(model, native=native) if lean and not mrope and lean_supported(model) else None
         self.lean_rows = GEMV_ROWS
+        # Long prompts of those models advance a few layers per engine step, within about one
+        # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.
+        self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
+        self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -157,9 +167,17 @@ class BatchBackend:
 
     @torch.inference_mode()
     def prefill_chunk_step(self, part: "PartialPrefill") -> torch.Tensor | None:
-        """Run the next chunk; after the last one the row joins the batch and its next-token
-        logits (1, vocab) are returned, before that None."""
-        return self._run_part(part, self.prefill_chunk)
+        """Run the next slice (a few layers, engine/sliced_prefill.py) or chunk; after the last
+        one the row joins the batch and its next-token logits (1, vocab) are returned, before
+        that None."""
+        if self.sliced is None:
+            return self._run_part(part, self.prefill_chunk)
+        # While rows decode, a slice takes about one of their steps; alone, a whole chunk.
+        budget = SLICE_OF_STEP * self.step_time if self.batch_size and self.step_time else None
+        logits = self.sliced.advance(part, self.prefill_chunk, budget)
+        if logits is not None:
+            self._finish_part(part)
+        return logits
 
     def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
         n = len(part.prompt.input_ids)
@@ -172,9 +190,15 @@ class BatchBackend:
         part.cache, part.done = out.past_key_values, end
         if end < n:
             return None
-        self._remember([part.prompt], part.cache, n)  # a longer prefix than any that hit
-        self._join(part.cache, mask, torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        self._finish_part(part)
         return out.logits[:, -1, :]
+
+    def _finish_part(self, part: "PartialPrefill") -> None:
+        """The whole prompt is in ``part.cache``: remember its prefix, and the row joins."""
+        n = len(part.prompt.input_ids)
+        self._remember([part.prompt], part.cache, n)  # a longer prefix than any that hit
+        self._join(part.cache, torch.ones((1, n), dtype=torch.long, device=self.device),
+                   torch.zeros((1, 1), dtype=torch.long, device=self.device))
 
     def _mrope_positions(self, prompts, ids, mask, kwargs):
         with_images = [p for p in prompts if p.vision]
@@ -211,15 +235,29 @@ class BatchBackend:
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
         for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
-            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            if isinstance(old, GrowingLayer):
+                # One buffer with the decode steps' headroom: a long prompt joining short rows
+                # is copied once, not padded, concatenated and then grown by the next step.
+                spare = max(GROW_MIN, width // 4)
+                old.adopt(_stacked(old.keys, new.keys, width, spare), _stacked(old.values, new.values, width, spare),
+                          width)
+            else:
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
         self.mask = torch.cat([F.pad(self.mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))])
         self.deltas = torch.cat([self.deltas, deltas])
 
     # ---- stepping --------------------------------------------------------------------------
-    @torch.inference_mode()
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row; return next-token logits (batch, vocab)."""
+        start = time.perf_counter()
+        logits = self._decode(tokens)
+        took = time.perf_counter() - start
+        self.step_time = took if self.step_time is None else 0.8 * self.step_time + 0.2 * took
+        return logits
+
+    @torch.inference_mode()
+    def _decode(self, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         position = self.mask.sum(-1, keepdim=True) + self.deltas
         self.mask = F.pad(self.mask, (0, 1), value=1)
@@ -255,6 +293,21 @@ class PartialPrefill:
     prompt: EncodedPrompt
     cache: Any
     done: int = 0  # tokens whose KV is in ``cache``
+    sliced: Any = None  # the chunk whose layers are under way (engine/sliced_prefill.py)
+
+
+def _stacked(a: torch.Tensor, b: torch.Tensor, width: int, spare: int) -> torch.Tensor:
+    """``a``'s rows then ``b``'s, each left-padded with zeros to ``width`` positions, in a buffer
+    of ``width + spare`` positions (batch, heads, length, dim); the spare part is left unset."""
+    buf = a.new_empty((a.shape[0] + b.shape[0], a.shape[1], width + spare, a.shape[3]))
+    row = 0
+    for part in (a, b):
+        rows, pad = part.shape[0], width - part.shape[2]
+        if pad:
+            buf[row:row + rows, :, :pad].zero_()  # masked out, but never NaN: 0 x NaN would be NaN
+        buf[row:row + rows, :, pad:width].copy_(part)
+        row += rows
+    return buf
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -74,6 +74,11 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = k, v
         return self._k, self._v
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
+        """Take these buffers (batch, heads, capacity, dim) with ``used`` positions filled."""
+        self._k, self._v = keys, values
+        self._n = self._vn = used
+
     def advance(self, n: int) -> None:
         """``n`` positions were written after the used part (by the native decode step)."""
         self._n = self._vn = self._n + n

@@ -157,7 +157,7 @@ def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(causal):
     from core.types import CancelToken
     from tests.engine.test_engine import collect, engine_over, wait_until
 
-    params = greedy(40)
+    params = greedy(240)  # still decoding when the long prompt, a few layers per step, has joined
     want_short = run_batch(backend(causal, 0), [(None, "Hello there", params)])[0][0]
     want_long = run_batch(backend(causal, 0), [(None, LONG, greedy(5))])[0][0]
     chunked = BatchBackend(causal.model, causal.tokenizer, causal.encode, prefill_chunk=16)

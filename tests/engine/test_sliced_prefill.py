@@ -1,0 +1,96 @@
+"""A long prompt prefilled a few layers per engine step (engine/sliced_prefill.py): the same
+cache and logits as one forward per chunk (bitwise), a bounded slice per step while rows decode
+(one layer when the budget is spent at once), a whole chunk per step when nothing decodes, and
+greedy replies through the engine identical to one prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.backend import BatchBackend, EncodedPrompt, PartialPrefill
+from engine.quant import quantize_int4_weight_only
+from tests.engine.test_engine import greedy, run_batch
+from tests.engine.test_lean_decode import tiny_llama
+
+pytestmark = pytest.mark.timeout(180)
+
+TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the fence. " * 5
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen2-int4"])
+def model(request):
+    model, tokenizer = tiny_llama(arch=request.param.split("-")[0])
+    if request.param.endswith("int4"):
+        quantize_int4_weight_only(model)
+    return model, tokenizer
+
+
+def prefill_parts(backend: BatchBackend, prompt: EncodedPrompt, sliced: bool) -> tuple[torch.Tensor, int]:
+    """Prefill ``prompt`` chunk by chunk (``sliced``: one layer per call); (logits, calls)."""
+    part = backend.begin_prefill(prompt)
+    calls = 0
+    while True:
+        calls += 1
+        logits = backend.sliced.advance(part, backend.prefill_chunk, 0.0) if sliced \
+            else backend._run_part(part, backend.prefill_chunk)
+        if logits is not None:
+            if sliced:
+                backend._finish_part(part)  # the row joins, as prefill_chunk_step does
+            return logits, calls
+
+
+def test_sliced_prefill_is_bitwise_one_forward_per_chunk(model):
+    model, tokenizer = model
+    prompt = EncodedPrompt(tokenizer(TEXT)["input_ids"])
+    n, chunk, layers = len(prompt.input_ids), 16, model.config.num_hidden_layers
+    a = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=chunk)
+    b = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=chunk)
+    assert a.sliced is not None and a.chunked(prompt)
+    sliced, calls = prefill_parts(a, prompt, True)
+    whole, _ = prefill_parts(b, prompt, False)
+    assert calls == -(-n // chunk) * layers  # a budget spent at once: one layer per call
+    assert torch.equal(sliced, whole)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    # And the next decode steps agree too.
+    tokens = sliced.argmax(-1).tolist()
+    for _ in range(3):
+        la, lb = a.decode(tokens), b.decode(tokens)
+        assert torch.equal(la, lb)
+        tokens = la.argmax(-1).tolist()
+
+
+def test_a_slice_is_bounded_while_rows_decode_and_a_chunk_when_none_do(model):
+    model, tokenizer = model
+    backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=16)
+    prompt = EncodedPrompt(tokenizer(TEXT)["input_ids"])
+    layers = model.config.num_hidden_layers
+    # Nothing decoding: each engine step runs a whole chunk.
+    part = backend.begin_prefill(prompt)
+    assert backend.prefill_chunk_step(part) is None and part.done == 16 and part.sliced is None
+    # A row decoding whose steps take ~no time: one layer per engine step.
+    tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
+    backend.decode(tokens)
+    backend.step_time = 1e-9
+    assert backend.prefill_chunk_step(part) is None and part.sliced.layer == 1
+    # Steps that take ages: the rest of the chunk, and the next ones, within one call.
+    backend.step_time = 1e3
+    logits = None
+    while logits is None:
+        logits = backend.prefill_chunk_step(part)
+    assert part.done == len(prompt.input_ids) and backend.batch_size == 2
+    assert layers > 1
+
+
+def test_engine_replies_identical_to_one_prefill(model):
+    model, tokenizer = model
+
+    def encode(messages, prompt):
+        return EncodedPrompt(tokenizer(prompt)["input_ids"])
+
+    params = greedy(10)
+    requests = [(None, TEXT, params), (None, "short one", params), (None, TEXT[::-1], params)]
+    one = [run_batch(BatchBackend(model, tokenizer, encode, threads=1), [r])[0][0] for r in requests]
+    sliced = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=16)
+    assert sliced.sliced is not None
+    assert [text for text, _ in run_batch(sliced, requests)] == one

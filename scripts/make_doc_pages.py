@@ -217,6 +217,17 @@ def _paragraph(rng: random.Random, lang: str, sentences: int = 3) -> str:
     return ("" if lang == "zh" else " ").join(_sentence(rng, lang, n) for _ in range(sentences))
 
 
+def _page_head(spec: PageSpec, index: int, language: str, margin: float, width: float) -> "_Writer":
+    """The page header line and, on every third page, the title; returns the writer below them."""
+    head = _Writer(spec, margin, width, 28)
+    head.text_block("Page-header", {"en": "City Council", "ru": "Городской совет", "zh": "城市议会"}[language]
+                    + f" · {2020 + index}", 8, gap=18)
+    w = _Writer(spec, margin, width, head.y)
+    if index % 3 == 0:
+        w.text_block("Title", TITLES[language], 20, bold=True, gap=16)
+    return w
+
+
 def make_page(index: int, language: str, two_column: bool, seed: int = 7, columns: int | None = None) -> PageSpec:
     """One page: header, title (first page only), numbered sections, paragraphs, a list, a ruled
     table with a spanning header, a borderless table, a footer; optionally a two-column body.
@@ -227,12 +238,7 @@ def make_page(index: int, language: str, two_column: bool, seed: int = 7, column
     spec = PageSpec(f"doc_{language}_{index:02d}{'_2col' if two_column else ''}", language, two_column,
                     columns=2 if two_column else 1)
     margin, width = 50.0, PAGE_PT[0] - 100.0
-    head = _Writer(spec, margin, width, 28)
-    head.text_block("Page-header", {"en": "City Council", "ru": "Городской совет", "zh": "城市议会"}[language]
-                    + f" · {2020 + index}", 8, gap=18)
-    w = _Writer(spec, margin, width, head.y)
-    if index % 3 == 0:
-        w.text_block("Title", TITLES[language], 20, bold=True, gap=16)
+    w = _page_head(spec, index, language, margin, width)
     sections = SECTIONS[language]
     number = 1 + (index % 3)
     w.text_block("Section-header", f"{number}. {sections[index % len(sections)]}", 13, bold=True)
@@ -293,12 +299,7 @@ def three_column_page(index: int, language: str, seed: int = 7) -> PageSpec:
     colw = (width - 2 * gutter) / 3
     sections = SECTIONS[language]
     number = 1 + (index % 3)
-    head = _Writer(spec, margin, width, 28)
-    head.text_block("Page-header", {"en": "City Council", "ru": "Городской совет", "zh": "城市议会"}[language]
-                    + f" · {2020 + index}", 8, gap=18)
-    w = _Writer(spec, margin, width, head.y)
-    if index % 3 == 0:
-        w.text_block("Title", TITLES[language], 20, bold=True, gap=16)
+    w = _page_head(spec, index, language, margin, width)
     w.text_block("Section-header", f"{number}. {sections[index % len(sections)]}", 13, bold=True)
     wide = 4 if language == "zh" else 2  # sentences of a full-width paragraph: two lines or more
     w.text_block("Text", _paragraph(rng, language, wide), 10, gap=14)

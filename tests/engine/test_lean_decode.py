@@ -139,13 +139,13 @@ def test_without_the_compiled_layers_the_lean_step_takes_a_few_rows_only(int4_ll
     assert calls == [1, GEMV_ROWS]
 
 
-def test_engine_replies_identical_with_and_without_lean(int4_llama):
-    model, tokenizer = int4_llama
-    encoded = prompts(tokenizer, 4)
+def engine_replies(model, tokenizer, rows: int, new_tokens: int, **backend_kw) -> list[str]:
+    """Greedy replies to ``rows`` prompts admitted together through the engine."""
+    encoded = prompts(tokenizer, rows)
 
-    async def replies(lean: bool) -> list[str]:
-        engine = Engine(BatchBackend(model, tokenizer, None, threads=1, lean=lean), name="lean")
-        params = GenerationParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    async def run() -> list[str]:
+        engine = Engine(BatchBackend(model, tokenizer, None, threads=1, **backend_kw), name="lean")
+        params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         handles = [engine.submit(p, params, CancelToken()) for p in encoded]
         engine.start()
         try:
@@ -153,5 +153,11 @@ def test_engine_replies_identical_with_and_without_lean(int4_llama):
         finally:
             await asyncio.to_thread(engine.stop, 10.0)
 
-    on, off = asyncio.run(replies(True)), asyncio.run(replies(False))
+    return asyncio.run(run())
+
+
+def test_engine_replies_identical_with_and_without_lean(int4_llama):
+    model, tokenizer = int4_llama
+    on = engine_replies(model, tokenizer, 4, 12, lean=True, native=False)
+    off = engine_replies(model, tokenizer, 4, 12, lean=False)
     assert on == off and all(on)

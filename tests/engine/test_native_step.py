@@ -10,7 +10,6 @@ requirements.txt). It happens once per source and torch version, in ~/.cache/cha
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -20,12 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.types import CancelToken, GenerationParams
 from engine import native_step
 from engine.backend import BatchBackend
-from engine.engine import Engine
 from engine.quant import GEMV_ROWS, quantize_int4_weight_only
-from tests.engine.test_lean_decode import decode_run, prompts, tiny_llama
+from tests.engine.test_lean_decode import decode_run, engine_replies, prompts, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
@@ -81,19 +78,8 @@ def test_the_backend_runs_every_batch_size_compiled(int4_model, monkeypatch):
 
 def test_engine_replies_identical_compiled_and_not(int4_model):
     model, tokenizer = int4_model
-    encoded = prompts(tokenizer, 6)
-
-    async def replies(native: bool, lean: bool = True) -> list[str]:
-        engine = Engine(BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native), name="n")
-        params = GenerationParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-        handles = [engine.submit(p, params, CancelToken()) for p in encoded]
-        engine.start()
-        try:
-            return ["".join([d.text async for d in h]) for h in handles]
-        finally:
-            await asyncio.to_thread(engine.stop, 10.0)
-
-    compiled, plain = asyncio.run(replies(True)), asyncio.run(replies(False, lean=False))
+    compiled = engine_replies(model, tokenizer, 6, 16, native=True)
+    plain = engine_replies(model, tokenizer, 6, 16, lean=False)
     assert compiled == plain and all(compiled)
 
 

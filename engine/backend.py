@@ -24,6 +24,10 @@ from engine.sliced_prefill import SlicedPrefill
 # A long prompt's slice between decode steps takes about this share of a decode step's time, so
 # the decoding rows wait at most about twice their usual step (engine/sliced_prefill.py).
 SLICE_OF_STEP = 0.9
+# A join whose buffer would hold less than this share of real positions, and at least this many
+# padding positions (rows x positions), makes the cache ragged (the compiled step only).
+RAGGED_SHARE = 0.5
+RAGGED_MIN_PAD = 2048
 
 
 TOY_MODEL_PARAMS = 5_000_000
@@ -74,6 +78,9 @@ class BatchBackend:
         # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
         self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
+        # Whether the cache's padding is unset and each row attends to its own positions (the
+        # compiled step), taken when a join would otherwise fill mostly padding.
+        self.ragged = False
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -174,10 +181,12 @@ class BatchBackend:
             return self._run_part(part, self.prefill_chunk)
         # While rows decode, a slice takes about one of their steps; alone, a whole chunk.
         budget = SLICE_OF_STEP * self.step_time if self.batch_size and self.step_time else None
-        logits = self.sliced.advance(part, self.prefill_chunk, budget)
-        if logits is not None:
-            self._finish_part(part)
-        return logits
+        if part.logits is None:
+            part.logits = self.sliced.advance(part, self.prefill_chunk, budget)
+            if part.logits is None or budget is not None:
+                return None  # rows are decoding: the row joins in the next step, its copy alone
+        self._finish_part(part)
+        return part.logits
 
     def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
         n = len(part.prompt.input_ids)
@@ -231,16 +240,25 @@ class BatchBackend:
     def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
         if self.cache is None:
             self.cache, self.mask, self.deltas = make_growing(cache), mask, deltas
+            self.ragged = False
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
+        rows = self.mask.shape[0] + mask.shape[0]
+        real = int(self.mask.sum()) + int(mask.sum())
+        # Mostly padding (a long prompt joining short rows, or the reverse): the compiled step's
+        # rows attend to their own positions from now on, so the padding is never written.
+        pad = rows * width - real
+        if not self.ragged and pad >= RAGGED_MIN_PAD and real < RAGGED_SHARE * rows * width \
+                and self.lean is not None and self.lean.compiled(self.cache):
+            self.ragged = True
         for old, new in zip(self.cache.layers, cache.layers):
             if isinstance(old, GrowingLayer):
                 # One buffer with the decode steps' headroom: a long prompt joining short rows
                 # is copied once, not padded, concatenated and then grown by the next step.
-                spare = max(GROW_MIN, width // 4)
-                old.adopt(_stacked(old.keys, new.keys, width, spare), _stacked(old.values, new.values, width, spare),
-                          width)
+                spare, zero = max(GROW_MIN, width // 4), not self.ragged
+                old.adopt(_stacked(old.keys, new.keys, width, spare, zero),
+                          _stacked(old.values, new.values, width, spare, zero), width)
             else:
                 old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
                 old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
@@ -261,6 +279,9 @@ class BatchBackend:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         position = self.mask.sum(-1, keepdim=True) + self.deltas
         self.mask = F.pad(self.mask, (0, 1), value=1)
+        if self.ragged:  # each row from its first real position (the compiled step)
+            return self.lean(ids, self.mask, position, self.cache,
+                             starts=(self.mask.shape[1] - self.mask.sum(-1)).tolist())
         if self.lean is not None and (len(tokens) <= self.lean_rows or self.lean.compiled(self.cache)):
             return self.lean(ids, self.mask, position, self.cache)
         if self.mrope:
@@ -275,6 +296,7 @@ class BatchBackend:
         """Keep only these rows (in this order); drop the padding columns nobody needs any more."""
         if not rows:
             self.cache = self.mask = self.deltas = None
+            self.ragged = False
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mask, self.deltas = self.mask[index], self.deltas[index]
@@ -294,17 +316,19 @@ class PartialPrefill:
     cache: Any
     done: int = 0  # tokens whose KV is in ``cache``
     sliced: Any = None  # the chunk whose layers are under way (engine/sliced_prefill.py)
+    logits: Any = None  # its next-token logits once every chunk ran, until the row joins
 
 
-def _stacked(a: torch.Tensor, b: torch.Tensor, width: int, spare: int) -> torch.Tensor:
-    """``a``'s rows then ``b``'s, each left-padded with zeros to ``width`` positions, in a buffer
-    of ``width + spare`` positions (batch, heads, length, dim); the spare part is left unset."""
+def _stacked(a: torch.Tensor, b: torch.Tensor, width: int, spare: int, zero: bool = True) -> torch.Tensor:
+    """``a``'s rows then ``b``'s, each left-padded to ``width`` positions, in a buffer of
+    ``width + spare`` positions (batch, heads, length, dim); the spare part is left unset, and
+    the padding too unless ``zero`` (a masked read of it must never meet NaN: 0 x NaN is NaN)."""
     buf = a.new_empty((a.shape[0] + b.shape[0], a.shape[1], width + spare, a.shape[3]))
     row = 0
     for part in (a, b):
         rows, pad = part.shape[0], width - part.shape[2]
-        if pad:
-            buf[row:row + rows, :, :pad].zero_()  # masked out, but never NaN: 0 x NaN would be NaN
+        if pad and zero:
+            buf[row:row + rows, :, :pad].zero_()
         buf[row:row + rows, :, pad:width].copy_(part)
         row += rows
     return buf

@@ -104,8 +104,10 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 cache: Any) -> torch.Tensor:
-        """Next-token logits (rows, vocab) for ``ids`` (rows, 1), writing their KV into ``cache``."""
+                 cache: Any, starts: list[int] | None = None) -> torch.Tensor:
+        """Next-token logits (rows, vocab) for ``ids`` (rows, 1), writing their KV into ``cache``.
+        ``starts``: each row's first real position; it attends from there only, its padding is
+        never read (the compiled layers only: ``compiled(cache)`` must hold)."""
         inner = self.inner
         embeds = inner.embed_tokens(ids)
         mask = self._mask_fn(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
@@ -113,8 +115,8 @@ class LeanDecoder:
         cos, sin = inner.rotary_emb(embeds, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = ids.shape[0]
-        if self.compiled(cache):
-            h = self.native(embeds.view(rows, -1), cos, sin, mask, cache)
+        if starts is not None or self.compiled(cache):
+            h = self.native(embeds.view(rows, -1), cos, sin, mask, cache, starts)
             return self.model.lm_head(_rms_norm(h, inner.norm))
         few = rows <= GEMV_ROWS
         shape = (rows, 1, -1, self.head_dim)
@@ -217,7 +219,8 @@ class NativeLayers:
             self.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
         self.stride, self.slots = stride, slots
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any,
+                 starts: list[int] | None = None) -> torch.Tensor:
         if self.slots is None:
             self._pack()
         slots, stride = list(self.slots), self.stride
@@ -229,7 +232,7 @@ class NativeLayers:
                 raise RuntimeError("the cache layers hold different lengths")
             slots[i * stride + stride - 2], slots[i * stride + stride - 1] = layer.reserve(1, keys, values)
         h = native_step.decode_layers(h, cos, sin, mask if isinstance(mask, torch.Tensor) else None, slots, used,
-                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP)
+                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP, starts)
         for layer in layers:
             layer.advance(1)
         return h

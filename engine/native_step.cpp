@@ -77,7 +77,7 @@ at::Tensor rotate_half(const at::Tensor& x) {
 at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& mask, const Slots& slots, int64_t used,
                          int64_t head_dim, int64_t n_rep, double scaling, at::ArrayRef<double> eps,
-                         int64_t gemv_rows, int64_t group) {
+                         int64_t gemv_rows, int64_t group, at::OptionalIntArrayRef starts) {
   const int64_t rows = h.size(0);
   const int64_t layers = static_cast<int64_t>(slots.size()) / STRIDE;
   TORCH_CHECK(static_cast<int64_t>(slots.size()) == layers * STRIDE, "decode_layers: bad slot count");
@@ -109,9 +109,20 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
     vbuf.slice(2, used, used + 1).copy_(v);
     at::Tensor keys = kbuf.slice(2, 0, used + 1), values = vbuf.slice(2, 0, used + 1);
     // transformers' sdpa_attention_forward for one query position: grouped heads packed into the
-    // query with a mask, enable_gqa without one.
+    // query with a mask, enable_gqa without one. With ``starts``, each row attends to its own
+    // positions only (from its first real one): its padding is never read.
     at::Tensor out;
-    if (n_rep > 1 && mask.has_value()) {
+    if (starts.has_value()) {
+      std::vector<at::Tensor> per_row;
+      per_row.reserve(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t from = (*starts)[r];
+        per_row.push_back(at::scaled_dot_product_attention(
+            q.slice(0, r, r + 1), keys.slice(0, r, r + 1).slice(2, from), values.slice(0, r, r + 1).slice(2, from),
+            std::nullopt, 0.0, false, scaling, n_rep > 1));
+      }
+      out = at::cat(per_row, 0);
+    } else if (n_rep > 1 && mask.has_value()) {
       at::Tensor packed = q.reshape({q.size(0), q.size(1) / n_rep, n_rep, q.size(3)});
       at::Tensor m = *mask;
       if (m.size(1) != 1) m = m.reshape({m.size(0), m.size(1) / n_rep, n_rep, m.size(3)});
@@ -141,6 +152,6 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
 TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
   m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] slots, int used, "
-        "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group) -> Tensor",
+        "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group, int[]? starts) -> Tensor",
         &decode_layers);
 }

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from engine import native_step
-from engine.backend import BatchBackend
+from engine.backend import BatchBackend, EncodedPrompt
 from engine.quant import GEMV_ROWS, quantize_int4_weight_only
 from tests.engine.test_lean_decode import decode_run, engine_replies, prompts, tiny_llama
 
@@ -117,3 +117,45 @@ def test_a_build_killed_half_way_does_not_block_the_next(built, tmp_path):
     (tmp_path / name / "lock").write_text("")
     status, same, _ = _child({"CHATVLM_NATIVE_DIR": str(tmp_path)})
     assert status == "ready" and same == "True"
+
+
+def test_a_long_prompt_joining_short_rows_makes_the_cache_ragged(built, monkeypatch):
+    """Joining mostly padding, the cache's padding is left unset and each row attends to its own
+    positions: NaN written into the padding changes nothing, and the logits match transformers'
+    forward over the zero-padded cache (fp32: to rounding; greedy tokens equal)."""
+    from engine import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)  # the tiny model's context is 512
+    model, tokenizer = tiny_llama(dtype=torch.float32)
+    long = EncodedPrompt(tokenizer("the river carries boats past the old mill " * 30)["input_ids"][:300])
+    runs = []
+    for kw in ({"native": True}, {"lean": False}):
+        backend = BatchBackend(model, tokenizer, None, threads=1, **kw)
+        tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
+        for _ in range(2):
+            tokens = backend.decode(tokens).argmax(-1).tolist()
+        tokens = tokens + backend.prefill([long]).argmax(-1).tolist()
+        if kw.get("native"):
+            assert backend.ragged
+            width = backend.mask.shape[1]
+            with torch.inference_mode():
+                poison_padding(backend, width)
+        seen = []
+        for _ in range(4):
+            logits = backend.decode(tokens)
+            seen.append(logits)
+            tokens = logits.argmax(-1).tolist()
+        backend.keep([])
+        assert not backend.ragged
+        runs.append(seen)
+    for a, b in zip(*runs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def poison_padding(backend: BatchBackend, width: int) -> None:
+    for layer in backend.cache.layers:
+        for r, n in enumerate(backend.mask.sum(-1).tolist()):
+            layer.keys[r, :, :width - n] = float("nan")
+            layer.values[r, :, :width - n] = float("nan")

@@ -29,7 +29,6 @@ class VisionWorker:
         self._fail = fail
         self._queue: list = []
         self._encoding = 0           # requests in the vision-tower call now
-        self._error: ChatVLMError = ServerError("image encoding failed")
         self._exclusive = threading.Event()  # set while a call runs that the decode steps wait for
         self._cond = threading.Condition()
         self._stopping = False
@@ -89,28 +88,30 @@ class VisionWorker:
         # A request cancelled while it waited here is not encoded; the scheduler releases it
         # ("cancelled") like any request that leaves its queue.
         live = [s for s in batch if not s.handle.cancel.cancelled]
+        errors: dict[int, ChatVLMError] = {}
         if live:
             if self.backend.bind_vision_thread(self._decoding(), len(live)):
                 self._exclusive.set()
             try:
-                if not self._try(live) and len(live) > 1:
-                    for seq in live:  # one request's images failed the call: the others still go on
-                        self._try([seq])
+                error = self._try(live)
+                if error is not None:
+                    # One request's images failed the call: each on its own, so the others go on.
+                    errors = {id(s): e for s in live if (e := self._try([s]) if len(live) > 1 else error)}
             finally:
                 with self._cond:
                     self._exclusive.clear()
                     self._cond.notify_all()
-            failed = [s for s in live if s.prompt.features is None]
-            if failed:
-                self._fail(failed, self._error)
-                batch = [s for s in batch if s.prompt.features is not None or s not in live]
-        self._hand_over(batch)
+        for seq in live:
+            if id(seq) in errors:
+                self._fail([seq], errors[id(seq)])
+        with self._cond:
+            self._encoding = 0  # from here on they count in the scheduler's queue
+        self._hand_over([s for s in batch if id(s) not in errors])
 
-    def _try(self, seqs: list) -> bool:
+    def _try(self, seqs: list) -> ChatVLMError | None:
         try:
             self.backend.encode_images([s.prompt for s in seqs])
-            return True
+            return None
         except Exception as exc:  # noqa: BLE001 - a failed call fails its requests, not the engine
             log.exception("vision worker: image encoding failed")
-            self._error = exc if isinstance(exc, ChatVLMError) else ServerError("image encoding failed")
-            return False
+            return exc if isinstance(exc, ChatVLMError) else ServerError("image encoding failed")

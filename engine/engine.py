@@ -193,6 +193,10 @@ class Engine:
         if bind is not None:
             bind()
         while True:
+            if self._vision is not None:
+                # Before taking the queue: after a vision call the decode steps waited for (it
+                # had all the cores), the requests it handed over are admitted in this step.
+                self._vision.wait_exclusive(timeout=60.0)
             with self._cond:
                 while not self._waiting and not self._active and not self._prefilling and not self._stopping:
                     self._cond.wait()
@@ -213,11 +217,10 @@ class Engine:
         self._shutdown()
 
     def _share_cores(self) -> None:
-        """Give the vision worker a core of its own while it encodes beside the decode steps,
-        or wait for its call when it has taken all of them (see ``bind_vision_thread``)."""
+        """Give the vision worker a core of its own while it encodes beside the decode steps
+        (see ``bind_vision_thread``)."""
         if self._vision is None:
             return
-        self._vision.wait_exclusive(timeout=60.0)
         busy = self._vision.encoding
         if busy != self._sharing:
             self.backend.share_cores(busy)

@@ -1,7 +1,9 @@
 """The generation engine of one loaded model: a scheduler on its own thread that batches
 concurrent requests into shared forward passes and streams each request's tokens.
 
-Requests wait in a bounded queue. Between decode steps the scheduler admits waiting
+Requests wait in a bounded queue; those with images first pass the vision worker
+(engine/vision.py), which computes their image features on its own thread while the batch
+decodes. Between decode steps the scheduler admits waiting
 requests (one prefill for all of them, then they join the running batch) and drops
 finished, cancelled or expired ones, so every request keeps its own sampling parameters,
 stop strings and length, and the others carry on. Tokens reach the event loop through one
@@ -24,6 +26,7 @@ from core.types import CancelToken, GenerationParams
 from engine.backend import BatchBackend, EncodedPrompt
 from engine.detok import IncrementalDetokenizer
 from engine.sampling import RowSampler, choose_tokens
+from engine.vision import VisionWorker
 from llm.types import StreamDelta, Usage
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,10 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._vision = VisionWorker(backend, name, max_batch=max_batch, decoding=lambda: len(self._active),
+                                    hand_over=self._encoded, fail=self._fail_waiting) \
+            if getattr(backend, "encodes_images_ahead", False) else None
+        self._sharing = False  # whether the decode steps run on one thread fewer for the vision worker
         self.steps = 0  # decode steps run, for tests and metrics
 
     @property
@@ -118,17 +125,37 @@ class Engine:
 
     @property
     def waiting_count(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + (self._vision.pending if self._vision is not None else 0)
 
     def start(self) -> None:
         self._thread.start()
+        if self._vision is not None:
+            self._vision.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish nothing new: fail waiting requests, cancel running ones, join the thread."""
+        """Finish nothing new: fail waiting requests, cancel running ones, join the thread(s)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        if self._vision is not None:
+            self._vision.stop(timeout, self._unloaded())
         self._thread.join(timeout)
+
+    def _unloaded(self) -> ModelUnavailable:
+        return ModelUnavailable(f"model '{self.name}' was unloaded", headers={"Retry-After": "1"})
+
+    def _encoded(self, seqs: list[_Sequence]) -> None:
+        """The vision worker's hand-over: these requests' image features are ready."""
+        with self._cond:
+            if not self._stopping:
+                self._waiting.extend(seqs)
+                self._cond.notify()
+                seqs = []
+        self._fail_waiting(seqs, self._unloaded())  # the engine stopped meanwhile
+        self._report_queue()
+
+    def _fail_waiting(self, seqs: list[_Sequence], error: ChatVLMError) -> None:
+        self._deliver([(s.handle, error) for s in seqs])
 
     def encode(self, messages, prompt: str | None) -> EncodedPrompt:
         """Tokenize (chat template for messages); CPU work, call it off the event loop."""
@@ -148,11 +175,15 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded", headers={"Retry-After": "1"})
-            if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"model '{self.name}' has {len(self._waiting)} requests waiting; retry shortly",
+            waiting = self.waiting_count
+            if waiting >= self.max_queue:
+                raise Overloaded(f"model '{self.name}' has {waiting} requests waiting; retry shortly",
                                  headers={"Retry-After": "1"})
-            self._waiting.append(seq)
-            self._cond.notify()
+            if self._vision is not None and prompt.vision:
+                self._vision.put(seq)
+            else:
+                self._waiting.append(seq)
+                self._cond.notify()
         self._report_queue()
         return handle
 
@@ -162,6 +193,10 @@ class Engine:
         if bind is not None:
             bind()
         while True:
+            if self._vision is not None:
+                # Before taking the queue: after a vision call the decode steps waited for (it
+                # had all the cores), the requests it handed over are admitted in this step.
+                self._vision.wait_exclusive(timeout=60.0)
             with self._cond:
                 while not self._waiting and not self._active and not self._prefilling and not self._stopping:
                     self._cond.wait()
@@ -174,11 +209,22 @@ class Engine:
                 room = self.max_batch - len(self._active) - len(self._prefilling)
                 admitted = gone + [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
+                self._share_cores()
                 self._step(admitted)
             except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
                 log.exception("engine %s: step failed", self.name)
                 self._fail_all(admitted, exc if isinstance(exc, ChatVLMError) else ServerError("generation failed"))
         self._shutdown()
+
+    def _share_cores(self) -> None:
+        """Give the vision worker a core of its own while it encodes beside the decode steps
+        (see ``bind_vision_thread``)."""
+        if self._vision is None:
+            return
+        busy = self._vision.encoding
+        if busy != self._sharing:
+            self.backend.share_cores(busy)
+            self._sharing = busy
 
     def _fail_all(self, admitted: list[_Sequence], error: ChatVLMError) -> None:
         failed = {id(s): s for s in self._active + list(self._prefilling) + admitted}.values()
@@ -326,10 +372,10 @@ class Engine:
 
     def _report_queue(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_queue_depth(self.name, len(self._waiting))
+            self.metrics.set_queue_depth(self.name, self.waiting_count)
 
     def _shutdown(self) -> None:
-        error = ModelUnavailable(f"model '{self.name}' was unloaded", headers={"Retry-After": "1"})
+        error = self._unloaded()
         with self._cond:
             leftovers = list(self._waiting) + self._active + list(self._prefilling)
             self._waiting.clear()

@@ -11,8 +11,13 @@ c) ``transformers serve --continuous-batching`` with 16 concurrent streaming cli
 d) ``transformers serve`` without continuous batching, 16 concurrent streaming clients;
 e) our server (``api.py``) with 1, 4, 8 and 16 concurrent streaming clients draining the
    same 16 requests on ``/v1/chat/completions`` through the ``openai`` SDK;
-f) (tiny) 8 requests with an image on the tiny Qwen2-VL through our server, all at once
-   against one after another.
+f) 8 requests with an image on a Qwen2-VL through our server, all at once against one after
+   another: the tiny Qwen2-VL of ``make_tiny_models.py`` with "tiny", the ~30M one of
+   ``bench_models.py`` (an 8-block vision tower) with "small". The replies of the two runs
+   are compared (equal on the tiny one, which runs in fp32; the small one runs in bf16,
+   where a batch's rounding may flip a near-tie). The same again on a server with
+   ``vision_worker: false`` (the vision tower inside the prefill forward, as before the
+   vision worker) gives the "before" beside it.
 
 Throughput is completion tokens / wall time of the whole batch of requests; TTFT is
 request start to the first non-empty content delta. Every measurement runs one warm-up
@@ -20,6 +25,7 @@ round first and reports the median of ``--rounds``; TTFT percentiles pool all ro
 
     .venv/bin/python scripts/bench_engine.py [--only tiny|small] [--skip-serve] [--rounds 3]
                                              [--work-dir DIR]   # reuse built checkpoints
+    .venv/bin/python scripts/bench_engine.py --only-vlm         # part f) alone, tiny and small
 
 All traffic goes to 127.0.0.1, every loop is bounded, and every server this script starts
 is stopped before it exits.
@@ -49,12 +55,13 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from scripts.bench_llm_peers import process_server  # noqa: E402
-from scripts.bench_models import SMALL_ID, build_small_causal_lm  # noqa: E402
+from scripts.bench_models import SMALL_ID, SMALL_VLM_ID, build_small_causal_lm, build_small_qwen2_vl  # noqa: E402
 from scripts.make_tiny_models import build_tiny_models  # noqa: E402
 from tests.server_process import RemoteServer, free_port  # noqa: E402
 
 TEXT_ID = SMALL_ID  # both checkpoints are served under the default text model's id
 VLM_ID = "qwen_vl_2b"
+assert SMALL_VLM_ID == VLM_ID  # the small Qwen2-VL is served under the same id
 N_REQUESTS = 16
 PROMPT_TOKENS = 20
 NEW_TOKENS = 64
@@ -110,7 +117,7 @@ def note(text: str) -> None:
 @dataclass
 class Checkpoint:
     name: str           # "tiny" | "small"
-    models_dir: Path    # folder holding <TEXT_ID>/ (and the VLM for tiny)
+    models_dir: Path    # folder holding <TEXT_ID>/ and <VLM_ID>/
     path: Path          # the text model folder
     messages: list[list[dict]]  # one chat per request, user message of PROMPT_TOKENS tokens
     prompt_ids: list[list[int]]  # the same chats after the chat template
@@ -178,6 +185,8 @@ def build_checkpoints(work: Path, which: list[str]) -> dict[str, Checkpoint]:
         else:
             if not (models_dir / TEXT_ID / "config.json").exists():
                 build_small_causal_lm(models_dir / TEXT_ID)
+            if not (models_dir / VLM_ID / "config.json").exists():
+                build_small_qwen2_vl(models_dir / VLM_ID)
         out[name] = load_checkpoint(name, models_dir)
         print(f"[{name}] checkpoint ready in {time.perf_counter() - t0:.1f}s: {models_dir}", flush=True)
     return out
@@ -244,6 +253,8 @@ class Reply:
     prompt_tokens: int | None
     finish_reason: str | None
     chunks: int
+    text: str = ""
+    index: int = -1  # the chat's position in the list drained
 
 
 async def stream_one(client, model: str, messages: list[dict], extra_body: dict | None) -> Reply:
@@ -253,6 +264,7 @@ async def stream_one(client, model: str, messages: list[dict], extra_body: dict 
         stream_options={"include_usage": True}, extra_body=extra_body)
     ttft = completion = prompt = finish = None
     chunks = 0
+    text = []
     async with stream:  # closes the connection even if the loop stops early
         async for chunk in stream:
             if chunk.usage is not None:
@@ -260,11 +272,12 @@ async def stream_one(client, model: str, messages: list[dict], extra_body: dict 
             for choice in chunk.choices:
                 if choice.delta is not None and choice.delta.content:
                     chunks += 1
+                    text.append(choice.delta.content)
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                 if choice.finish_reason:
                     finish = choice.finish_reason
-    return Reply(ttft, completion, prompt, finish, chunks)
+    return Reply(ttft, completion, prompt, finish, chunks, "".join(text))
 
 
 async def drain(base_url: str, model: str, chats: list[list[dict]], concurrency: int,
@@ -274,8 +287,8 @@ async def drain(base_url: str, model: str, chats: list[list[dict]], concurrency:
     from openai import AsyncOpenAI
 
     queue: asyncio.Queue = asyncio.Queue()
-    for chat in chats:
-        queue.put_nowait(chat)
+    for item in enumerate(chats):
+        queue.put_nowait(item)
     replies: list[Reply] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with AsyncOpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0,
@@ -285,10 +298,12 @@ async def drain(base_url: str, model: str, chats: list[list[dict]], concurrency:
         async def worker() -> None:
             while True:
                 try:
-                    chat = queue.get_nowait()
+                    index, chat = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                replies.append(await stream_one(client, model, chat, extra_body))
+                reply = await stream_one(client, model, chat, extra_body)
+                reply.index = index
+                replies.append(reply)
 
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), LEVEL_TIMEOUT_S)
@@ -308,8 +323,9 @@ def check_replies(label: str, replies: list[Reply], prompt_len: int | None) -> N
 
 def measure_clients(label: str, base_url: str, model: str, chats: list[list[dict]], concurrency: int,
                     rounds: int, extra_body: dict | None, prompt_len: int | None,
-                    warmup: int | None = None) -> Measure:
-    """Warm-up (``warmup`` requests, default all), then ``rounds`` timed rounds."""
+                    warmup: int | None = None, texts: dict[int, str] | None = None) -> Measure:
+    """Warm-up (``warmup`` requests, default all), then ``rounds`` timed rounds (``texts``: the
+    replies, by chat index)."""
     result = Measure()
     try:
         warm = chats if warmup is None else chats[:warmup]
@@ -318,6 +334,8 @@ def measure_clients(label: str, base_url: str, model: str, chats: list[list[dict
         for _ in range(rounds):
             wall, replies = asyncio.run(drain(base_url, model, chats, concurrency, extra_body))
             check_replies(label, replies, prompt_len)
+            if texts is not None:
+                texts.update((r.index, r.text) for r in replies)
             rates.append(sum(r.completion_tokens or 0 for r in replies) / wall)
             result.ttft += [r.ttft for r in replies if r.ttft is not None]
         result.tok_s = statistics.median(rates)
@@ -374,17 +392,22 @@ def test_image_data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def bench_ours(ck: Checkpoint, rounds: int, with_vlm: bool) -> dict[str, Measure]:
+def bench_ours(ck: Checkpoint, rounds: int, with_vlm: bool, with_text: bool = True,
+               vision_worker: bool = True) -> dict[str, Measure]:
     out: dict[str, Measure] = {}
     extra = {"ignore_eos": True}
     data_dir = Path(tempfile.mkdtemp(prefix="bench-engine-data-"))
     server = None
+    env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": str(data_dir)}
+    suffix = "" if vision_worker else "_inline"
+    if not vision_worker:
+        env[f"CHATVLM_MODELS__{VLM_ID.upper()}__OPTIONS"] = '{"vision_worker": false}'
     try:
-        server = RemoteServer(models_dir=ck.models_dir, startup_timeout=120,
-                              env={**OFFLINE_ENV, "CHATVLM_DATA_DIR": str(data_dir)})
+        server = RemoteServer(models_dir=ck.models_dir, startup_timeout=120, env=env)
         # A round at full concurrency loads the model; each level then warms up with its own batch size.
-        asyncio.run(drain(server.url, TEXT_ID, ck.messages, N_REQUESTS, extra))
-        for n in CLIENT_LEVELS:
+        for n in CLIENT_LEVELS if with_text else ():
+            if n == CLIENT_LEVELS[0]:
+                asyncio.run(drain(server.url, TEXT_ID, ck.messages, N_REQUESTS, extra))
             out[f"ours{n}"] = measure_clients(f"[{ck.name}] e) ours, {n} clients", server.url, TEXT_ID,
                                               ck.messages, n, rounds, extra, len(ck.prompt_ids[0]), warmup=n)
         if with_vlm:
@@ -392,14 +415,23 @@ def bench_ours(ck: Checkpoint, rounds: int, with_vlm: bool) -> dict[str, Measure
                 {"type": "text", "text": "Read all the text in this image."},
                 {"type": "image_url", "image_url": {"url": test_image_data_url(i)}}]}]
                 for i in range(VLM_REQUESTS)]
-            out["vlm_seq"] = measure_clients(f"[{ck.name}] f) VLM {VLM_ID}, {VLM_REQUESTS} sequential", server.url,
-                                             VLM_ID, chats, 1, rounds, extra, None, warmup=2)
-            out["vlm_conc"] = measure_clients(f"[{ck.name}] f) VLM {VLM_ID}, {VLM_REQUESTS} concurrent", server.url,
-                                              VLM_ID, chats, VLM_REQUESTS, rounds, extra, None)
+            seq_texts: dict[int, str] = {}
+            conc_texts: dict[int, str] = {}
+            how = "vision worker" if vision_worker else "vision tower in prefill"
+            out["vlm_seq" + suffix] = measure_clients(
+                f"[{ck.name}] f) VLM {VLM_ID} ({how}), {VLM_REQUESTS} sequential", server.url,
+                VLM_ID, chats, 1, rounds, extra, None, warmup=2, texts=seq_texts)
+            out["vlm_conc" + suffix] = measure_clients(
+                f"[{ck.name}] f) VLM {VLM_ID} ({how}), {VLM_REQUESTS} concurrent", server.url,
+                VLM_ID, chats, VLM_REQUESTS, rounds, extra, None, texts=conc_texts)
+            same = sum(seq_texts.get(i) == conc_texts.get(i) is not None for i in range(VLM_REQUESTS))
+            note(f"{ck.name} Qwen2-VL ({how}): {same}/{VLM_REQUESTS} concurrent replies identical to the "
+                 "sequential ones")
     except Exception as exc:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         print(f"  [{ck.name}] our server: error {msg}", flush=True)
-        for key in [f"ours{n}" for n in CLIENT_LEVELS] + (["vlm_seq", "vlm_conc"] if with_vlm else []):
+        for key in [f"ours{n}" for n in CLIENT_LEVELS if with_text] + \
+                ([f"vlm_seq{suffix}", f"vlm_conc{suffix}"] if with_vlm else []):
             out.setdefault(key, Measure(error=msg))
     finally:
         if server is not None:
@@ -430,6 +462,9 @@ def report(results: dict[str, dict[str, Measure]], cks: dict[str, Checkpoint], r
     names = list(results)
     prompt_lens = ", ".join(f"{n}: {len(cks[n].prompt_ids[0])}" for n in names)
     lines = [
+        f"Part f): {VLM_REQUESTS} requests, each a 224×168 PNG and one instruction, {NEW_TOKENS} new tokens, "
+        "greedy, EOS ignored.",
+        "",
         f"{N_REQUESTS} requests, each a {PROMPT_TOKENS}-token user message ({prompt_lens} tokens after the chat "
         f"template) and exactly {NEW_TOKENS} new tokens, greedy, EOS ignored. Median of {rounds} rounds after a "
         "warm-up; TTFT percentiles over all rounds' requests.",
@@ -443,8 +478,10 @@ def report(results: dict[str, dict[str, Measure]], cks: dict[str, Checkpoint], r
         ("serve_cb", f"`transformers serve --continuous-batching`, {N_REQUESTS} concurrent streaming clients"),
         ("serve", f"`transformers serve` without continuous batching, {N_REQUESTS} clients"),
     ] + [(f"ours{n}", f"ours, {n} concurrent streaming client{'s' if n > 1 else ''}") for n in CLIENT_LEVELS] + [
-        ("vlm_seq", f"ours, tiny Qwen2-VL with an image, {VLM_REQUESTS} requests one after another"),
-        ("vlm_conc", f"ours, tiny Qwen2-VL with an image, {VLM_REQUESTS} concurrent requests"),
+        ("vlm_seq", f"ours, Qwen2-VL (tiny / ~30M small) with an image, {VLM_REQUESTS} requests one after another"),
+        ("vlm_conc", f"ours, Qwen2-VL (tiny / ~30M small) with an image, {VLM_REQUESTS} concurrent requests"),
+        ("vlm_seq_inline", f"the same, vision tower inside prefill (`vision_worker: false`), {VLM_REQUESTS} one after another"),
+        ("vlm_conc_inline", f"the same, vision tower inside prefill, {VLM_REQUESTS} concurrent"),
     ]
     for key, title in rows:
         if not any(key in results[n] for n in names):
@@ -478,10 +515,18 @@ def report(results: dict[str, dict[str, Measure]], cks: dict[str, Checkpoint], r
         v = ratio(r.get("vlm_conc"), r.get("vlm_seq"))
         return verdict(v, None if v is None else v >= 3, "{:.2f}×")
 
-    row(f"ours ({N_REQUESTS} clients) / `transformers serve --continuous-batching` throughput ≥ 1.5×", cb_ratio)
-    row(f"TTFT p95, ours ({N_REQUESTS}) vs `transformers serve --continuous-batching` (ours ≤ theirs)", ttft)
-    row(f"ours ({N_REQUESTS} clients) / one batched `generate` ≥ 0.7× (small)", limit)
-    row(f"VLM: {VLM_REQUESTS} concurrent / sequential ≥ 3× (tiny)", vlm)
+    def vlm_inline(r, _n):
+        v = ratio(r.get("vlm_conc_inline"), r.get("vlm_seq_inline"))
+        return "—" if v is None else f"{v:.2f}×"
+
+    text = any("serve_cb" in results[n] or "batched" in results[n] for n in names)
+    if text:
+        row(f"ours ({N_REQUESTS} clients) / `transformers serve --continuous-batching` throughput ≥ 1.5×", cb_ratio)
+        row(f"TTFT p95, ours ({N_REQUESTS}) vs `transformers serve --continuous-batching` (ours ≤ theirs)", ttft)
+        row(f"ours ({N_REQUESTS} clients) / one batched `generate` ≥ 0.7× (small)", limit)
+    row(f"VLM: {VLM_REQUESTS} concurrent / sequential ≥ 3× (tiny, small)", vlm)
+    if any("vlm_conc_inline" in results[n] for n in names):
+        row(f"VLM before (vision tower inside prefill): {VLM_REQUESTS} concurrent / sequential", vlm_inline)
     for n in names:
         v = ratio(results[n].get(f"ours{N_REQUESTS}"), results[n].get("seq"))
         if v is not None:
@@ -497,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["tiny", "small"], help="benchmark one checkpoint only")
     parser.add_argument("--skip-serve", action="store_true", help="skip the `transformers serve` baselines")
+    parser.add_argument("--only-vlm", action="store_true",
+                        help="only part f) (image requests on the tiny and small Qwen2-VL), side by side")
+    parser.add_argument("--no-vlm-inline", action="store_true",
+                        help="skip part f)'s baseline with the vision tower inside prefill (vision_worker: false)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per measurement (default 3)")
     parser.add_argument("--threads", type=int,
                         help="torch/OpenMP threads for this process and every server (default: torch's own)")
@@ -527,11 +576,14 @@ def main(argv: list[str] | None = None) -> int:
         cks = build_checkpoints(work, which)
         for name, ck in cks.items():
             r = results[name] = {}
-            r["seq"], r["batched"] = bench_generate(ck, args.rounds)
-            if not args.skip_serve:
+            if not args.only_vlm:
+                r["seq"], r["batched"] = bench_generate(ck, args.rounds)
+            if not args.skip_serve and not args.only_vlm:
                 r["serve_cb"] = bench_transformers_serve(ck, True, args.rounds)
                 r["serve"] = bench_transformers_serve(ck, False, args.rounds)
-            r.update(bench_ours(ck, args.rounds, with_vlm=name == "tiny"))
+            r.update(bench_ours(ck, args.rounds, with_vlm=True, with_text=not args.only_vlm))
+            if not args.no_vlm_inline:
+                r.update(bench_ours(ck, args.rounds, with_vlm=True, with_text=False, vision_worker=False))
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -539,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## Engine benchmark ({os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {load}; {time.perf_counter() - started:.0f} s)\n")
     print(report(results, cks, args.rounds))
+    print(f"\ncommand: {' '.join([Path(sys.executable).name, *sys.argv])}")
     return 0
 
 

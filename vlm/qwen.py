@@ -49,7 +49,10 @@ class QwenVLAdapter(ProcessorModelAdapter):
 
         if self.model is None:
             raise ModelUnavailable(f"model '{self.spec.id}' is not loaded")
-        return BatchBackend(self.model, self.processor.tokenizer, self.encode, mrope=True, threads=self.spec.threads)
+        backend = BatchBackend(self.model, self.processor.tokenizer, self.encode, mrope=True, threads=self.spec.threads)
+        # Image features on the engine's vision worker, off the decode loop (off: inside prefill).
+        backend.vision_ahead = bool(self.spec.options.get("vision_worker", True))
+        return backend
 
     def encode(self, messages, prompt: str | None):
         """Chat messages (text and PIL image parts) or a raw prompt -> token ids and image tensors."""

@@ -44,7 +44,8 @@ def curl_commands() -> list[list[str]]:
             if command.rstrip().endswith("\\"):
                 continue
             command = ""
-            while (start := next((i for i, w in enumerate(words) if w == "curl" or w.endswith("$(curl")), None)) is not None:
+            while (start := next((i for i, w in enumerate(words) if w in ("curl", "$(curl")
+                                  or w.endswith("=$(curl")), None)) is not None:
                 words = words[start + 1:]
                 end = next((i for i, w in enumerate(words) if w in ("|", ")", "&&", ";")), len(words))
                 out.append(words[:end])

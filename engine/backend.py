@@ -25,7 +25,7 @@ from engine.sliced_prefill import SlicedPrefill
 
 # A long prompt's slice between decode steps takes about this share of a decode step's time, so
 # the decoding rows wait at most about twice their usual step (engine/sliced_prefill.py).
-SLICE_OF_STEP = 0.9
+SLICE_OF_STEP = 0.75
 # A join whose buffer would hold less than this share of real positions, and at least this many
 # padding positions (rows x positions), makes the cache ragged (the compiled step only).
 RAGGED_SHARE = 0.5

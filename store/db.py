@@ -8,6 +8,7 @@ an advisory lock.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _json_default(value):
+    """Numbers and arrays from numpy/OpenCV (a table cell's box, a score) as plain JSON."""
+    if callable(getattr(value, "tolist", None)):  # numpy arrays and scalars alike
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_dumps(value) -> str:
+    return json.dumps(value, default=_json_default)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -47,10 +59,12 @@ class Database:
         if self.backend == "sqlite":
             path = Path(url.split(":///", 1)[1])
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
+                                                json_serializer=_json_dumps)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                                        json_serializer=_json_dumps)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:

@@ -57,7 +57,7 @@ def find_grids(horizontal: np.ndarray, vertical: np.ndarray) -> list[Grid]:
     n, _, stats, _ = cv2.connectedComponentsWithStats(frame, connectivity=8)
     grids = []
     for i in range(1, n):
-        x, y, w, h, _ = stats[i]
+        x, y, w, h, _ = (int(v) for v in stats[i])  # numpy ints would reach the JSON of jobs
         if w < 60 or h < 30:
             continue
         hs = horizontal[y:y + h, x:x + w] > 0

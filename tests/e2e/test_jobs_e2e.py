@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import requests
 
-from scripts.make_doc_pages import draw_png, make_page, scanned_pdf
+from scripts.make_doc_pages import draw_pdf, draw_png, make_page, scanned_pdf
 from tests.e2e.conftest import similarity
 from tests.server_process import RemoteServer, free_port
 
@@ -116,6 +116,19 @@ def test_job_lifecycle_events_result_and_callback(jobs_server, pdf4):
         assert receiver.bodies[0]["status"] == "succeeded"
     finally:
         receiver.close()
+
+
+def test_a_born_digital_pdf_with_a_ruled_table(jobs_server):
+    """The text layer's path through a job: its table cells' boxes are stored as JSON (they once
+    carried numpy integers from OpenCV, and the job failed where /ocr succeeded)."""
+    pdf = draw_pdf([make_page(0, "en", two_column=False, seed=SEED)])
+    job_id = submit(jobs_server, pdf, format="json").json()["job_id"]
+    done = wait(jobs_server, job_id)
+    assert done["status"] == "succeeded" and done["pages_done"] == 1, done
+    body = requests.get(f"{jobs_server.url}/jobs/{job_id}/result", timeout=30).json()
+    blocks = [b for p in body["pages"] for b in p["blocks"]] if isinstance(body["pages"], list) else body["blocks"]
+    tables = [b for b in blocks if b.get("category") == "Table" and b.get("cells")]
+    assert tables and all(isinstance(v, int) for t in tables for c in t["cells"] for v in c["box"])
 
 
 def test_bad_jobs_are_refused(jobs_server, pdf4):

@@ -22,6 +22,16 @@ def _tesseract_missing() -> str | None:
         "apt-get install tesseract-ocr tesseract-ocr-rus tesseract-ocr-chi-sim"
 
 
+def pytest_sessionstart(session) -> None:
+    """Build the compiled decode step (engine/native_step.py) before any test runs: servers and
+    engines started by the tests then load it at once, instead of a build in the background
+    competing for the two cores with timing-sensitive tests."""
+    from engine import native_step
+
+    if not native_step.wait(600):
+        print(f"\nnote: the compiled decode step is unavailable ({native_step.error()}); the Python step runs")
+
+
 TESSERACT_MISSING = _tesseract_missing()
 requires_tesseract = pytest.mark.skipif(TESSERACT_MISSING is not None, reason=TESSERACT_MISSING or "")
 

@@ -152,15 +152,16 @@ class BatchBackend:
         self._join(out.past_key_values, mask, deltas)
         return out.logits[:, -1, :]
 
-    def _remember(self, prompts: list[EncodedPrompt], cache: Any, length: int) -> None:
-        """Store each text prompt's block-aligned prefix KV (its row, without the left padding)."""
+    def _remember(self, prompts: list[EncodedPrompt], cache: Any, length: int, copy: bool = True) -> None:
+        """Store each text prompt's block-aligned prefix KV (its row, without the left padding).
+        ``copy=False``: ``cache`` is a finished prefill's own, never written again."""
         if self.prefix_cache is None:
             return
         for i, p in enumerate(prompts):
             if self._cacheable(p) and not self.prefix_cache.covers(p.input_ids):
                 start = length - len(p.input_ids)
                 self.prefix_cache.store(p.input_ids, [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:])
-                                                      for layer in cache.layers])
+                                                      for layer in cache.layers], copy=copy)
 
     def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
         """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
@@ -196,10 +197,39 @@ class BatchBackend:
         budget = SLICE_OF_STEP * self.step_time if self.batch_size and self.step_time else None
         if part.logits is None:
             part.logits = self.sliced.advance(part, self.prefill_chunk, budget)
-            if part.logits is None or budget is not None:
-                return None  # rows are decoding: the row joins in the next step, its copy alone
+            if part.logits is None:
+                return None
+            if budget is not None:
+                self._remember([part.prompt], part.cache, len(part.prompt.input_ids), copy=False)
+                part.remembered = True
+                return None  # rows are decoding: the join's copies come in the next steps
+        elif budget is not None and not self._staged(part, budget):
+            return None
         self._finish_part(part)
         return part.logits
+
+    def _staged(self, part: "PartialPrefill", budget: float) -> bool:
+        """Copy the finished prompt's KV into the buffers the batch will take at its join, a few
+        layers per step within ``budget`` seconds; True once done, or when the join will not be
+        ragged (then the join copies everything itself)."""
+        n = len(part.prompt.input_ids)
+        if part.stage is None:
+            if not self._ragged_join(n, 1) or self.mask.shape[1] + 8 > n:
+                return True
+            part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4))
+        stage, start = part.stage, time.perf_counter()
+        layers = part.cache.layers
+        while len(stage.buffers) < len(layers):
+            new = layers[len(stage.buffers)]
+            pair = []
+            for t in (new.keys, new.values):
+                buf = t.new_empty((stage.rows + 1, t.shape[1], n + stage.spare, t.shape[3]))
+                buf[stage.rows:, :, :n].copy_(t)
+                pair.append(buf)
+            stage.buffers.append(tuple(pair))
+            if time.perf_counter() - start > budget:
+                break
+        return len(stage.buffers) == len(layers)
 
     def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
         n = len(part.prompt.input_ids)
@@ -218,9 +248,36 @@ class BatchBackend:
     def _finish_part(self, part: "PartialPrefill") -> None:
         """The whole prompt is in ``part.cache``: remember its prefix, and the row joins."""
         n = len(part.prompt.input_ids)
-        self._remember([part.prompt], part.cache, n)  # a longer prefix than any that hit
-        self._join(part.cache, torch.ones((1, n), dtype=torch.long, device=self.device),
-                   torch.zeros((1, 1), dtype=torch.long, device=self.device))
+        if not part.remembered:
+            self._remember([part.prompt], part.cache, n, copy=False)  # a longer prefix than any that hit
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        deltas = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        stage = part.stage
+        if stage is not None and self.cache is not None and stage.rows == self.batch_size \
+                and len(stage.buffers) == len(self.cache.layers) and self.mask.shape[1] <= n:
+            # The new row is in place already: only the running rows' positions are copied.
+            width = self.mask.shape[1]
+            for layer, (k, v) in zip(self.cache.layers, stage.buffers):
+                k[:stage.rows, :, n - width:n].copy_(layer.keys)
+                v[:stage.rows, :, n - width:n].copy_(layer.values)
+                layer.adopt(k, v, n)
+            self.mask = torch.cat([F.pad(self.mask, (n - width, 0)), mask])
+            self.deltas = torch.cat([self.deltas, deltas])
+            self.ragged = True
+        else:  # rows left or joined meanwhile, or no staging: one copy of everything
+            self._join(part.cache, mask, deltas)
+        part.stage = None
+
+    def _ragged_join(self, new_len: int, new_rows: int, new_real: int | None = None) -> bool:
+        """Whether joining ``new_rows`` rows of ``new_len`` positions makes the cache ragged."""
+        if self.ragged:
+            return True
+        if self.cache is None or self.lean is None or not self.lean.compiled(self.cache):
+            return False
+        width = max(self.mask.shape[1], new_len)
+        rows = self.batch_size + new_rows
+        real = int(self.mask.sum()) + (new_len * new_rows if new_real is None else new_real)
+        return rows * width - real >= RAGGED_MIN_PAD and real < RAGGED_SHARE * rows * width
 
     def _mrope_positions(self, prompts, ids, mask, kwargs):
         with_images = [p for p in prompts if p.vision]
@@ -336,14 +393,9 @@ class BatchBackend:
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
-        rows = self.mask.shape[0] + mask.shape[0]
-        real = int(self.mask.sum()) + int(mask.sum())
         # Mostly padding (a long prompt joining short rows, or the reverse): the compiled step's
         # rows attend to their own positions from now on, so the padding is never written.
-        pad = rows * width - real
-        if not self.ragged and pad >= RAGGED_MIN_PAD and real < RAGGED_SHARE * rows * width \
-                and self.lean is not None and self.lean.compiled(self.cache):
-            self.ragged = True
+        self.ragged = self._ragged_join(new_len, mask.shape[0], int(mask.sum()))
         for old, new in zip(self.cache.layers, cache.layers):
             if isinstance(old, GrowingLayer):
                 # One buffer with the decode steps' headroom: a long prompt joining short rows
@@ -409,6 +461,15 @@ class PartialPrefill:
     done: int = 0  # tokens whose KV is in ``cache``
     sliced: Any = None  # the chunk whose layers are under way (engine/sliced_prefill.py)
     logits: Any = None  # its next-token logits once every chunk ran, until the row joins
+    remembered: bool = False  # its prefix went to the prefix cache
+    stage: "_Stage | None" = None  # the batch's buffers for its join, being filled
+
+
+@dataclass
+class _Stage:
+    rows: int   # the batch's rows when staging began (the join uses the buffers only if unchanged)
+    spare: int  # positions of headroom after the prompt
+    buffers: list = field(default_factory=list)  # per layer (keys, values), the new row in place
 
 
 def _stacked(a: torch.Tensor, b: torch.Tensor, width: int, spare: int, zero: bool = True) -> torch.Tensor:

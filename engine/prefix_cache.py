@@ -63,15 +63,18 @@ class PrefixCache:
         end = self.usable(len(ids))
         return end == 0 or tuple(ids[:end]) in self._index
 
-    def store(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the KV (per layer (1, heads, >= usable, dim)) of ``ids``' usable prefix."""
+    def store(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], copy: bool = True) -> None:
+        """Keep the KV (per layer (1, heads, >= usable, dim)) of ``ids``' usable prefix.
+        ``copy=False``: the caller hands the tensors over and never writes them again (a
+        finished prefill's own cache), so views of them are kept instead of copies."""
         end = self.usable(len(ids))
         if end == 0 or self.max_bytes <= 0:
             return
         key = tuple(ids[:end])
         if key in self._index:
             return
-        kept = [(k[:, :, :end].clone(), v[:, :, :end].clone()) for k, v in layers]
+        kept = [(k[:, :, :end], v[:, :, :end]) if not copy else (k[:, :, :end].clone(), v[:, :, :end].clone())
+                for k, v in layers]
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kept)
         if nbytes > self.max_bytes:
             return

@@ -1,6 +1,7 @@
 """Chunked prefill: the worst gap between tokens that running streams see while a long prompt
 (4,000 tokens) joins their batch, against their usual step time; one prefill vs chunks, side by
-side in one run through the engine on one real model.
+side in one run through the engine on one real model. Gaps are taken per token (between the
+running rows' decode steps) and per text event (what a client receives).
 
     .venv/bin/python scripts/bench_chunked_prefill.py /tmp/bench-llm-peers/smollm2 --chunks 0,512,128
 """
@@ -18,13 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int) -> tuple[float, float, float, str]:
-    """(median gap, worst gap during the join, TTFT of the long prompt, its reply) in seconds."""
+def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int) -> tuple:
+    """(median token gap, worst token gap during the join, the same two for text events at the
+    client, TTFT of the long prompt, its reply); times in seconds.
+
+    A token gap is the time between two decode steps of the running rows (each gives every row
+    its next token), taken on the engine's thread as each step ends. A text event is what a
+    client receives: a token whose text is empty or held back (a special token, part of a
+    character) sends none, so one text gap can span two steps or more."""
     from core.types import CancelToken, GenerationParams
     from engine.backend import BatchBackend, EncodedPrompt
     from engine.engine import Engine
 
     backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=chunk)
+    steps: list[float] = []
+    decode = backend.decode
+
+    def timed_decode(tokens):
+        out = decode(tokens)
+        steps.append(time.perf_counter())
+        return out
+
+    backend.decode = timed_decode
 
     async def main():
         engine = Engine(backend, name="bench", stream_interval=0.0)
@@ -55,7 +71,10 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int)
             await asyncio.to_thread(engine.stop)
         gaps_before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b < joined_at]
         gaps_join = [b - a for s in stamps for a, b in zip(s, s[1:]) if a <= first and b >= joined_at]
-        return statistics.median(gaps_before), max(gaps_join, default=0.0), first - joined_at, text
+        token_before = [b - a for a, b in zip(steps, steps[1:]) if b < joined_at]
+        token_join = [b - a for a, b in zip(steps, steps[1:]) if a <= first and b >= joined_at]
+        return (statistics.median(token_before), max(token_join, default=0.0), statistics.median(gaps_before),
+                max(gaps_join, default=0.0), first - joined_at, text)
 
     return asyncio.run(main())
 
@@ -85,18 +104,20 @@ def main(argv: list[str] | None = None) -> int:
           f"a {len(long_ids)}-token prompt joins", flush=True)
     rows, replies = [], set()
     for chunk in (int(c) for c in a.chunks.split(",")):
-        step, worst, ttft, text = run(adapter, chunk, a.streams, long_ids, 400)
+        step, worst, text_step, text_worst, ttft, text = run(adapter, chunk, a.streams, long_ids, 400)
         replies.add(text)
-        rows.append((chunk, step, worst, ttft))
-        print(f"  chunk {chunk or 'off'}: step {step * 1000:.0f} ms, worst gap {worst * 1000:.0f} ms "
-              f"({worst / step:.1f}×), long prompt TTFT {ttft:.2f} s", flush=True)
+        rows.append((chunk, step, worst, text_step, text_worst, ttft))
+        print(f"  chunk {chunk or 'off'}: token gaps: step {step * 1000:.0f} ms, worst {worst * 1000:.0f} ms "
+              f"({worst / step:.1f}×); text events: {text_step * 1000:.0f} ms, worst {text_worst * 1000:.0f} ms "
+              f"({text_worst / text_step:.1f}×); long prompt TTFT {ttft:.2f} s", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
-    print("| prefill | usual step (median gap) | worst gap while the long prompt joins | worst / step | "
-          "TTFT of the long prompt |")
-    print("|---|---|---|---|---|")
-    for chunk, step, worst, ttft in rows:
+    print("| prefill | usual step (median token gap) | worst token gap while the long prompt joins | worst / step | "
+          "text events: median / worst gap (worst / median) | TTFT of the long prompt |")
+    print("|---|---|---|---|---|---|")
+    for chunk, step, worst, text_step, text_worst, ttft in rows:
         print(f"| {'one prefill' if not chunk else f'chunks of {chunk}'} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
-              f"{worst / step:.1f}× | {ttft:.2f} s |")
+              f"{worst / step:.1f}× | {text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | "
+              f"{ttft:.2f} s |")
     print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")
     return 0 if len(replies) == 1 else 1
 

@@ -159,3 +159,43 @@ def poison_padding(backend: BatchBackend, width: int) -> None:
         for r, n in enumerate(backend.mask.sum(-1).tolist()):
             layer.keys[r, :, :width - n] = float("nan")
             layer.values[r, :, :width - n] = float("nan")
+
+
+def test_a_long_prompt_is_staged_into_the_batch_a_few_layers_per_step(built, monkeypatch):
+    """While rows decode, a sliced prompt's KV goes into the batch's new buffers a layer or so per
+    step before its join, which then copies the running rows only; the logits after it are the
+    ones of a join that copies everything at once."""
+    from engine import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)
+    model, tokenizer = tiny_llama(dtype=torch.float32)
+    long = EncodedPrompt(tokenizer("the river carries boats past the old mill " * 30)["input_ids"][:300])
+    layers = model.config.num_hidden_layers
+    runs, calls = [], []
+    for staged in (True, False):
+        backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
+        if not staged:
+            monkeypatch.setattr(backend, "_staged", lambda part, budget: True)
+        tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
+        tokens = backend.decode(tokens).argmax(-1).tolist()
+        part, n = backend.begin_prefill(long), 0
+        while True:
+            backend.step_time = 1e-9  # a budget spent at once: one layer (or one copy) per call
+            n += 1
+            logits = backend.prefill_chunk_step(part)
+            if logits is not None:
+                break
+        calls.append(n)
+        assert backend.ragged and backend.batch_size == 4
+        tokens = tokens + logits.argmax(-1).tolist()
+        seen = []
+        for _ in range(3):
+            out = backend.decode(tokens)
+            seen.append(out)
+            tokens = out.argmax(-1).tolist()
+        runs.append(seen)
+    # The same slices either way, then one call per layer staged (the last one joins) against
+    # one call for the join.
+    assert calls[0] - calls[1] == layers - 1
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

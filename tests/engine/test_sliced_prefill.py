@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backend import BatchBackend, EncodedPrompt, PartialPrefill
+from engine.backend import BatchBackend, EncodedPrompt
 from engine.quant import quantize_int4_weight_only
 from tests.engine.test_engine import greedy, run_batch
 from tests.engine.test_lean_decode import tiny_llama

@@ -1,0 +1,151 @@
+"""Long prompts: prefilled chunk by chunk between decode steps (a few decoder layers per step
+for Llama-architecture models, engine/sliced_prefill.py), from a cached prefix when there is
+one, and joined into the batch with as little copying as the running rows allow: while they
+decode, the finished prompt's KV is staged into the batch's new buffers a few layers per step.
+
+A mixin of engine/backend.py's BatchBackend: it reads and joins that batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import GROW_MIN
+from engine.prompts import EncodedPrompt
+
+# A long prompt's slice between decode steps takes about this share of a decode step's time, so
+# the decoding rows wait at most about twice their usual step (engine/sliced_prefill.py).
+SLICE_OF_STEP = 0.75
+
+
+class LongPrompts:
+    """BatchBackend's long prompts: chunked or layer-sliced prefill, prefix-cache hits, staged joins."""
+
+    def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
+        """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
+        part = PartialPrefill(prompt, self._seeded_cache(layers), start)
+        return self._run_part(part, len(prompt.input_ids) - start)
+
+    def _seeded_cache(self, layers: list | None) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(layers or []):
+            cache.update(k, v, i)  # copies: the cached tensors are never written through
+        return cache
+
+    def chunked(self, prompt: EncodedPrompt) -> bool:
+        """Whether this prompt is prefilled in chunks (a long text prompt)."""
+        return bool(self.prefill_chunk) and not prompt.vision and len(prompt.input_ids) > self.prefill_chunk
+
+    def begin_prefill(self, prompt: EncodedPrompt) -> "PartialPrefill":
+        """Start a chunked prefill (from a cached prefix when there is one); nothing joins yet."""
+        hit = self.prefix_cache.lookup(prompt.input_ids) if self._cacheable(prompt) else None
+        start, layers = hit if hit is not None else (0, None)
+        return PartialPrefill(prompt, self._seeded_cache(layers), start)
+
+    @torch.inference_mode()
+    def prefill_chunk_step(self, part: "PartialPrefill") -> torch.Tensor | None:
+        """Run the next slice (a few layers, engine/sliced_prefill.py) or chunk; after the last
+        one the row joins the batch and its next-token logits (1, vocab) are returned, before
+        that None."""
+        if self.sliced is None:
+            return self._run_part(part, self.prefill_chunk)
+        # While rows decode, a slice takes about one of their steps; alone, a whole chunk.
+        budget = SLICE_OF_STEP * self.step_time if self.batch_size and self.step_time else None
+        if part.logits is None:
+            part.logits = self.sliced.advance(part, self.prefill_chunk, budget)
+            if part.logits is None:
+                return None
+            if budget is not None:
+                self._remember([part.prompt], part.cache, len(part.prompt.input_ids), copy=False)
+                part.remembered = True
+                return None  # rows are decoding: the join's copies come in the next steps
+        elif budget is not None and not self._staged(part, budget):
+            return None
+        self._finish_part(part)
+        return part.logits
+
+    def _staged(self, part: "PartialPrefill", budget: float) -> bool:
+        """Copy the finished prompt's KV into the buffers the batch will take at its join, a few
+        layers per step within ``budget`` seconds; True once done, or when the join will not be
+        ragged (then the join copies everything itself)."""
+        n = len(part.prompt.input_ids)
+        if part.stage is None:
+            if not self._ragged_join(n, 1) or self.mask.shape[1] + 8 > n:
+                return True
+            part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4))
+        stage, start = part.stage, time.perf_counter()
+        layers = part.cache.layers
+        while len(stage.buffers) < len(layers):
+            new = layers[len(stage.buffers)]
+            pair = []
+            for t in (new.keys, new.values):
+                buf = t.new_empty((stage.rows + 1, t.shape[1], n + stage.spare, t.shape[3]))
+                buf[stage.rows:, :, :n].copy_(t)
+                pair.append(buf)
+            stage.buffers.append(tuple(pair))
+            if time.perf_counter() - start > budget:
+                break
+        return len(stage.buffers) == len(layers)
+
+    def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
+        n = len(part.prompt.input_ids)
+        end = min(n, part.done + size)
+        ids = torch.tensor([part.prompt.input_ids[part.done:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        position_ids = torch.arange(part.done, end, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=part.cache, use_cache=True, logits_to_keep=1)
+        part.cache, part.done = out.past_key_values, end
+        if end < n:
+            return None
+        self._finish_part(part)
+        return out.logits[:, -1, :]
+
+    def _finish_part(self, part: "PartialPrefill") -> None:
+        """The whole prompt is in ``part.cache``: remember its prefix, and the row joins."""
+        n = len(part.prompt.input_ids)
+        if not part.remembered:
+            self._remember([part.prompt], part.cache, n, copy=False)  # a longer prefix than any that hit
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        deltas = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        stage = part.stage
+        if stage is not None and self.cache is not None and stage.rows == self.batch_size \
+                and len(stage.buffers) == len(self.cache.layers) and self.mask.shape[1] <= n:
+            # The new row is in place already: only the running rows' positions are copied.
+            width = self.mask.shape[1]
+            for layer, (k, v) in zip(self.cache.layers, stage.buffers):
+                k[:stage.rows, :, n - width:n].copy_(layer.keys)
+                v[:stage.rows, :, n - width:n].copy_(layer.values)
+                layer.adopt(k, v, n)
+            self.mask = torch.cat([F.pad(self.mask, (n - width, 0)), mask])
+            self.deltas = torch.cat([self.deltas, deltas])
+            self.ragged = True
+        else:  # rows left or joined meanwhile, or no staging: one copy of everything
+            self._join(part.cache, mask, deltas)
+        part.stage = None
+
+
+@dataclass
+class PartialPrefill:
+    """A prompt being prefilled chunk by chunk, in its own cache until it joins the batch."""
+
+    prompt: EncodedPrompt
+    cache: Any
+    done: int = 0  # tokens whose KV is in ``cache``
+    sliced: Any = None  # the chunk whose layers are under way (engine/sliced_prefill.py)
+    logits: Any = None  # its next-token logits once every chunk ran, until the row joins
+    remembered: bool = False  # its prefix went to the prefix cache
+    stage: "_Stage | None" = None  # the batch's buffers for its join, being filled
+
+
+@dataclass
+class _Stage:
+    rows: int   # the batch's rows when staging began (the join uses the buffers only if unchanged)
+    spare: int  # positions of headroom after the prompt
+    buffers: list = field(default_factory=list)  # per layer (keys, values), the new row in place

@@ -588,16 +588,20 @@ VLM_REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen_vl_2b", "qwen3_vl_2b"])
-def vlm(request, tiny_models_dir):
+def tiny_vlm(tiny_models_dir, model_id: str):
+    """A loaded tiny Qwen-VL adapter at small image sizes, unloaded after (for fixtures)."""
     from vlm.qwen import QwenVLAdapter
 
-    adapter = QwenVLAdapter(ModelSpec(id=request.param, name=request.param, kind="qwen_vl",
-                                      path=tiny_models_dir / request.param, max_pixels=112 * 112,
-                                      min_pixels=56 * 56))
+    adapter = QwenVLAdapter(ModelSpec(id=model_id, name=model_id, kind="qwen_vl", path=tiny_models_dir / model_id,
+                                      max_pixels=112 * 112, min_pixels=56 * 56))
     adapter.load()
     yield adapter
     adapter.unload()
+
+
+@pytest.fixture(scope="module", params=["qwen_vl_2b", "qwen3_vl_2b"])
+def vlm(request, tiny_models_dir):
+    yield from tiny_vlm(tiny_models_dir, request.param)
 
 
 def test_vlm_batch_with_images_matches_solo_runs(vlm):

@@ -15,8 +15,7 @@ import pytest
 from core.errors import ModelUnavailable, ServerError
 from core.types import CancelToken
 from llm.types import ChatMessage, ImagePart
-from models.adapter import ModelSpec
-from tests.engine.test_engine import collect, engine_over, greedy, picture, run_batch, wait_until
+from tests.engine.test_engine import collect, engine_over, greedy, picture, run_batch, tiny_vlm, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,14 +32,7 @@ REQUESTS = [
 
 @pytest.fixture(scope="module", params=["qwen_vl_2b", "qwen2_5_vl_3b", "qwen3_vl_2b"])
 def vlm(request, tiny_models_dir):
-    from vlm.qwen import QwenVLAdapter
-
-    adapter = QwenVLAdapter(ModelSpec(id=request.param, name=request.param, kind="qwen_vl",
-                                      path=tiny_models_dir / request.param, max_pixels=112 * 112,
-                                      min_pixels=56 * 56))
-    adapter.load()
-    yield adapter
-    adapter.unload()
+    yield from tiny_vlm(tiny_models_dir, request.param)
 
 
 def inline_backend(vlm):

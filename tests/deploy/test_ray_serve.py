@@ -234,9 +234,16 @@ def test_serve_run_with_the_yaml_config(cluster, serve_url, tmp_path):
     from tests.ray_cluster import HEAD, ray_cli
 
     config = serve_config(tmp_path / "ray_serve.yaml", int(serve_url.rsplit(":", 1)[1]))
-    run = subprocess.run([*ray_cli("ray.serve.scripts"), "run", "--non-blocking", "--address",
-                          f"ray://{HEAD}:{cluster.client_port}", str(config)], cwd=ROOT, env=cluster.env,
-                         capture_output=True, text=True, timeout=240)
+    command = [*ray_cli("ray.serve.scripts"), "run", "--non-blocking", "--address",
+               f"ray://{HEAD}:{cluster.client_port}", str(config)]
+    run = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=240)
+    if run.returncode and "Starting Ray client server failed" in run.stderr:
+        # Ray Client's per-connection server process did not come up (Ray's own start-up, once
+        # seen on a loaded machine); a second connection starts a new one. Its log is kept.
+        first = run.stderr[-1500:] + "".join(p.read_text(errors="replace")[-1500:]
+                                             for p in Path(cluster.temp).rglob("ray_client_server_*.err"))
+        run = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, first + "\n--- retry ---\n" + run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     try:
         end = time.monotonic() + 120

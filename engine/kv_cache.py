@@ -44,6 +44,11 @@ class GrowingLayer(DynamicLayer):
         self._vn = t.shape[-2] if t is not None and t.dim() == 4 else 0
 
     @property
+    def used(self) -> int:
+        """Positions of keys and values in use."""
+        return self._n
+
+    @property
     def capacity(self) -> int:
         return self._k.shape[-2] if self._k is not None and self._k.dim() == 4 else 0
 

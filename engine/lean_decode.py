@@ -110,8 +110,10 @@ class LeanDecoder:
         never read (the compiled layers only: ``compiled(cache)`` must hold)."""
         inner = self.inner
         embeds = inner.embed_tokens(ids)
-        mask = self._mask_fn(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                             past_key_values=cache, position_ids=position_ids)
+        # Rows attending from their own first positions (``starts``) need no mask.
+        mask = None if starts is not None else self._mask_fn(
+            config=self.config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
+            position_ids=position_ids)
         cos, sin = inner.rotary_emb(embeds, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = ids.shape[0]
@@ -225,10 +227,10 @@ class NativeLayers:
             self._pack()
         slots, stride = list(self.slots), self.stride
         layers = cache.layers
-        used = layers[0]._n
+        used = layers[0].used
         for i, layer in enumerate(layers):
             keys, values = layer.keys, layer.values
-            if layer._n != used:
+            if layer.used != used:
                 raise RuntimeError("the cache layers hold different lengths")
             slots[i * stride + stride - 2], slots[i * stride + stride - 1] = layer.reserve(1, keys, values)
         h = native_step.decode_layers(h, cos, sin, mask if isinstance(mask, torch.Tensor) else None, slots, used,

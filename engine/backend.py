@@ -38,7 +38,8 @@ class BatchBackend(LongPrompts, ImageInputs):
 
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
                  mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
-                 prefix_block: int = 32, prefill_chunk: int = 0, lean: bool = True, native: bool = True) -> None:
+                 prefix_block: int = 32, prefill_chunk: int = 0, lean: bool = True, native: bool = True,
+                 packed_decode: object = "auto") -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -65,7 +66,8 @@ class BatchBackend(LongPrompts, ImageInputs):
         # Llama-architecture decode steps skip transformers' per-module machinery (same logits):
         # every step once the compiled layers are built (engine/native_step.py), before that (or
         # without a compiler) steps of a few rows, as bigger ones measured level with transformers.
-        self.lean = LeanDecoder(model, native=native) if lean and not mrope and lean_supported(model) else None
+        self.lean = LeanDecoder(model, native=native, packed_decode=packed_decode) \
+            if lean and not mrope and lean_supported(model) else None
         self.lean_rows = GEMV_ROWS
         # Long prompts of those models advance a few layers per engine step, within about one
         # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.

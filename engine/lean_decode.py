@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import native_step
+from engine import native_step, packed
 from engine.kv_cache import GrowingLayer
-from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, int4_pack
+from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_pack
 
 # Qwen2 is Llama with q/k/v biases (and optional sliding-window layers, which are not reproduced).
 LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
@@ -78,7 +78,7 @@ class _Fused:
 class LeanDecoder:
     """Runs decode steps (one new token per row) of a Llama-architecture model."""
 
-    def __init__(self, model: Any, native: bool = True) -> None:
+    def __init__(self, model: Any, native: bool = True, packed_decode: object = "auto") -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.masking_utils import create_causal_mask
 
@@ -97,6 +97,11 @@ class LeanDecoder:
             self.fused_up.append(_fuse(mlp, up))
         # The same layers compiled (engine/native_step.py), once built; None: the Python loop only.
         self.native = NativeLayers(self) if native and NativeLayers.supports(model) else None
+        # Dense weights also reordered for oneDNN (engine/packed.py), read by the compiled
+        # layers and the output head for steps of up to packed.PACKED_ROWS rows.
+        self.packed = self.native is not None and packed.wanted(
+            packed_decode, _dense_bytes(model), self.inner.layers[0].self_attn.o_proj.weight.dtype, model.device)
+        self.head_packed = _packed_head(model.lm_head) if self.packed else None
 
     def compiled(self, cache: Any) -> bool:
         """Whether the next step over ``cache`` runs the compiled layers."""
@@ -119,7 +124,7 @@ class LeanDecoder:
         rows = ids.shape[0]
         if starts is not None or self.compiled(cache):
             h = self.native(embeds.view(rows, -1), cos, sin, mask, cache, starts)
-            return self.model.lm_head(_rms_norm(h, inner.norm))
+            return self._head(_rms_norm(h, inner.norm))
         few = rows <= GEMV_ROWS
         shape = (rows, 1, -1, self.head_dim)
         h = embeds.view(rows, -1)
@@ -147,6 +152,69 @@ class LeanDecoder:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             h = h + mlp.down_proj(F.silu(gate) * up)
         return self.model.lm_head(_rms_norm(h, inner.norm))
+
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head as its module computes it, from the packed weight when there is one
+        (not for the few rows the int8 head's own kernel takes)."""
+        head, rows = self.model.lm_head, x.shape[0]
+        if self.head_packed is None or rows > packed.PACKED_ROWS:
+            return head(x)
+        if isinstance(head, Int8WeightOnlyLinear):
+            if rows <= GEMV_ROWS:
+                return head(x)
+            out = packed.linear(x.to(head.dense.dtype), self.head_packed)  # its ``flat @ dense.t()``
+            return out if head.bias is None else out + head.bias
+        return packed.linear(x, self.head_packed, head.bias)
+
+
+def _dense_bytes(model: Any) -> int:
+    """Bytes of the dense weights packing would copy: the projections and the output head."""
+    total = 0
+    for layer in model.model.layers:
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            total += m.weight.numel() * m.weight.element_size()
+    return total + _head_weight(model.lm_head).numel() * 2
+
+
+def _head_weight(head: nn.Module) -> torch.Tensor:
+    return head.dense if isinstance(head, Int8WeightOnlyLinear) else head.weight
+
+
+def _packed_head(head: nn.Module) -> torch.Tensor | None:
+    """The output head's packed weight (a non-persistent buffer of the head, made once)."""
+    if type(head) not in (nn.Linear, Int8WeightOnlyLinear) or _head_weight(head) is None:
+        return None
+    if getattr(head, "lean_packed", None) is None:
+        head.register_buffer("lean_packed", packed.pack(_head_weight(head)), persistent=False)
+    return head.lean_packed
+
+
+def _packed_layer(attn: nn.Module, mlp: nn.Module) -> list[torch.Tensor | None]:
+    """One layer's packed weights in the compiled step's order: q/k/v as one matrix and its
+    biases, o, gate/up as one matrix and its biases, down. Non-persistent buffers of the
+    attention and MLP modules (counted in the model's memory, reused by a second backend)."""
+    if getattr(attn, "lean_pk_qkv", None) is None:
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        attn.register_buffer("lean_pk_qkv", packed.pack(torch.cat([m.weight for m in projections])), persistent=False)
+        attn.register_buffer("lean_pk_qkv_bias", _cat_bias(projections), persistent=False)
+        attn.register_buffer("lean_pk_o", packed.pack(attn.o_proj.weight), persistent=False)
+    if getattr(mlp, "lean_pk_gu", None) is None:
+        projections = [mlp.gate_proj, mlp.up_proj]
+        mlp.register_buffer("lean_pk_gu", packed.pack(torch.cat([m.weight for m in projections])), persistent=False)
+        mlp.register_buffer("lean_pk_gu_bias", _cat_bias(projections), persistent=False)
+        mlp.register_buffer("lean_pk_down", packed.pack(mlp.down_proj.weight), persistent=False)
+    # Layers with a bias on o or down pass it with their plain slots (O_B, D_B).
+    return [attn.lean_pk_qkv, attn.lean_pk_qkv_bias, attn.lean_pk_o, mlp.lean_pk_gu, mlp.lean_pk_gu_bias,
+            mlp.lean_pk_down]
+
+
+def _cat_bias(projections: list[nn.Module]) -> torch.Tensor | None:
+    if all(m.bias is None for m in projections):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                      for m in projections])
 
 
 def _fuse(owner: nn.Module, layers: list[nn.Module]) -> _Fused | None:
@@ -215,6 +283,7 @@ class NativeLayers:
             row += [up.owner.lean_int4, up.owner.lean_scales_zeros, up.owner.lean_bias] if up else [None] * 3
             for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 row += _linear_slots(m)
+            row += _packed_layer(attn, mlp) if self.lean.packed else [None] * 6
             row += [None, None]  # this step's cache buffers
             assert len(row) == stride
             slots += row
@@ -234,7 +303,8 @@ class NativeLayers:
                 raise RuntimeError("the cache layers hold different lengths")
             slots[i * stride + stride - 2], slots[i * stride + stride - 1] = layer.reserve(1, keys, values)
         h = native_step.decode_layers(h, cos, sin, mask if isinstance(mask, torch.Tensor) else None, slots, used,
-                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP, starts)
+                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP, starts,
+                                      packed.PACKED_ROWS if self.lean.packed else 0)
         for layer in layers:
             layer.advance(1)
         return h

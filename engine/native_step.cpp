@@ -6,6 +6,7 @@
 // Built at first use by engine/native_step.py (torch.utils.cpp_extension); registered as
 // torch.ops.chatvlm_native.decode_layers.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -25,6 +26,7 @@ enum Slot : int64_t {
   G_W, G_B, G_INT4, G_SZ,
   U_W, U_B, U_INT4, U_SZ,
   D_W, D_B, D_INT4, D_SZ,
+  QKV_PK, QKV_PB, O_PK, GU_PK, GU_PB, D_PK,
   K_BUF, V_BUF,
   STRIDE
 };
@@ -48,11 +50,36 @@ at::Tensor rms_norm(const at::Tensor& h, const at::Tensor& weight, double eps) {
   return weight * x.to(h.scalar_type());
 }
 
+// oneDNN's linear on a weight reordered once into its blocked layout (engine/packed.py): the
+// same values as at::linear on the plain weight for the rows it is used for (checked when the
+// weights are packed), without reordering the weight at every call.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias.defined() ? c10::IValue(bias) : c10::IValue(), std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// Which weights a projection of this many rows reads: the int4 copy for a few rows, else the
+// packed dense weight up to ``packed_rows`` rows, else the plain one.
+enum class Path { INT4, PACKED, PLAIN };
+Path choose(const Layer& l, int64_t int4_slot, int64_t packed_slot, int64_t rows, int64_t gemv_rows,
+            int64_t packed_rows) {
+  if (rows <= gemv_rows && l.get(int4_slot).defined()) return Path::INT4;
+  if (rows <= packed_rows && l.get(packed_slot).defined()) return Path::PACKED;
+  return Path::PLAIN;
+}
+
 // One projection as its module runs it: the int4 kernel for a few rows when the layer has an
-// int4 copy (Int4WeightOnlyLinear), otherwise F.linear on the dense weight.
+// int4 copy (Int4WeightOnlyLinear), otherwise F.linear on the dense weight (from its packed
+// copy when there is one, ``pk``, and the rows are few enough).
 at::Tensor project(const at::Tensor& x, const Layer& l, int64_t w, int64_t b, int64_t q, int64_t sz,
-                   int64_t gemv_rows, int64_t group) {
+                   int64_t gemv_rows, int64_t group, int64_t pk = -1, int64_t packed_rows = 0) {
   at::Tensor packed = l.get(q), bias = l.get(b);
+  if (pk >= 0 && choose(l, q, pk, x.size(0), gemv_rows, packed_rows) == Path::PACKED)
+    return packed_linear(x, l.get(pk), bias);
   if (packed.defined() && x.size(0) <= gemv_rows) {
     at::Tensor out = at::_weight_int4pack_mm_for_cpu(x.to(l.get(w).scalar_type()), packed, group, l.get(sz));
     return bias.defined() ? out + bias : out;
@@ -77,20 +104,23 @@ at::Tensor rotate_half(const at::Tensor& x) {
 at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& mask, const Slots& slots, int64_t used,
                          int64_t head_dim, int64_t n_rep, double scaling, at::ArrayRef<double> eps,
-                         int64_t gemv_rows, int64_t group, at::OptionalIntArrayRef starts) {
+                         int64_t gemv_rows, int64_t group, at::OptionalIntArrayRef starts, int64_t packed_rows) {
   const int64_t rows = h.size(0);
   const int64_t layers = static_cast<int64_t>(slots.size()) / STRIDE;
   TORCH_CHECK(static_cast<int64_t>(slots.size()) == layers * STRIDE, "decode_layers: bad slot count");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * layers, "decode_layers: bad eps count");
-  const bool few = rows <= gemv_rows;
   const std::vector<int64_t> shape = {rows, 1, -1, head_dim};
   for (int64_t i = 0; i < layers; ++i) {
     Layer l{slots, i * STRIDE};
     at::Tensor x = rms_norm(h, l.get(IN_NORM), eps[2 * i]);
     at::Tensor q, k, v;
-    if (few && l.get(QKV_INT4).defined()) {
-      std::vector<int64_t> sizes = {l.get(Q_W).size(0), l.get(K_W).size(0), l.get(V_W).size(0)};
-      auto parts = fused(x, l, QKV_INT4, QKV_SZ, QKV_BIAS, sizes, group);
+    const Path qkv_path = choose(l, QKV_INT4, QKV_PK, rows, gemv_rows, packed_rows);
+    std::vector<int64_t> qkv_sizes = {l.get(Q_W).size(0), l.get(K_W).size(0), l.get(V_W).size(0)};
+    if (qkv_path == Path::INT4) {
+      auto parts = fused(x, l, QKV_INT4, QKV_SZ, QKV_BIAS, qkv_sizes, group);
+      q = parts[0]; k = parts[1]; v = parts[2];
+    } else if (qkv_path == Path::PACKED) {
+      auto parts = packed_linear(x, l.get(QKV_PK), l.get(QKV_PB)).split_with_sizes(qkv_sizes, -1);
       q = parts[0]; k = parts[1]; v = parts[2];
     } else {
       q = project(x, l, Q_W, Q_B, Q_INT4, Q_SZ, gemv_rows, group);
@@ -131,18 +161,22 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
       out = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, n_rep > 1);
     }
     out = out.reshape({out.size(0), -1, 1, values.size(-1)}).transpose(1, 2).contiguous();
-    h = h + project(out.reshape({rows, -1}), l, O_W, O_B, O_INT4, O_SZ, gemv_rows, group);
+    h = h + project(out.reshape({rows, -1}), l, O_W, O_B, O_INT4, O_SZ, gemv_rows, group, O_PK, packed_rows);
     x = rms_norm(h, l.get(POST_NORM), eps[2 * i + 1]);
     at::Tensor gate, up;
-    if (few && l.get(GU_INT4).defined()) {
-      std::vector<int64_t> sizes = {l.get(G_W).size(0), l.get(U_W).size(0)};
-      auto parts = fused(x, l, GU_INT4, GU_SZ, GU_BIAS, sizes, group);
+    const Path gu_path = choose(l, GU_INT4, GU_PK, rows, gemv_rows, packed_rows);
+    std::vector<int64_t> gu_sizes = {l.get(G_W).size(0), l.get(U_W).size(0)};
+    if (gu_path == Path::INT4) {
+      auto parts = fused(x, l, GU_INT4, GU_SZ, GU_BIAS, gu_sizes, group);
+      gate = parts[0]; up = parts[1];
+    } else if (gu_path == Path::PACKED) {
+      auto parts = packed_linear(x, l.get(GU_PK), l.get(GU_PB)).split_with_sizes(gu_sizes, -1);
       gate = parts[0]; up = parts[1];
     } else {
       gate = project(x, l, G_W, G_B, G_INT4, G_SZ, gemv_rows, group);
       up = project(x, l, U_W, U_B, U_INT4, U_SZ, gemv_rows, group);
     }
-    h = h + project(at::silu(gate) * up, l, D_W, D_B, D_INT4, D_SZ, gemv_rows, group);
+    h = h + project(at::silu(gate) * up, l, D_W, D_B, D_INT4, D_SZ, gemv_rows, group, D_PK, packed_rows);
   }
   return h;
 }
@@ -152,6 +186,7 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
 TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
   m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] slots, int used, "
-        "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group, int[]? starts) -> Tensor",
+        "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group, int[]? starts, "
+        "int packed_rows) -> Tensor",
         &decode_layers);
 }

@@ -34,7 +34,8 @@ class RowSampler:
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     """One token per row of ``logits`` (batch, vocab)."""
     if all(r.plain_greedy for r in rows):  # the common fast path: one argmax for the batch
-        return logits.argmax(dim=-1).tolist()
+        # bf16's argmax runs at half the speed of fp32's on the CPU; the widening is exact.
+        return (logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits).argmax(dim=-1).tolist()
     logits = logits.float()
     out: list[int] = []
     for i, row in enumerate(rows):

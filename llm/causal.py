@@ -65,7 +65,8 @@ class CausalLMAdapter(TorchModelAdapter):
         return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
                             prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens,
                             lean=bool(self.spec.options.get("lean_decode", True)),
-                            native=bool(self.spec.options.get("native_decode", True)))
+                            native=bool(self.spec.options.get("native_decode", True)),
+                            packed_decode=self.spec.options.get("packed_decode", "auto"))
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

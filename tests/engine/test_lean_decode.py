@@ -52,11 +52,11 @@ def prompts(tokenizer, n: int) -> list[EncodedPrompt]:
 
 
 def decode_run(model, tokenizer, rows: int, lean: bool, steps: int = 6, leave_at: int = 3, join: bool = True,
-               native: bool = False):
+               native: bool = False, packed_decode: object = "auto"):
     """Prefill ``rows`` prompts, decode greedily; halfway drop row 0 and let one prompt join.
     Returns every step's logits. ``native``: the compiled layers (engine/native_step.py) when
     built, else the lean step's Python loop."""
-    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native)
+    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native, packed_decode=packed_decode)
     assert (backend.lean is not None) == lean
     backend.lean_rows = 64  # the lean step's dense path too (the engine uses it up to GEMV_ROWS rows)
     tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()

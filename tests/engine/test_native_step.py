@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import native_step
+from engine import native_step, packed
 from engine.backend import BatchBackend, EncodedPrompt
 from engine.quant import GEMV_ROWS, quantize_int4_weight_only
 from tests.engine.test_lean_decode import decode_run, engine_replies, prompts, tiny_llama
@@ -61,6 +61,32 @@ def test_compiled_without_quantization(built, dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_weights_give_the_models_logits(built, arch, monkeypatch):
+    # bf16 steps of GEMV_ROWS+1 .. PACKED_ROWS rows read the dense weights reordered for oneDNN
+    # (engine/packed.py), q/k/v and gate/up as one matrix each (qwen2: with their biases), and
+    # the output head too; past PACKED_ROWS, and with packing off, the plain weights.
+    if not packed.available(torch.bfloat16):
+        pytest.skip("packed bf16 weights do not give F.linear's values on this CPU")
+    model, tokenizer = tiny_llama(arch=arch)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(packed, "_linear", lambda x, *a: calls.append(x.shape[0]) or real(x, *a, "none", [], ""))
+    theirs = {rows: decode_run(model, tokenizer, rows, False) for rows in (GEMV_ROWS + 2, 9)}
+    for rows, expected in theirs.items():
+        ours = decode_run(model, tokenizer, rows, True, native=True)
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    assert calls and set(calls) <= set(range(GEMV_ROWS + 1, packed.PACKED_ROWS + 1))  # the head, from Python
+    attn = model.model.layers[0].self_attn
+    assert attn.lean_pk_qkv is not None and (attn.lean_pk_qkv_bias is not None) == (arch == "qwen2")
+    calls.clear()
+    off = decode_run(model, tokenizer, GEMV_ROWS + 2, True, native=True, packed_decode=False)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(off, theirs[GEMV_ROWS + 2]))
+    # fp32 F.linear is MKL's: packing would change values, so it is never taken.
+    assert not packed.available(torch.float32)
+    assert not BatchBackend(tiny_llama(dtype=torch.float32)[0], tokenizer, None, threads=1).lean.packed
+
+
 def test_the_backend_runs_every_batch_size_compiled(int4_model, monkeypatch):
     model, tokenizer = int4_model
     backend = BatchBackend(model, tokenizer, None, threads=1)
@@ -86,7 +112,7 @@ def test_engine_replies_identical_compiled_and_not(int4_model):
 CHILD = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from engine import native_step
+from engine import native_step, packed
 from tests.engine.test_lean_decode import decode_run, tiny_llama
 ready = native_step.wait(300)
 model, tok = tiny_llama()

@@ -100,20 +100,23 @@ class BatchBackend(LongPrompts, ImageInputs):
 
     def prefill_groups(self, prompts: list[EncodedPrompt]) -> list[list[int]]:
         """How to prefill these prompts (indices per ``prefill`` call): the ones without a cached
-        prefix together, each one with a cached prefix alone, from the end of that prefix."""
+        prefix together, and the ones with a cached prefix together, from the ends of their
+        prefixes."""
         if self.prefix_cache is None:
             return [list(range(len(prompts)))]
         hits = [i for i, p in enumerate(prompts) if self._cacheable(p) and self.prefix_cache.find(p.input_ids)]
         misses = [i for i in range(len(prompts)) if i not in hits]
-        return ([misses] if misses else []) + [[i] for i in hits]
+        return [group for group in (misses, hits) if group]
 
     @torch.inference_mode()
     def prefill(self, prompts: list[EncodedPrompt]) -> torch.Tensor:
-        """Run the prompts (left-padded together), add them to the batch; return their next-token logits."""
-        if len(prompts) == 1 and self._cacheable(prompts[0]):
-            hit = self.prefix_cache.lookup(prompts[0].input_ids)
-            if hit is not None:
-                return self._prefill_after(prompts[0], *hit)
+        """Run the prompts (left-padded together), add them to the batch; return their next-token
+        logits. When every one of them has a cached prefix, only what follows the prefixes runs."""
+        if all(self._cacheable(p) for p in prompts) and all(self.prefix_cache.find(p.input_ids) for p in prompts):
+            hits = [self.prefix_cache.lookup(p.input_ids) for p in prompts]
+            if len(prompts) == 1:
+                return self._prefill_after(prompts[0], *hits[0])
+            return self._prefill_after_many(prompts, hits)
         length = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)

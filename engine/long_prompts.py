@@ -30,6 +30,43 @@ class LongPrompts:
         part = PartialPrefill(prompt, self._seeded_cache(layers), start)
         return self._run_part(part, len(prompt.input_ids) - start)
 
+    def _prefill_after_many(self, prompts: list[EncodedPrompt], hits: list[tuple[int, list]]) -> torch.Tensor:
+        """Prefill prompts whose prefixes are cached, together: one forward and one join for all.
+
+        Every row runs the same number of tokens R (the longest uncached rest): a row with a
+        shorter rest takes a shorter part of its cached prefix (a prefix of a cached prefix is
+        valid KV) and recomputes the difference; a prompt shorter than R runs whole. The cached
+        parts are right-aligned, so each row is left-padded as in a plain batched prefill."""
+        lengths = [len(p.input_ids) for p in prompts]
+        run = max(n - start for n, (start, _) in zip(lengths, hits))
+        kept = [max(0, n - run) for n in lengths]  # cached positions each row reads
+        width = max(kept)
+        rows, total = len(prompts), width + run
+        ids = torch.full((rows, run), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, total), dtype=torch.long)
+        for i, (p, n, k) in enumerate(zip(prompts, lengths, kept)):
+            ids[i, run - (n - k):] = torch.tensor(p.input_ids[k:])
+            mask[i, total - n:] = 1
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer, parts in enumerate(zip(*(layers for _, layers in hits))):
+            if width:
+                k0, v0 = parts[0]
+                keys = k0.new_zeros((rows, k0.shape[1], width, k0.shape[3]))
+                values = v0.new_zeros((rows, v0.shape[1], width, v0.shape[3]))
+                for i, ((k, v), n) in enumerate(zip(parts, kept)):
+                    keys[i, :, width - n:] = k[0, :, :n]
+                    values[i, :, width - n:] = v[0, :, :n]
+                cache.update(keys, values, layer)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache if width else None, use_cache=True, logits_to_keep=1)
+        self._remember(prompts, out.past_key_values, total)
+        self._join(out.past_key_values, mask, torch.zeros((rows, 1), dtype=torch.long, device=self.device))
+        return out.logits[:, -1, :]
+
     def _seeded_cache(self, layers: list | None) -> Any:
         from transformers import DynamicCache
 

@@ -97,12 +97,34 @@ def test_greedy_replies_are_identical_with_the_prefix_cache_on_and_off(causal):
     got = [run_batch(on, [(m, None, params)])[0][0] for m in chats()]  # one by one: the 2nd on hit
     assert got == want
     assert on.prefix_cache.hits >= len(chats()) - 1 and len(on.prefix_cache) >= 1
-    # All at once with a warm cache: each prompt prefills alone from its cached prefix.
+    # All at once with a warm cache: one prefill from the ends of their cached prefixes.
     together = [text for text, _ in run_batch(on, [(m, None, params) for m in chats()])]
     assert together == want
     # Prompts that reuse a prefix report their full prompt length, as without the cache.
     _, handle = run_batch(on, [(chats()[1], None, params)])[0]
     assert handle.usage.prompt_tokens == len(causal.encode(chats()[1], None).input_ids)
+
+
+def test_prompts_with_cached_prefixes_prefill_together_exactly(causal, monkeypatch):
+    """Hits admitted together run as one forward: each row runs the longest uncached rest,
+    taking less of its cached prefix, or none (a prompt shorter than that rest runs whole)."""
+    params = greedy(8)
+    texts = [SYSTEM + "Where is parcel 1?", SYSTEM[:len(SYSTEM) // 2],
+             SYSTEM + "I need a customs form for a parcel to Norway with books and a scarf. " * 4]
+    lengths = [len(causal.encode(None, t).input_ids) for t in texts]
+    off = backend(causal, 0)
+    want = [run_batch(off, [(None, t, params)])[0][0] for t in texts]
+    on = backend(causal, 64)
+    run_batch(on, [(None, SYSTEM, greedy(1))])  # warm: the system prompt's blocks are cached
+    calls = []
+    real = on._prefill_after_many
+    monkeypatch.setattr(on, "_prefill_after_many",
+                        lambda prompts, hits: calls.append([start for start, _ in hits]) or real(prompts, hits))
+    got = [text for text, _ in run_batch(on, [(None, t, params) for t in texts])]
+    assert got == want
+    assert len(calls) == 1 and len(calls[0]) == 3 and all(calls[0])  # one forward, all three hits
+    rest = max(n - start for n, start in zip(lengths, calls[0]))
+    assert lengths[1] < rest  # the short prompt ran whole, beside rows reading their prefixes
 
 
 def test_a_cache_hit_joins_a_running_batch_exactly(causal):

@@ -3,8 +3,8 @@ KV cache that requests join (prefill) and leave (finish) between decode steps.
 
 Works for any transformers decoder with a dynamic cache. Prompts' image tensors are fed at
 prefill; for Qwen-VL models it also keeps each row's multimodal RoPE offset for the decode steps.
-Text-only prompts of plain-RoPE models reuse cached prefix KV (engine/prefix_cache.py): a prompt
-whose first blocks are cached is prefilled alone from there.
+Text-only prompts of plain-RoPE models reuse cached prefix KV (engine/prefix_cache.py): prompts
+whose first blocks are cached are prefilled together from there.
 """
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ class Engine:
         if admitted:
             groups = getattr(self.backend, "prefill_groups", None)
             for group in groups([s.prompt for s in admitted]) if groups else [range(len(admitted))]:
-                seqs = [admitted[i] for i in group]  # e.g. a prompt with a cached prefix runs alone
+                seqs = [admitted[i] for i in group]  # e.g. the prompts with cached prefixes run together
                 logits = self.backend.prefill([s.prompt for s in seqs])
                 self._active.extend(seqs)
                 self._advance(seqs, logits, out)

@@ -16,6 +16,7 @@ so the values do not change), which cuts the kernel calls per layer from 7 to 4.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from torch import nn
 from engine import native_step, packed
 from engine.kv_cache import GrowingLayer
 from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_pack
+
+log = logging.getLogger(__name__)
 
 # Qwen2 is Llama with q/k/v biases (and optional sliding-window layers, which are not reproduced).
 LEAN_MODEL_TYPES = frozenset({"llama", "qwen2"})
@@ -101,7 +104,12 @@ class LeanDecoder:
         # layers and the output head for steps of up to packed.PACKED_ROWS rows.
         self.packed = self.native is not None and packed.wanted(
             packed_decode, _dense_bytes(model), self.inner.layers[0].self_attn.o_proj.weight.dtype, model.device)
-        self.head_packed = _packed_head(model.lm_head) if self.packed else None
+        self.head_packed = None
+        if self.packed:
+            try:
+                self.head_packed = _packed_head(model.lm_head)
+            except packed.PackMismatch as exc:
+                self.unpack(exc)
 
     def compiled(self, cache: Any) -> bool:
         """Whether the next step over ``cache`` runs the compiled layers."""
@@ -153,6 +161,10 @@ class LeanDecoder:
             h = h + mlp.down_proj(F.silu(gate) * up)
         return self.model.lm_head(_rms_norm(h, inner.norm))
 
+    def unpack(self, reason: Exception) -> None:
+        """Decode from the plain weights from now on (a packed one gave other values)."""
+        log.warning("decoding from the plain weights: %s", reason)
+        self.packed, self.head_packed = False, None
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """The output head as its module computes it, from the packed weight when there is one
@@ -175,11 +187,12 @@ def _dense_bytes(model: Any) -> int:
         for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             total += m.weight.numel() * m.weight.element_size()
-    return total + _head_weight(model.lm_head).numel() * 2
+    head = _head_weight(model.lm_head)
+    return total + (0 if head is None else head.numel() * head.element_size())
 
 
-def _head_weight(head: nn.Module) -> torch.Tensor:
-    return head.dense if isinstance(head, Int8WeightOnlyLinear) else head.weight
+def _head_weight(head: nn.Module) -> torch.Tensor | None:
+    return head.dense if isinstance(head, Int8WeightOnlyLinear) else getattr(head, "weight", None)
 
 
 def _packed_head(head: nn.Module) -> torch.Tensor | None:
@@ -187,7 +200,8 @@ def _packed_head(head: nn.Module) -> torch.Tensor | None:
     if type(head) not in (nn.Linear, Int8WeightOnlyLinear) or _head_weight(head) is None:
         return None
     if getattr(head, "lean_packed", None) is None:
-        head.register_buffer("lean_packed", packed.pack(_head_weight(head)), persistent=False)
+        bias = head.bias if type(head) is nn.Linear else None  # the int8 head adds its own after
+        head.register_buffer("lean_packed", packed.pack_checked(_head_weight(head), bias), persistent=False)
     return head.lean_packed
 
 
@@ -197,14 +211,20 @@ def _packed_layer(attn: nn.Module, mlp: nn.Module) -> list[torch.Tensor | None]:
     attention and MLP modules (counted in the model's memory, reused by a second backend)."""
     if getattr(attn, "lean_pk_qkv", None) is None:
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        attn.register_buffer("lean_pk_qkv", packed.pack(torch.cat([m.weight for m in projections])), persistent=False)
-        attn.register_buffer("lean_pk_qkv_bias", _cat_bias(projections), persistent=False)
-        attn.register_buffer("lean_pk_o", packed.pack(attn.o_proj.weight), persistent=False)
+        bias = _cat_bias(projections)
+        qkv = packed.pack_checked(torch.cat([m.weight for m in projections]), bias)
+        o = packed.pack_checked(attn.o_proj.weight, attn.o_proj.bias)
+        attn.register_buffer("lean_pk_qkv", qkv, persistent=False)
+        attn.register_buffer("lean_pk_qkv_bias", bias, persistent=False)
+        attn.register_buffer("lean_pk_o", o, persistent=False)
     if getattr(mlp, "lean_pk_gu", None) is None:
         projections = [mlp.gate_proj, mlp.up_proj]
-        mlp.register_buffer("lean_pk_gu", packed.pack(torch.cat([m.weight for m in projections])), persistent=False)
-        mlp.register_buffer("lean_pk_gu_bias", _cat_bias(projections), persistent=False)
-        mlp.register_buffer("lean_pk_down", packed.pack(mlp.down_proj.weight), persistent=False)
+        bias = _cat_bias(projections)
+        gu = packed.pack_checked(torch.cat([m.weight for m in projections]), bias)
+        down = packed.pack_checked(mlp.down_proj.weight, mlp.down_proj.bias)
+        mlp.register_buffer("lean_pk_gu", gu, persistent=False)
+        mlp.register_buffer("lean_pk_gu_bias", bias, persistent=False)
+        mlp.register_buffer("lean_pk_down", down, persistent=False)
     # Layers with a bias on o or down pass it with their plain slots (O_B, D_B).
     return [attn.lean_pk_qkv, attn.lean_pk_qkv_bias, attn.lean_pk_o, mlp.lean_pk_gu, mlp.lean_pk_gu_bias,
             mlp.lean_pk_down]
@@ -272,6 +292,7 @@ class NativeLayers:
 
     def _pack(self) -> None:
         stride = native_step.slot_stride()
+        packed_rows = self._packed_rows()
         slots: list[torch.Tensor | None] = []
         for i, layer in enumerate(self.lean.inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -283,12 +304,28 @@ class NativeLayers:
             row += [up.owner.lean_int4, up.owner.lean_scales_zeros, up.owner.lean_bias] if up else [None] * 3
             for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 row += _linear_slots(m)
-            row += _packed_layer(attn, mlp) if self.lean.packed else [None] * 6
+            row += packed_rows[i] if packed_rows else [None] * 6
             row += [None, None]  # this step's cache buffers
             assert len(row) == stride
             slots += row
             self.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
         self.stride, self.slots = stride, slots
+
+    def _packed_rows(self) -> list[list[torch.Tensor | None]] | None:
+        """Every layer's packed weights, or None (packing off, or a packed weight gave other
+        values than F.linear: then none is kept)."""
+        if not self.lean.packed:
+            return None
+        layers = self.lean.inner.layers
+        try:
+            return [_packed_layer(layer.self_attn, layer.mlp) for layer in layers]
+        except packed.PackMismatch as exc:
+            self.lean.unpack(exc)
+            for layer in layers:
+                for module in (layer.self_attn, layer.mlp):
+                    for name in [n for n in module._buffers if n.startswith("lean_pk_")]:
+                        del module._buffers[name]
+            return None
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any,
                  starts: list[int] | None = None) -> torch.Tensor:

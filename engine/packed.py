@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 PACKED_ROWS = 64
 # The batch size oneDNN picks the blocked layout for.
 PACK_BATCH = 16
+# The fewest rows a packed weight serves (the int4 kernel takes up to 4): checked with the others.
+GEMV_CHECK_ROWS = 5
 # ``auto`` packs a model whose dense projection weights take at most this many bytes.
 AUTO_LIMIT_BYTES = 2 << 30
 
@@ -72,6 +74,22 @@ def _check(dtype: torch.dtype) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, in) reordered for oneDNN's linear; the values are those of ``weight``."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
+
+
+class PackMismatch(RuntimeError):
+    """A packed weight gave other values than F.linear on its plain weight."""
+
+
+def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``pack(weight)``, after checking on this very weight that it gives F.linear's values at
+    a few row counts up to PACKED_ROWS (raises PackMismatch otherwise)."""
+    out = pack(weight)
+    gen = torch.Generator().manual_seed(weight.shape[0] * 31 + weight.shape[1])
+    for rows in (GEMV_CHECK_ROWS, PACK_BATCH, PACKED_ROWS):
+        x = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
+        if not torch.equal(_linear(x, out, bias), F.linear(x, weight, bias)):
+            raise PackMismatch(f"packed {tuple(weight.shape)} weight differs from F.linear at {rows} rows")
+    return out
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

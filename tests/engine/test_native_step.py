@@ -87,6 +87,28 @@ def test_packed_weights_give_the_models_logits(built, arch, monkeypatch):
     assert not BatchBackend(tiny_llama(dtype=torch.float32)[0], tokenizer, None, threads=1).lean.packed
 
 
+@pytest.mark.parametrize("where", ["head", "layers"])
+def test_a_packed_weight_that_gives_other_values_is_not_used(built, where, monkeypatch):
+    # Each packed weight is checked against F.linear on itself before use; one that differs
+    # (simulated: off by one in the output head, or in the layers' matmuls) switches packing off
+    # for the model, and the steps decode from the plain weights, bitwise transformers' still.
+    if not packed.available(torch.bfloat16):
+        pytest.skip("packed bf16 weights do not give F.linear's values on this CPU")
+    model, tokenizer = tiny_llama()
+    vocab = model.config.vocab_size
+    real = packed._linear
+
+    def off(x, w, b):
+        out = real(x, w, b)
+        return out + 1 if (out.shape[-1] == vocab) == (where == "head") else out
+
+    monkeypatch.setattr(packed, "_linear", off)
+    ours = decode_run(model, tokenizer, GEMV_ROWS + 2, True, native=True)
+    monkeypatch.setattr(packed, "_linear", real)
+    assert all(torch.equal(a, b) for a, b in zip(ours, decode_run(model, tokenizer, GEMV_ROWS + 2, False)))
+    assert not any(name.startswith("lean_pk_") for name in model.model.layers[0].self_attn._buffers)
+
+
 def test_the_backend_runs_every_batch_size_compiled(int4_model, monkeypatch):
     model, tokenizer = int4_model
     backend = BatchBackend(model, tokenizer, None, threads=1)

@@ -104,12 +104,14 @@ class LeanDecoder:
         # layers and the output head for steps of up to packed.PACKED_ROWS rows.
         self.packed = self.native is not None and packed.wanted(
             packed_decode, _dense_bytes(model), self.inner.layers[0].self_attn.o_proj.weight.dtype, model.device)
+        # Packed here, at load, not in the first request's step (~2 s for a 135M model).
         self.head_packed = None
         if self.packed:
             try:
                 self.head_packed = _packed_head(model.lm_head)
             except packed.PackMismatch as exc:
                 self.unpack(exc)
+        self.packed_rows = self._packed_rows()
 
     def compiled(self, cache: Any) -> bool:
         """Whether the next step over ``cache`` runs the compiled layers."""
@@ -161,10 +163,25 @@ class LeanDecoder:
             h = h + mlp.down_proj(F.silu(gate) * up)
         return self.model.lm_head(_rms_norm(h, inner.norm))
 
+    def _packed_rows(self) -> list[list[torch.Tensor | None]] | None:
+        """Every layer's packed weights, or None (packing off, or a packed weight gave other
+        values than F.linear: then none is kept)."""
+        if not self.packed:
+            return None
+        try:
+            return [_packed_layer(layer.self_attn, layer.mlp) for layer in self.inner.layers]
+        except packed.PackMismatch as exc:
+            self.unpack(exc)
+            return None
+
     def unpack(self, reason: Exception) -> None:
-        """Decode from the plain weights from now on (a packed one gave other values)."""
+        """Decode from the plain weights (a packed one gave other values) and drop the copies."""
         log.warning("decoding from the plain weights: %s", reason)
-        self.packed, self.head_packed = False, None
+        self.packed, self.head_packed, self.packed_rows = False, None, None
+        modules = [self.model.lm_head] + [m for layer in self.inner.layers for m in (layer.self_attn, layer.mlp)]
+        for module in modules:
+            for name in [n for n in module._buffers if n.startswith(("lean_pk_", "lean_packed"))]:
+                del module._buffers[name]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """The output head as its module computes it, from the packed weight when there is one
@@ -292,7 +309,7 @@ class NativeLayers:
 
     def _pack(self) -> None:
         stride = native_step.slot_stride()
-        packed_rows = self._packed_rows()
+        packed_rows = self.lean.packed_rows if self.lean.packed else None
         slots: list[torch.Tensor | None] = []
         for i, layer in enumerate(self.lean.inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -310,22 +327,6 @@ class NativeLayers:
             slots += row
             self.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
         self.stride, self.slots = stride, slots
-
-    def _packed_rows(self) -> list[list[torch.Tensor | None]] | None:
-        """Every layer's packed weights, or None (packing off, or a packed weight gave other
-        values than F.linear: then none is kept)."""
-        if not self.lean.packed:
-            return None
-        layers = self.lean.inner.layers
-        try:
-            return [_packed_layer(layer.self_attn, layer.mlp) for layer in layers]
-        except packed.PackMismatch as exc:
-            self.lean.unpack(exc)
-            for layer in layers:
-                for module in (layer.self_attn, layer.mlp):
-                    for name in [n for n in module._buffers if n.startswith("lean_pk_")]:
-                        del module._buffers[name]
-            return None
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any,
                  starts: list[int] | None = None) -> torch.Tensor:

@@ -178,7 +178,9 @@ class ModelManager:
             from engine.engine import Engine
 
             spec = st.entry.spec
-            st.engine = Engine(backend(), name=model_id, max_batch=spec.max_batch_size,
+            # Off the event loop: a backend prepares its weights (e.g. packs them, ~1-2 s).
+            made = await asyncio.to_thread(backend)
+            st.engine = Engine(made, name=model_id, max_batch=spec.max_batch_size,
                                max_queue=spec.max_queue, stream_interval=spec.stream_interval_ms / 1000,
                                metrics=self.metrics)
             st.engine.start()

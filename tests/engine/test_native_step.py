@@ -107,6 +107,7 @@ def test_a_packed_weight_that_gives_other_values_is_not_used(built, where, monke
     monkeypatch.setattr(packed, "_linear", real)
     assert all(torch.equal(a, b) for a, b in zip(ours, decode_run(model, tokenizer, GEMV_ROWS + 2, False)))
     assert not any(name.startswith("lean_pk_") for name in model.model.layers[0].self_attn._buffers)
+    assert getattr(model.lm_head, "lean_packed", None) is None
 
 
 def test_the_backend_runs_every_batch_size_compiled(int4_model, monkeypatch):

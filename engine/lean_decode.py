@@ -224,27 +224,26 @@ def _packed_head(head: nn.Module) -> torch.Tensor | None:
 
 def _packed_layer(attn: nn.Module, mlp: nn.Module) -> list[torch.Tensor | None]:
     """One layer's packed weights in the compiled step's order: q/k/v as one matrix and its
-    biases, o, gate/up as one matrix and its biases, down. Non-persistent buffers of the
-    attention and MLP modules (counted in the model's memory, reused by a second backend)."""
-    if getattr(attn, "lean_pk_qkv", None) is None:
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        bias = _cat_bias(projections)
-        qkv = packed.pack_checked(torch.cat([m.weight for m in projections]), bias)
-        o = packed.pack_checked(attn.o_proj.weight, attn.o_proj.bias)
-        attn.register_buffer("lean_pk_qkv", qkv, persistent=False)
-        attn.register_buffer("lean_pk_qkv_bias", bias, persistent=False)
-        attn.register_buffer("lean_pk_o", o, persistent=False)
-    if getattr(mlp, "lean_pk_gu", None) is None:
-        projections = [mlp.gate_proj, mlp.up_proj]
-        bias = _cat_bias(projections)
-        gu = packed.pack_checked(torch.cat([m.weight for m in projections]), bias)
-        down = packed.pack_checked(mlp.down_proj.weight, mlp.down_proj.bias)
-        mlp.register_buffer("lean_pk_gu", gu, persistent=False)
-        mlp.register_buffer("lean_pk_gu_bias", bias, persistent=False)
-        mlp.register_buffer("lean_pk_down", down, persistent=False)
-    # Layers with a bias on o or down pass it with their plain slots (O_B, D_B).
-    return [attn.lean_pk_qkv, attn.lean_pk_qkv_bias, attn.lean_pk_o, mlp.lean_pk_gu, mlp.lean_pk_gu_bias,
-            mlp.lean_pk_down]
+    biases, o, gate/up as one matrix and its biases, down. (Layers with a bias on o or down pass
+    it with their plain slots, O_B and D_B.)"""
+    return (_packed_into(attn, ("lean_pk_qkv", "lean_pk_qkv_bias", "lean_pk_o"),
+                         [attn.q_proj, attn.k_proj, attn.v_proj], attn.o_proj)
+            + _packed_into(mlp, ("lean_pk_gu", "lean_pk_gu_bias", "lean_pk_down"),
+                           [mlp.gate_proj, mlp.up_proj], mlp.down_proj))
+
+
+def _packed_into(owner: nn.Module, names: tuple[str, str, str], fused: list[nn.Module],
+                 alone: nn.Module) -> list[torch.Tensor | None]:
+    """``fused`` packed as one matrix, their biases, and ``alone`` packed: non-persistent
+    buffers ``names`` of ``owner``, made once (counted in the model's memory, reused by a second
+    backend over the same model)."""
+    if getattr(owner, names[0], None) is None:
+        bias = _cat_bias(fused)
+        matrix = packed.pack_checked(torch.cat([m.weight for m in fused]), bias)
+        single = packed.pack_checked(alone.weight, alone.bias)
+        for name, tensor in zip(names, (matrix, bias, single)):
+            owner.register_buffer(name, tensor, persistent=False)
+    return [getattr(owner, name) for name in names]
 
 
 def _cat_bias(projections: list[nn.Module]) -> torch.Tensor | None:

@@ -7,11 +7,11 @@ part of each matmul. ``torch.ops.mkldnn._linear_pointwise`` on a weight reordere
 135M model's projections and output head take about half the time (docs/BENCHMARKS.md).
 
 The values are those of ``F.linear`` on the plain weight for bf16 at up to PACKED_ROWS rows on
-this machine; since that is a property of the kernels, not a promise, ``available`` checks it
-once per process on the shapes of a real layer and switches packing off where it does not hold,
-so the logits stay bitwise transformers' (tests/engine/test_native_step.py). The copy costs the
-dense weights' memory once more, so ``auto`` packs models whose dense projections fit in
-AUTO_LIMIT_BYTES.
+this machine. That is a property of the kernels, not a promise, so it is checked twice:
+``available`` once per process on a few layer shapes, and ``pack_checked`` on every weight as it
+is packed (a mismatch switches packing off for the model). The logits stay bitwise
+transformers' (tests/engine/test_native_step.py). The copy costs the dense weights' memory once
+more, so ``auto`` packs models whose dense weights fit in AUTO_LIMIT_BYTES.
 """
 from __future__ import annotations
 
@@ -98,12 +98,14 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def wanted(setting: object, dense_bytes: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to pack: ``setting`` is options.packed_decode (``auto``, true or false)."""
-    if setting is False or str(setting).lower() in ("false", "off", "0", "no"):
+    """Whether to pack: ``setting`` is options.packed_decode: false (never), true (any size), or
+    anything else (``auto``: up to AUTO_LIMIT_BYTES of dense weights)."""
+    choice = str(setting).strip().lower()
+    if choice in ("false", "off", "0", "no"):
         return False
     if device.type != "cpu" or not available(dtype):
         return False
-    if str(setting).lower() == "auto" and dense_bytes > AUTO_LIMIT_BYTES:
+    if choice not in ("true", "on", "1", "yes") and dense_bytes > AUTO_LIMIT_BYTES:
         log.info("not packing %d MB of dense weights (packed_decode: auto packs up to %d MB)",
                  dense_bytes >> 20, AUTO_LIMIT_BYTES >> 20)
         return False

@@ -87,6 +87,17 @@ def test_packed_weights_give_the_models_logits(built, arch, monkeypatch):
     assert not BatchBackend(tiny_llama(dtype=torch.float32)[0], tokenizer, None, threads=1).lean.packed
 
 
+def test_packed_decode_setting(monkeypatch):
+    monkeypatch.setattr(packed, "available", lambda dtype: dtype == torch.bfloat16)
+    cpu, big, small = torch.device("cpu"), packed.AUTO_LIMIT_BYTES + 1, 1 << 20
+    assert packed.wanted("auto", small, torch.bfloat16, cpu) and not packed.wanted("auto", big, torch.bfloat16, cpu)
+    assert packed.wanted(True, big, torch.bfloat16, cpu) and packed.wanted("on", big, torch.bfloat16, cpu)
+    assert not packed.wanted(False, small, torch.bfloat16, cpu) and not packed.wanted("off", small, torch.bfloat16, cpu)
+    assert not packed.wanted("bogus", big, torch.bfloat16, cpu)  # anything else is auto
+    assert not packed.wanted(True, small, torch.float32, cpu) and not packed.wanted(True, small, torch.bfloat16,
+                                                                                    torch.device("meta"))
+
+
 @pytest.mark.parametrize("where", ["head", "layers"])
 def test_a_packed_weight_that_gives_other_values_is_not_used(built, where, monkeypatch):
     # Each packed weight is checked against F.linear on itself before use; one that differs

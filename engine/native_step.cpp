@@ -3,12 +3,20 @@
 // What goes away is the Python interpreter between them: at one row a 135M model's step is
 // ~1,500 small operations, and from Python each one costs more than its kernel.
 //
+// RMSNorm's and the rotary embedding's element-wise operations (~700 of those per step for a
+// 30-layer model) run as loops here instead, rounding where each ATen operation rounds its
+// result, and the rotated keys go straight into the cache; a boolean mask is made additive
+// once per step, not in every layer's attention. The greedy sampler's argmax is here too.
+//
 // Built at first use by engine/native_step.py (torch.utils.cpp_extension); registered as
 // torch.ops.chatvlm_native.decode_layers.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -42,8 +50,80 @@ struct Layer {
   }
 };
 
+// Element-wise loops over bf16 or fp32 values that round exactly as ATen does: each ATen
+// operation rounds its own result to its dtype once (bf16: to nearest even, as c10::BFloat16).
+// Built for a few instruction sets, picked at load (GCC on x86-64), so that they vectorize;
+// -ffp-contract=off (engine/native_step.py) keeps a multiply and an add two roundings.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CHATVLM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CHATVLM_CLONES
+#endif
+
+struct Bf16 {
+  using raw = uint16_t;
+  static float load(raw b) { return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16); }
+  static raw store(float f) {  // c10::BFloat16's round_to_nearest_even
+    const uint32_t u = __builtin_bit_cast(uint32_t, f);
+    const raw rounded = static_cast<raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? static_cast<raw>(0x7FC0) : rounded;
+  }
+};
+
+struct F32 {
+  using raw = float;
+  static float load(raw f) { return f; }
+  static raw store(float f) { return f; }
+};
+
+// x * x for every element of h (as float32): x.to(float32).pow(2).
+template <typename D>
+CHATVLM_CLONES void squares_loop(const typename D::raw* __restrict h, float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = D::load(h[i]);
+    out[i] = x * x;
+  }
+}
+
+// weight * (x * inv).to(dtype) for one row.
+template <typename D>
+CHATVLM_CLONES void normed_loop(const typename D::raw* __restrict h, const typename D::raw* __restrict w, float inv,
+                                typename D::raw* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float normed = D::load(D::store(D::load(h[i]) * inv));
+    out[i] = D::store(D::load(w[i]) * normed);
+  }
+}
+
 // transformers' LlamaRMSNorm: float32 inside, the weight times the result in the input's dtype.
+//   x = h.to(float32); variance = x.pow(2).mean(-1, keepdim); x = x * rsqrt(variance + eps)
+//   return weight * x.to(h.dtype)
+// The mean stays ATen's own reduction over the same squares, so the variance has its bits;
+// ``variance + eps`` adds the Python float as a float32, and rsqrt is 1 / sqrt (both exact).
+template <typename D>
+at::Tensor rms_norm_fused(const at::Tensor& h, const at::Tensor& weight, double eps) {
+  using raw = typename D::raw;
+  const int64_t rows = h.size(0), width = h.size(1);
+  const raw* hp = reinterpret_cast<const raw*>(h.data_ptr());
+  const raw* wp = reinterpret_cast<const raw*>(weight.data_ptr());
+  at::Tensor squares = at::empty({rows, width}, h.options().dtype(at::kFloat));
+  squares_loop<D>(hp, squares.data_ptr<float>(), rows * width);
+  at::Tensor variance = squares.mean(-1, true);
+  const float* vp = variance.data_ptr<float>();
+  at::Tensor out = at::empty_like(h);
+  raw* op = reinterpret_cast<raw*>(out.data_ptr());
+  const float e = static_cast<float>(eps);
+  for (int64_t r = 0; r < rows; ++r)
+    normed_loop<D>(hp + r * width, wp, 1.0f / std::sqrt(vp[r] + e), op + r * width, width);
+  return out;
+}
+
 at::Tensor rms_norm(const at::Tensor& h, const at::Tensor& weight, double eps) {
+  if (h.dim() == 2 && h.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 &&
+      weight.size(0) == h.size(1) && weight.scalar_type() == h.scalar_type()) {
+    if (h.scalar_type() == at::kBFloat16) return rms_norm_fused<Bf16>(h, weight, eps);
+    if (h.scalar_type() == at::kFloat) return rms_norm_fused<F32>(h, weight, eps);
+  }
   at::Tensor x = h.to(at::kFloat);
   at::Tensor variance = x.pow(2).mean(-1, true);
   x = x * at::rsqrt(variance + eps);
@@ -101,6 +181,66 @@ at::Tensor rotate_half(const at::Tensor& x) {
   return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
+// One half of transformers' apply_rotary_pos_emb for one head: (x * cos) + (rotated * sin),
+// where rotated is -x[half:] for the first half and x[:half] for the second (rotate_half; the
+// negation is exact). Each of the three ATen operations rounds once; so does this loop.
+template <typename D>
+CHATVLM_CLONES void rope_half_loop(const typename D::raw* __restrict x, const typename D::raw* __restrict other,
+                                   float sign, const typename D::raw* __restrict c,
+                                   const typename D::raw* __restrict s, typename D::raw* __restrict out,
+                                   int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = D::load(D::store(D::load(x[i]) * D::load(c[i])));
+    const float b = D::load(D::store((sign * D::load(other[i])) * D::load(s[i])));
+    out[i] = D::store(a + b);
+  }
+}
+
+// x and out (rows, heads, 1, dim), cos and sin (rows, 1, 1, dim); the last dimension packed.
+template <typename D>
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out) {
+  using raw = typename D::raw;
+  const int64_t rows = x.size(0), heads = x.size(1), half = x.size(3) / 2;
+  const raw* xp = reinterpret_cast<const raw*>(x.data_ptr());
+  const raw* cp = reinterpret_cast<const raw*>(cos.data_ptr());
+  const raw* sp = reinterpret_cast<const raw*>(sin.data_ptr());
+  raw* op = reinterpret_cast<raw*>(out.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    const raw* c = cp + r * cos.stride(0);
+    const raw* s = sp + r * sin.stride(0);
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      const raw* in = xp + r * x.stride(0) + hd * x.stride(1);
+      raw* o = op + r * out.stride(0) + hd * out.stride(1);
+      rope_half_loop<D>(in, in + half, -1.0f, c, s, o, half);
+      rope_half_loop<D>(in + half, in, 1.0f, c + half, s + half, o + half, half);
+    }
+  }
+}
+
+bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out) {
+  const auto t = x.scalar_type();
+  auto packed_last = [&](const at::Tensor& a) {
+    return a.dim() == 4 && a.scalar_type() == t && a.size(3) == x.size(3) && a.stride(3) == 1;
+  };
+  return (t == at::kBFloat16 || t == at::kFloat) && packed_last(x) && packed_last(cos) && packed_last(sin) &&
+         (!out.defined() || (packed_last(out) && out.sizes() == x.sizes())) && x.size(2) == 1 &&
+         x.size(3) % 2 == 0 && cos.size(0) == x.size(0) && sin.size(0) == x.size(0) && cos.size(1) == 1 &&
+         sin.size(1) == 1 && cos.size(2) == 1 && sin.size(2) == 1;
+}
+
+// transformers' apply_rotary_pos_emb for one query position, into ``out`` (or a new tensor
+// when it is undefined): (x * cos) + (rotate_half(x) * sin).
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor out = at::Tensor()) {
+  if (!rope_fusable(x, cos, sin, out)) {
+    at::Tensor rotated = (x * cos) + (rotate_half(x) * sin);
+    return out.defined() ? out.copy_(rotated) : rotated;
+  }
+  if (!out.defined()) out = at::empty(x.sizes(), x.options());
+  if (x.scalar_type() == at::kBFloat16) rope_into<Bf16>(x, cos, sin, out);
+  else rope_into<F32>(x, cos, sin, out);
+  return out;
+}
+
 at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                          const std::optional<at::Tensor>& mask, const Slots& slots, int64_t used,
                          int64_t head_dim, int64_t n_rep, double scaling, at::ArrayRef<double> eps,
@@ -110,6 +250,12 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
   TORCH_CHECK(static_cast<int64_t>(slots.size()) == layers * STRIDE, "decode_layers: bad slot count");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * layers, "decode_layers: bad eps count");
   const std::vector<int64_t> shape = {rows, 1, -1, head_dim};
+  // A boolean mask becomes the additive one SDPA would make of it in every layer (0 where
+  // attended, -inf elsewhere, in the query's dtype): once per step instead.
+  std::optional<at::Tensor> mask_once = mask;
+  if (mask.has_value() && mask->scalar_type() == at::kBool)
+    mask_once = at::where(*mask, at::scalar_tensor(0.0, h.options()),
+                          at::scalar_tensor(-std::numeric_limits<double>::infinity(), h.options()));
   for (int64_t i = 0; i < layers; ++i) {
     Layer l{slots, i * STRIDE};
     at::Tensor x = rms_norm(h, l.get(IN_NORM), eps[2 * i]);
@@ -130,12 +276,12 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
     q = q.view(shape).transpose(1, 2);
     k = k.view(shape).transpose(1, 2);
     v = v.view(shape).transpose(1, 2);
-    q = (q * cos) + (rotate_half(q) * sin);
-    k = (k * cos) + (rotate_half(k) * sin);
+    q = rope(q, cos, sin);
     // The cache layer's buffer has room (the caller made sure): write this step's position, as
-    // kv_cache.GrowingLayer.update does, and attend over the used part.
+    // kv_cache.GrowingLayer.update does (the rotated keys straight into it), and attend over
+    // the used part.
     at::Tensor kbuf = l.get(K_BUF), vbuf = l.get(V_BUF);
-    kbuf.slice(2, used, used + 1).copy_(k);
+    rope(k, cos, sin, kbuf.slice(2, used, used + 1));
     vbuf.slice(2, used, used + 1).copy_(v);
     at::Tensor keys = kbuf.slice(2, 0, used + 1), values = vbuf.slice(2, 0, used + 1);
     // transformers' sdpa_attention_forward for one query position: grouped heads packed into the
@@ -152,13 +298,13 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
             std::nullopt, 0.0, false, scaling, n_rep > 1));
       }
       out = at::cat(per_row, 0);
-    } else if (n_rep > 1 && mask.has_value()) {
+    } else if (n_rep > 1 && mask_once.has_value()) {
       at::Tensor packed = q.reshape({q.size(0), q.size(1) / n_rep, n_rep, q.size(3)});
-      at::Tensor m = *mask;
+      at::Tensor m = *mask_once;
       if (m.size(1) != 1) m = m.reshape({m.size(0), m.size(1) / n_rep, n_rep, m.size(3)});
       out = at::scaled_dot_product_attention(packed, keys, values, m, 0.0, false, scaling, false);
     } else {
-      out = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, scaling, n_rep > 1);
+      out = at::scaled_dot_product_attention(q, keys, values, mask_once, 0.0, false, scaling, n_rep > 1);
     }
     out = out.reshape({out.size(0), -1, 1, values.size(-1)}).transpose(1, 2).contiguous();
     h = h + project(out.reshape({rows, -1}), l, O_W, O_B, O_INT4, O_SZ, gemv_rows, group, O_PK, packed_rows);
@@ -181,10 +327,95 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
   return h;
 }
 
+// torch.argmax(logits, -1) for a (rows, vocab) bf16 or fp32 matrix: the first index of each
+// row's largest value, or of its first NaN when it has one (argmax takes NaN as the largest).
+// The sampler's greedy path (engine/sampling.py): ATen's argmax takes ~2 ms for 16 rows of a
+// 49,152-token vocabulary here, this ~0.1 ms.
+constexpr int64_t ARGMAX_LANES = 16;
+typedef float Lanes __attribute__((vector_size(ARGMAX_LANES * sizeof(float))));
+typedef int32_t LaneFlags __attribute__((vector_size(ARGMAX_LANES * sizeof(int32_t))));
+
+template <typename D>
+Lanes load_lanes(const typename D::raw* x) {
+  Lanes v;
+  for (int64_t j = 0; j < ARGMAX_LANES; ++j) v[j] = D::load(x[j]);
+  return v;
+}
+
+// Each lane's largest value and whether it met a NaN, over whole blocks of ARGMAX_LANES.
+template <typename D>
+CHATVLM_CLONES void argmax_lanes(const typename D::raw* __restrict x, int64_t blocks, float* __restrict best_out,
+                                 int* __restrict nan_out) {
+  Lanes best = Lanes{} - std::numeric_limits<float>::infinity();
+  LaneFlags nan = LaneFlags{};
+  for (int64_t i = 0; i < blocks * ARGMAX_LANES; i += ARGMAX_LANES) {
+    const Lanes v = load_lanes<D>(x + i);
+    best = v > best ? v : best;
+    nan |= v != v;
+  }
+  for (int64_t j = 0; j < ARGMAX_LANES; ++j) best_out[j] = best[j], nan_out[j] = nan[j];
+}
+
+// The first index holding ``top`` (or the first NaN), a block at a time.
+template <typename D>
+CHATVLM_CLONES int64_t first_index(const typename D::raw* __restrict x, int64_t n, float top, bool want_nan) {
+  int64_t i = 0;
+  for (; i + ARGMAX_LANES <= n; i += ARGMAX_LANES) {
+    const Lanes v = load_lanes<D>(x + i);
+    const LaneFlags hit = want_nan ? v != v : v == top;
+    bool any = false;
+    for (int64_t j = 0; j < ARGMAX_LANES; ++j) any |= hit[j] != 0;
+    if (any) break;
+  }
+  for (; i < n; ++i) {
+    const float v = D::load(x[i]);
+    if (want_nan ? v != v : v == top) return i;
+  }
+  return 0;
+}
+
+template <typename D>
+int64_t argmax_row(const typename D::raw* x, int64_t n) {
+  float best[ARGMAX_LANES];
+  int nan[ARGMAX_LANES];
+  for (int64_t j = 0; j < ARGMAX_LANES; ++j) best[j] = -std::numeric_limits<float>::infinity(), nan[j] = 0;
+  const int64_t blocks = n / ARGMAX_LANES;
+  argmax_lanes<D>(x, blocks, best, nan);
+  float top = -std::numeric_limits<float>::infinity();
+  bool any_nan = false;
+  for (int64_t j = 0; j < ARGMAX_LANES; ++j) top = best[j] > top ? best[j] : top, any_nan |= nan[j] != 0;
+  for (int64_t i = blocks * ARGMAX_LANES; i < n; ++i) {
+    const float v = D::load(x[i]);
+    top = v > top ? v : top;
+    any_nan |= v != v;
+  }
+  return first_index<D>(x, n, top, any_nan);
+}
+
+std::vector<int64_t> argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0 &&
+                  (logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat),
+              "argmax_rows: a contiguous (rows, vocab) bf16 or fp32 matrix");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  std::vector<int64_t> out(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (logits.scalar_type() == at::kBFloat16)
+      out[r] = argmax_row<Bf16>(reinterpret_cast<const uint16_t*>(logits.data_ptr()) + r * n, n);
+    else
+      out[r] = argmax_row<F32>(logits.data_ptr<float>() + r * n, n);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
+  m.def("argmax_rows(Tensor logits) -> int[]", &argmax_rows);
+  // The fused element-wise parts on their own, for the tests (tests/engine/test_native_step.py).
+  m.def("rms_norm(Tensor h, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+        [](const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { return rope(x, cos, sin); });
   m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] slots, int used, "
         "int head_dim, int n_rep, float scaling, float[] eps, int gemv_rows, int group, int[]? starts, "
         "int packed_rows) -> Tensor",

@@ -1,8 +1,8 @@
 """The compiled layers of the lean decode step (engine/native_step.cpp), built at first use.
 
-The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, so the
-logits do not change (tests/engine/test_native_step.py); it removes the interpreter between the
-~1,500 operations of a step. It is built once per source and torch version with torch's own
+The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, or loops
+that round exactly where they do, so the logits do not change (tests/engine/test_native_step.py);
+it removes the interpreter between the ~1,500 operations of a step, and ~700 of them. It is built once per source and torch version with torch's own
 extension builder (a C++ compiler and ninja are needed; ~40 s on two cores) into
 ``$CHATVLM_NATIVE_DIR`` (by default ``~/.cache/chatvlm/native``), in a background thread:
 until it is ready, or when it cannot be built, the Python loop runs and nothing else changes.
@@ -55,7 +55,7 @@ def _build() -> None:
         name = _library_name()
         folder = build_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=["-O3"],
+        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=["-O3", "-ffp-contract=off"],
                            build_directory=str(folder))
         torch.ops.chatvlm_native.slot_stride()  # registered
         _state["status"] = "ready"
@@ -96,6 +96,15 @@ def wait(timeout: float | None = None) -> bool:
 
 def decode_layers(*args: Any) -> torch.Tensor:
     return torch.ops.chatvlm_native.decode_layers(*args)
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int] | None:
+    """``logits.argmax(-1).tolist()`` for a (rows, vocab) bf16 or fp32 CPU matrix, from the
+    compiled loop; None when it is not built (or for other inputs): the caller runs ATen's."""
+    if _state["status"] != "ready" or logits.device.type != "cpu" or logits.dim() != 2 \
+            or logits.dtype not in (torch.bfloat16, torch.float32) or logits.shape[1] == 0:
+        return None
+    return list(torch.ops.chatvlm_native.argmax_rows(logits.contiguous()))
 
 
 def slot_stride() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from core.types import GenerationParams
+from engine import native_step
 
 
 class RowSampler:
@@ -34,6 +35,9 @@ class RowSampler:
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     """One token per row of ``logits`` (batch, vocab)."""
     if all(r.plain_greedy for r in rows):  # the common fast path: one argmax for the batch
+        fast = native_step.argmax_rows(logits)  # the same indices, ~20x faster than ATen's here
+        if fast is not None:
+            return fast
         # bf16's argmax runs at half the speed of fp32's on the CPU; the widening is exact.
         return (logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits).argmax(dim=-1).tolist()
     logits = logits.float()

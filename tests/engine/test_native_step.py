@@ -121,6 +121,54 @@ def test_a_packed_weight_that_gives_other_values_is_not_used(built, where, monke
     assert getattr(model.lm_head, "lean_packed", None) is None
 
 
+def _awkward(shape, dtype, gen):
+    """Values that round often and oddly: wide magnitudes, exact ties in bf16, zeros of both
+    signs, subnormals."""
+    x = torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen) * 4)
+    x.view(-1)[::7] = 0.0
+    x.view(-1)[3::11] = -0.0
+    x.view(-1)[5::13] = 1e-40
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_fused_element_wise_loops_round_as_aten_does(built, dtype):
+    # RMSNorm and the rotary embedding run as element-wise loops in the compiled step; each
+    # must round where the ATen operations they replace do (bitwise, on awkward values).
+    from engine.lean_decode import _rms_norm, _rotate_half
+
+    gen = torch.Generator().manual_seed(1)
+    for rows, width in ((1, 64), (16, 576), (5, 33)):
+        h, weight = _awkward((rows, width), dtype, gen), _awkward((width,), dtype, gen)
+        for eps in (1e-5, 1e-6):
+            norm = torch.nn.Module()
+            norm.weight, norm.variance_epsilon = torch.nn.Parameter(weight, requires_grad=False), eps
+            assert torch.equal(torch.ops.chatvlm_native.rms_norm(h, weight, eps), _rms_norm(h, norm))
+    for rows, heads, dim in ((1, 9, 64), (16, 3, 64), (3, 2, 18)):
+        flat = _awkward((rows, heads * dim + 5), dtype, gen)[:, 5:]  # a strided view, as q is
+        x = flat.reshape(rows, 1, heads, dim).transpose(1, 2)
+        cos, sin = (_awkward((rows, 1, 1, dim), dtype, gen) for _ in range(2))
+        assert torch.equal(torch.ops.chatvlm_native.rope(x, cos, sin), (x * cos) + (_rotate_half(x) * sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_compiled_argmax_is_torchs(built, dtype):
+    # The greedy sampler's argmax (engine/sampling.py): the first largest value, or the first
+    # NaN; rows of ties, of -inf only, with +inf, and vocabularies not a multiple of 16.
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(120):
+        rows, vocab = int(torch.randint(1, 20, (), generator=gen)), int(torch.randint(1, 3000, (), generator=gen))
+        x = (torch.randn(rows, vocab, generator=gen) * 3).round().to(dtype)
+        if trial % 5 == 0:
+            x[0, torch.randint(0, vocab, (2,), generator=gen)] = float("nan")
+        if trial % 7 == 0:
+            x[-1] = float("-inf")
+        if trial % 11 == 0:
+            x[0, -1] = float("inf")
+        assert native_step.argmax_rows(x) == x.argmax(-1).tolist()
+    assert native_step.argmax_rows(torch.zeros(2, 5, dtype=torch.float16)) is None  # ATen's, then
+
+
 def test_the_backend_runs_every_batch_size_compiled(int4_model, monkeypatch):
     model, tokenizer = int4_model
     backend = BatchBackend(model, tokenizer, None, threads=1)

@@ -30,8 +30,13 @@ _state: dict[str, Any] = {"status": "idle", "error": None, "thread": None}
 _ready = threading.Event()
 
 
+# -ffp-contract=off: a multiply and an add in the element-wise loops stay two roundings, as in
+# ATen (no fused multiply-add), so the logits stay bitwise.
+CFLAGS = ["-O3", "-ffp-contract=off"]
+
+
 def _library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return f"chatvlm_native_{digest}"
 
 
@@ -55,7 +60,7 @@ def _build() -> None:
         name = _library_name()
         folder = build_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=["-O3", "-ffp-contract=off"],
+        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=CFLAGS,
                            build_directory=str(folder))
         torch.ops.chatvlm_native.slot_stride()  # registered
         _state["status"] = "ready"

@@ -308,7 +308,7 @@ class NativeLayers:
 
     def _pack(self) -> None:
         stride = native_step.slot_stride()
-        packed_rows = self.lean.packed_rows if self.lean.packed else None
+        packed_rows = self.lean.packed_rows  # None when packing is off or was dropped
         slots: list[torch.Tensor | None] = []
         for i, layer in enumerate(self.lean.inner.layers):
             attn, mlp = layer.self_attn, layer.mlp

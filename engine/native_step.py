@@ -1,8 +1,9 @@
 """The compiled layers of the lean decode step (engine/native_step.cpp), built at first use.
 
-The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, or loops
-that round exactly where they do, so the logits do not change (tests/engine/test_native_step.py);
-it removes the interpreter between the ~1,500 operations of a step, and ~700 of them. It is built once per source and torch version with torch's own
+The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, so the
+logits do not change (tests/engine/test_native_step.py): it removes the interpreter between the
+~1,500 operations of a step, and runs ~700 element-wise ones (RMSNorm, RoPE) as loops that round
+exactly where they do. It is built once per source, flags and torch version with torch's own
 extension builder (a C++ compiler and ninja are needed; ~40 s on two cores) into
 ``$CHATVLM_NATIVE_DIR`` (by default ``~/.cache/chatvlm/native``), in a background thread:
 until it is ready, or when it cannot be built, the Python loop runs and nothing else changes.
@@ -36,7 +37,8 @@ CFLAGS = ["-O3", "-ffp-contract=off"]
 
 
 def _library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
     return f"chatvlm_native_{digest}"
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from engine import native_step, packed
 from engine.kv_cache import GrowingLayer
-from engine.quant import GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_pack
+from engine.quant import INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, int4_pack, small_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _Fused:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         o = self.owner
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, o.lean_int4, INT4_GROUP, o.lean_scales_zeros)
+        out = native_step.int4_mm(x, o.lean_int4, INT4_GROUP, o.lean_scales_zeros)
         if o.lean_bias is not None:
             out = out + o.lean_bias
         return list(out.split(self.sizes, dim=-1))
@@ -135,7 +135,7 @@ class LeanDecoder:
         if starts is not None or self.compiled(cache):
             h = self.native(embeds.view(rows, -1), cos, sin, mask, cache, starts)
             return self._head(_rms_norm(h, inner.norm))
-        few = rows <= GEMV_ROWS
+        few = rows <= small_rows(embeds.dtype)
         shape = (rows, 1, -1, self.head_dim)
         h = embeds.view(rows, -1)
         for i, layer in enumerate(inner.layers):
@@ -190,7 +190,7 @@ class LeanDecoder:
         if self.head_packed is None or rows > packed.PACKED_ROWS:
             return head(x)
         if isinstance(head, Int8WeightOnlyLinear):
-            if rows <= GEMV_ROWS:
+            if rows <= small_rows(head.dense.dtype):
                 return head(x)
             out = packed.linear(x.to(head.dense.dtype), self.head_packed)  # its ``flat @ dense.t()``
             return out if head.bias is None else out + head.bias
@@ -340,8 +340,8 @@ class NativeLayers:
                 raise RuntimeError("the cache layers hold different lengths")
             slots[i * stride + stride - 2], slots[i * stride + stride - 1] = layer.reserve(1, keys, values)
         h = native_step.decode_layers(h, cos, sin, mask if isinstance(mask, torch.Tensor) else None, slots, used,
-                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, GEMV_ROWS, INT4_GROUP, starts,
-                                      packed.PACKED_ROWS if self.lean.packed else 0)
+                                      self.lean.head_dim, self.n_rep, self.scaling, self.eps, small_rows(h.dtype),
+                                      INT4_GROUP, starts, packed.PACKED_ROWS if self.lean.packed else 0)
         for layer in layers:
             layer.advance(1)
         return h

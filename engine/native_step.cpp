@@ -11,9 +11,11 @@
 // Built at first use by engine/native_step.py (torch.utils.cpp_extension); registered as
 // torch.ops.chatvlm_native.decode_layers.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -161,6 +163,264 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   return stack[0].toTensor();
 }
 
+// ---- Weight-only int4 and int8 matmuls for fp32 activations (a few rows) ---------------------
+// ATen's CPU kernels for these run vectorized for bf16 activations only: with fp32 ones they
+// are 5-10x slower than the dense fp32 GEMM (measured on an avx2 CPU, docs/BENCHMARKS.md), so
+// an fp32 model on a CPU without bf16 would read a quarter of the bytes and still decode slower.
+// These read the very same buffers (engine/quant.py): ATen's int4 layout with its scales and
+// zeros, and the int8 weight with its per-output scales. Each output is a sum over the inputs
+// in fp32; the order of the additions is this kernel's, not ATen's (values equal to rounding).
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define CHATVLM_X86_KERNELS 1
+#endif
+
+bool fast_kernels() {
+#ifdef CHATVLM_X86_KERNELS
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef CHATVLM_X86_KERNELS
+constexpr int64_t INT4_BLOCK = 32;  // outputs per block of ATen's CPU int4 layout
+
+// ``R`` rows (1 or 2) of x times one block of 32 outputs. The layout: for each input k, 16 bytes
+// hold the block's 32 codes (output j in the low nibble of byte j for j < 16, in the high nibble
+// of byte j - 16 otherwise); the weight is (code - 8) * scale + zero, with a scale and a zero per
+// output and group of inputs (sz: (k / group, n, 2)). Per group the codes' dot product with x is
+// summed first: sum((q - 8) s + z) x = s sum(q x) + (z - 8 s) sum(x).
+// The four vectors of codes of input ``i`` (outputs 0-7, 8-15, 16-23, 24-31), as floats: each
+// byte zero-extended into a 32-bit lane straight from memory, its low and high nibbles apart.
+__attribute__((target("avx2,fma"))) inline void int4_codes(const uint8_t* at, __m256* w) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8)));
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, const uint8_t* codes, const float* sz,
+                                                   int64_t n, int64_t group, const float* xsum, float* out) {
+  __m256 total[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) total[r][v] = _mm256_setzero_ps();
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    // Two sets of sums (even and odd inputs), so that consecutive multiply-adds do not wait on
+    // one another.
+    __m256 acc[R][4], odd[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) acc[r][v] = odd[r][v] = _mm256_setzero_ps();
+    int64_t i = g * group;
+    const int64_t end = (g + 1) * group;
+    for (; i + 2 <= end; i += 2) {
+      __m256 w[4], u[4];
+      int4_codes(codes + i * 16, w);
+      int4_codes(codes + i * 16 + 16, u);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k + i), xu = _mm256_broadcast_ss(x + r * k + i + 1);
+        for (int v = 0; v < 4; ++v) {
+          acc[r][v] = _mm256_fmadd_ps(w[v], xv, acc[r][v]);
+          odd[r][v] = _mm256_fmadd_ps(u[v], xu, odd[r][v]);
+        }
+      }
+    }
+    for (; i < end; ++i) {
+      __m256 w[4];
+      int4_codes(codes + i * 16, w);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k + i);
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], xv, acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_add_ps(acc[r][v], odd[r][v]);
+    // The group's scales and zeros for the block's 32 outputs, (scale, zero) pairs split into
+    // two vectors of 8 each.
+    const float* p = sz + g * n * 2;
+    for (int v = 0; v < 4; ++v) {
+      const __m256 a = _mm256_loadu_ps(p + 16 * v), b = _mm256_loadu_ps(p + 16 * v + 8);
+      const __m256 sv = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+      const __m256 zv = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+      const __m256 base = _mm256_sub_ps(zv, _mm256_mul_ps(_mm256_set1_ps(8.0f), sv));
+      for (int r = 0; r < R; ++r) {
+        const __m256 xs = _mm256_set1_ps(xsum[r * groups + g]);
+        total[r][v] = _mm256_add_ps(total[r][v], _mm256_add_ps(_mm256_mul_ps(sv, acc[r][v]), _mm256_mul_ps(base, xs)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + r * n + 8 * v, total[r][v]);
+}
+
+// ``RR`` rows (1 to 4) times 16 outputs of a dequantized tile (rows of INT4_BLOCK floats), added
+// into ``out``: each weight vector is loaded once and used by every row.
+template <int RR>
+__attribute__((target("avx2,fma"))) inline void int4_tile_rows(const float* x, int64_t k, const float* tile,
+                                                              int64_t group, float* out, int64_t n) {
+  __m256 a[RR][2];
+  for (int r = 0; r < RR; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < group; ++i) {
+    const __m256 w0 = _mm256_load_ps(tile + i * INT4_BLOCK), w1 = _mm256_load_ps(tile + i * INT4_BLOCK + 8);
+    for (int r = 0; r < RR; ++r) {
+      const __m256 b = _mm256_broadcast_ss(x + r * k + i);
+      a[r][0] = _mm256_fmadd_ps(w0, b, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, b, a[r][1]);
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int v = 0; v < 2; ++v) {
+      float* o = out + r * n + 8 * v;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[r][v]));
+    }
+}
+
+// Three rows or more: each group's weights of a block are dequantized once into ``tile``
+// (group x 32 floats, in L1), then two rows at a time read it, so the codes are decoded once per
+// step and the multiply-adds run from registers.
+__attribute__((target("avx2,fma"))) void int4_block_rows(const float* x, int64_t rows, int64_t k, const uint8_t* codes,
+                                                        const float* sz, int64_t n, int64_t group, float* out,
+                                                        float* tile) {
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < INT4_BLOCK; ++j) out[r * n + j] = 0.0f;
+  alignas(32) float s[INT4_BLOCK], z[INT4_BLOCK];
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* p = sz + g * n * 2;
+    for (int64_t j = 0; j < INT4_BLOCK; ++j) s[j] = p[2 * j], z[j] = p[2 * j + 1];
+    __m256 sv[4], zv[4];
+    for (int v = 0; v < 4; ++v) sv[v] = _mm256_load_ps(s + 8 * v), zv[v] = _mm256_load_ps(z + 8 * v);
+    for (int64_t i = 0; i < group; ++i) {
+      __m256 w[4];
+      int4_codes(codes + (g * group + i) * 16, w);
+      for (int v = 0; v < 4; ++v)
+        _mm256_store_ps(tile + i * INT4_BLOCK + 8 * v,
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(w[v], eight), sv[v]), zv[v]));
+    }
+    for (int64_t r = 0; r < rows; r += 4) {
+      for (int64_t half = 0; half < INT4_BLOCK; half += 16) {
+        const float* x0 = x + r * k + g * group;
+        float* o = out + r * n + half;
+        switch (std::min<int64_t>(rows - r, 4)) {
+          case 1: int4_tile_rows<1>(x0, k, tile + half, group, o, n); break;
+          case 2: int4_tile_rows<2>(x0, k, tile + half, group, o, n); break;
+          case 3: int4_tile_rows<3>(x0, k, tile + half, group, o, n); break;
+          default: int4_tile_rows<4>(x0, k, tile + half, group, o, n); break;
+        }
+      }
+    }
+  }
+}
+
+// ``R`` rows (1 to 4) of x times one output's int8 weights (k a multiple of 16), unscaled.
+template <int R>
+__attribute__((target("avx2,fma"))) void int8_row(const float* x, int64_t k, const int8_t* w, float* dots) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * k + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * k + i + 8), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_add_ps(acc[r][0], acc[r][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    dots[r] = _mm_cvtss_f32(h);
+  }
+}
+#endif
+
+// x (rows, k) fp32 times the int4 copy (engine/quant.int4_pack): this file's kernel for fp32
+// activations where it runs, ATen's otherwise.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group, const at::Tensor& sz) {
+#ifdef CHATVLM_X86_KERNELS
+  const int64_t n = packed.dim() == 2 ? packed.size(0) : -1, k = packed.dim() == 2 ? packed.size(1) * 2 : -1;
+  if (fast_kernels() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.size(0) > 0 &&
+      packed.scalar_type() == at::kByte && packed.is_contiguous() && n % INT4_BLOCK == 0 && group > 0 &&
+      k % group == 0 && sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
+      sz.size(0) == k / group && sz.size(1) == n && sz.size(2) == 2) {
+    const at::Tensor xc = x.contiguous();
+    const int64_t rows = xc.size(0), groups = k / group;
+    const at::Tensor xsum = xc.view({rows, groups, group}).sum(-1).contiguous();
+    at::Tensor out = at::empty({rows, n}, xc.options());
+    const float* xp = xc.data_ptr<float>();
+    const float* sp = sz.data_ptr<float>();
+    const float* xs = xsum.data_ptr<float>();
+    const uint8_t* cp = packed.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, n / INT4_BLOCK, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> tile_buf(rows > 2 ? group * INT4_BLOCK + 8 : 0);
+      float* tile = tile_buf.empty() ? nullptr
+                                     : reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_buf.data()) + 31) & ~uintptr_t(31));
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* codes = cp + b * k * 16;
+        const float* bsz = sp + b * INT4_BLOCK * 2;
+        if (tile != nullptr) {
+          int4_block_rows(xp, rows, k, codes, bsz, n, group, op + b * INT4_BLOCK, tile);
+          continue;
+        }
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2)
+          int4_block<2>(xp + r * k, k, codes, bsz, n, group, xs + r * groups, op + r * n + b * INT4_BLOCK);
+        if (r < rows) int4_block<1>(xp + r * k, k, codes, bsz, n, group, xs + r * groups, op + r * n + b * INT4_BLOCK);
+      }
+    });
+    return out;
+  }
+#endif
+  return at::_weight_int4pack_mm_for_cpu(x, packed, group, sz);
+}
+
+// x (rows, k) fp32 times an int8 weight (n, k) with a scale per output (engine/quant.py's
+// Int8WeightOnlyLinear): this file's kernel for fp32 activations where it runs, ATen's otherwise.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+#ifdef CHATVLM_X86_KERNELS
+  if (fast_kernels() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) > 0 &&
+      w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && x.size(1) == w.size(1) &&
+      w.size(1) % 16 == 0 && scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+      scales.size(0) == w.size(0)) {
+    const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+    const int64_t rows = xc.size(0), n = w.size(0), k = w.size(1);
+    at::Tensor out = at::empty({rows, n}, xc.options());
+    const float* xp = xc.data_ptr<float>();
+    const float* sp = sc.data_ptr<float>();
+    const int8_t* wp = w.data_ptr<int8_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+      float dots[4];
+      for (int64_t j = j0; j < j1; ++j) {
+        const int8_t* row = wp + j * k;  // in L1 for the next four rows
+        for (int64_t r = 0; r < rows; r += 4) {
+          const float* xr = xp + r * k;
+          switch (std::min<int64_t>(rows - r, 4)) {
+            case 1: int8_row<1>(xr, k, row, dots); break;
+            case 2: int8_row<2>(xr, k, row, dots); break;
+            case 3: int8_row<3>(xr, k, row, dots); break;
+            default: int8_row<4>(xr, k, row, dots); break;
+          }
+          for (int64_t i = 0; i < std::min<int64_t>(rows - r, 4); ++i) op[(r + i) * n + j] = dots[i] * sp[j];
+        }
+      }
+    });
+    return out;
+  }
+#endif
+  return at::_weight_int8pack_mm(x, w, scales);
+}
+
 // Which weights a projection of this many rows reads: the int4 copy for a few rows, else the
 // packed dense weight up to ``packed_rows`` rows, else the plain one.
 enum class Path { INT4, PACKED, PLAIN };
@@ -180,7 +440,7 @@ at::Tensor project(const at::Tensor& x, const Layer& l, int64_t w, int64_t b, in
   if (pk >= 0 && choose(l, q, pk, x.size(0), gemv_rows, packed_rows) == Path::PACKED)
     return packed_linear(x, l.get(pk), bias);
   if (packed.defined() && x.size(0) <= gemv_rows) {
-    at::Tensor out = at::_weight_int4pack_mm_for_cpu(x.to(l.get(w).scalar_type()), packed, group, l.get(sz));
+    at::Tensor out = int4_mm(x.to(l.get(w).scalar_type()), packed, group, l.get(sz));
     return bias.defined() ? out + bias : out;
   }
   return at::linear(x, l.get(w), bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
@@ -189,7 +449,7 @@ at::Tensor project(const at::Tensor& x, const Layer& l, int64_t w, int64_t b, in
 // Several int4 layers concatenated along their outputs (lean_decode._Fused): one kernel call.
 std::vector<at::Tensor> fused(const at::Tensor& x, const Layer& l, int64_t q, int64_t sz, int64_t bias_slot,
                               at::IntArrayRef sizes, int64_t group) {
-  at::Tensor out = at::_weight_int4pack_mm_for_cpu(x, l.get(q), group, l.get(sz));
+  at::Tensor out = int4_mm(x, l.get(q), group, l.get(sz));
   at::Tensor bias = l.get(bias_slot);
   if (bias.defined()) out = out + bias;
   return out.split_with_sizes(sizes, -1);
@@ -431,6 +691,9 @@ std::vector<int64_t> argmax_rows(const at::Tensor& logits) {
 TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
   m.def("argmax_rows(Tensor logits) -> int[]", &argmax_rows);
+  m.def("fast_kernels() -> bool", []() -> bool { return fast_kernels(); });
+  m.def("int4_mm(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor", &int4_mm);
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_mm);
   // The fused element-wise parts on their own, for the tests (tests/engine/test_native_step.py).
   m.def("rms_norm(Tensor h, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",

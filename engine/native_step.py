@@ -65,6 +65,7 @@ def _build() -> None:
         cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=CFLAGS,
                            build_directory=str(folder))
         torch.ops.chatvlm_native.slot_stride()  # registered
+        _state["fast_kernels"] = bool(torch.ops.chatvlm_native.fast_kernels())
         _state["status"] = "ready"
         log.info("native decode step: built and loaded")
     except Exception as exc:  # noqa: BLE001 - any failure leaves the Python loop in charge
@@ -112,6 +113,28 @@ def argmax_rows(logits: torch.Tensor) -> list[int] | None:
             or logits.dtype not in (torch.bfloat16, torch.float32) or logits.shape[1] == 0:
         return None
     return list(torch.ops.chatvlm_native.argmax_rows(logits.contiguous()))
+
+
+def fast_kernels() -> bool:
+    """Whether the compiled int4 and int8 matmuls for fp32 activations run here (built, on a CPU
+    with avx2 and fma): ``int4_mm`` and ``int8_mm`` use them, else ATen's kernels."""
+    return _state["status"] == "ready" and bool(_state.get("fast_kernels"))
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.aten._weight_int4pack_mm_for_cpu`` on the same buffers; for fp32 activations,
+    the compiled kernel when ``fast_kernels()`` (ATen's is scalar for them)."""
+    if x.dtype == torch.float32 and fast_kernels():
+        return torch.ops.chatvlm_native.int4_mm(x, packed, group, scales_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.aten._weight_int8pack_mm`` on the same buffers; for fp32 activations (up to 4
+    rows), the compiled kernel when ``fast_kernels()``."""
+    if x.dtype == torch.float32 and fast_kernels():
+        return torch.ops.chatvlm_native.int8_mm(x, weight, scales)
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 
 def slot_stride() -> int:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import native_step
+
 QUANTIZATIONS = ("none", "int8_weight_only", "int4_weight_only")
 INT4_GROUP = 32
 # A layer whose int4 copy differs from its weights by more than this (relative Frobenius norm)
@@ -32,6 +34,23 @@ INT4_GROUP = 32
 LOSSLESS_INT4_ERROR = 0.01
 # Rows up to which the int8 kernel beats dequantize + GEMM (measured: scripts/bench_precision.py).
 GEMV_ROWS = 4
+
+
+# Rows up to which the compiled fp32 kernels (engine/native_step.cpp) beat the dense fp32 GEMM:
+# they read a quarter (int8) or an eighth (int4) of its bytes, and on an avx2 CPU without bf16
+# the dense GEMM of a few to a few dozen rows is far from the memory's speed (docs/BENCHMARKS.md).
+FP32_KERNEL_ROWS = 32
+
+
+def small_rows(dtype: torch.dtype) -> int:
+    """Rows up to which the int4 and int8 copies are read (past them, the dense weight where it
+    is kept): GEMV_ROWS for ATen's kernels (bf16). For fp32 activations ATen's kernels are
+    scalar, 5-10x slower than the dense GEMM (measured on an avx2 CPU), so the compiled ones
+    run instead, up to FP32_KERNEL_ROWS, once loaded (engine/native_step.fast_kernels); until
+    then, or without them, 0: the dense weight."""
+    if dtype == torch.float32:
+        return FP32_KERNEL_ROWS if native_step.fast_kernels() else 0
+    return GEMV_ROWS
 
 
 def int8_kernel_available(device: torch.device | str) -> bool:
@@ -66,8 +85,11 @@ class Int8WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if flat.dtype != self.scales.dtype:
             flat = flat.to(self.scales.dtype)
-        if flat.shape[0] <= GEMV_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        rows = flat.shape[0]
+        # Without a dense copy, ATen's kernel still takes a few rows (no fp copy of the weights).
+        limit = small_rows(flat.dtype) if self.dense is not None else max(GEMV_ROWS, small_rows(flat.dtype))
+        if rows <= limit:
+            out = native_step.int8_mm(flat, self.weight_int8, self.scales)
         elif self.dense is not None:
             out = flat @ self.dense.t()
         else:
@@ -109,9 +131,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= GEMV_ROWS:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.weight.dtype), self.weight_int4,
-                                                             INT4_GROUP, self.scales_zeros)
+        if flat.shape[0] <= small_rows(self.weight.dtype):
+            out = native_step.int4_mm(flat.to(self.weight.dtype), self.weight_int4, INT4_GROUP, self.scales_zeros)
             if self.bias is not None:
                 out = out + self.bias
         else:

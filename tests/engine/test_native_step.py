@@ -21,7 +21,8 @@ import torch
 
 from engine import native_step, packed
 from engine.backend import BatchBackend, EncodedPrompt
-from engine.quant import GEMV_ROWS, quantize_int4_weight_only
+from engine.quant import (FP32_KERNEL_ROWS, GEMV_ROWS, INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear,
+                          int4_pack, quantize_int4_weight_only, small_rows)
 from tests.engine.test_lean_decode import decode_run, engine_replies, prompts, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +36,11 @@ def built():
     assert native_step.wait(540), f"the native decode step did not build: {native_step.error()}"
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-fp32"])
 def int4_model(request, built):
-    model, tokenizer = tiny_llama(arch=request.param)
+    # fp32: the compiled int4 and int8 kernels (where the CPU has avx2 and fma), in every path.
+    arch, _, fp32 = request.param.partition("-")
+    model, tokenizer = tiny_llama(arch=arch, dtype=torch.float32 if fp32 else torch.bfloat16)
     quantize_int4_weight_only(model)
     return model, tokenizer
 
@@ -307,3 +310,77 @@ def test_a_long_prompt_is_staged_into_the_batch_a_few_layers_per_step(built, mon
     assert calls[0] - calls[1] == layers - 1
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def fast_or_skip() -> None:
+    if not native_step.fast_kernels():
+        pytest.skip("this CPU lacks avx2 or fma: ATen's int4 and int8 kernels run")
+
+
+@pytest.mark.parametrize("n,k", [(96, 128), (960, 576), (64, 1536)])
+def test_the_fp32_int4_kernel_is_the_matmul_of_the_int4_weights(built, n, k):
+    """The compiled fp32 kernel reads ATen's int4 layout: its products are those of the weights
+    ATen's own kernel dequantizes, to fp32 rounding, for the two-row and the tiled paths."""
+    fast_or_skip()
+    gen = torch.Generator().manual_seed(n + k)
+    packed_w, sz, _ = int4_pack(torch.randn(n, k, generator=gen) * 0.05)
+    # ATen's dequantization of the same buffers: row i of the identity picks input i.
+    dequant = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), packed_w, INT4_GROUP, sz).t().double()
+    for rows in (1, 2, 3, 4, 5, 16, 33):
+        x = torch.randn(rows, k, generator=gen)
+        ours = native_step.int4_mm(x, packed_w, INT4_GROUP, sz)
+        assert ours.shape == (rows, n) and ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), x.double() @ dequant.t(), rtol=1e-5, atol=1e-5)
+        aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed_w, INT4_GROUP, sz)
+        torch.testing.assert_close(ours, aten, rtol=1e-5, atol=1e-5)
+        # A strided view of the activations reads the same values.
+        wide = torch.randn(rows, 2 * k, generator=gen)
+        wide[:, ::2] = x
+        torch.testing.assert_close(native_step.int4_mm(wide[:, ::2], packed_w, INT4_GROUP, sz), ours, rtol=0, atol=0)
+
+
+def test_the_fp32_int8_kernel_is_the_matmul_of_the_int8_weights(built):
+    fast_or_skip()
+    torch.manual_seed(0)
+    layer = Int8WeightOnlyLinear(torch.nn.Linear(576, 200, bias=False), torch.float32)
+    dequant = (layer.weight_int8.double() * layer.scales.double()[:, None])
+    for rows in (1, 2, 3, 4, 5, 9, 33):
+        x = torch.randn(rows, 576)
+        ours = native_step.int8_mm(x, layer.weight_int8, layer.scales)
+        torch.testing.assert_close(ours.double(), x.double() @ dequant.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_and_dtypes_the_kernels_do_not_take_run_atens(built):
+    """Outputs not a multiple of 32 (int4), inputs not a multiple of 16 (int8), bf16 activations:
+    ATen's kernels, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    packed_w, sz, _ = int4_pack(torch.randn(48, 64, generator=gen))
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(native_step.int4_mm(x, packed_w, INT4_GROUP, sz),
+                       torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed_w, INT4_GROUP, sz))
+    layer = Int8WeightOnlyLinear(torch.nn.Linear(40, 24, bias=False), torch.float32)
+    x = torch.randn(2, 40, generator=gen)
+    assert torch.equal(native_step.int8_mm(x, layer.weight_int8, layer.scales),
+                       torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales))
+    packed_b, sz_b, _ = int4_pack(torch.randn(64, 64, generator=gen).bfloat16())
+    xb = torch.randn(2, 64, generator=gen).bfloat16()
+    assert torch.equal(native_step.int4_mm(xb, packed_b, INT4_GROUP, sz_b),
+                       torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed_b, INT4_GROUP, sz_b))
+
+
+def test_fp32_layers_read_their_dense_weight_until_the_kernels_are_loaded(built, monkeypatch):
+    """ATen's fp32 int4 kernel is scalar (5-10x slower than the dense GEMM), so before the compiled
+    kernels are loaded, or where they cannot run, an fp32 int4 layer reads its dense weight."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    packed_w, sz, _ = int4_pack(linear.weight)
+    layer = Int4WeightOnlyLinear(linear, packed_w, sz)
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(native_step, "fast_kernels", lambda: False)
+    assert small_rows(torch.float32) == 0 and small_rows(torch.bfloat16) == GEMV_ROWS
+    assert torch.equal(layer(x), linear(x))
+    monkeypatch.undo()
+    fast_or_skip()
+    assert small_rows(torch.float32) == FP32_KERNEL_ROWS
+    expected = native_step.int4_mm(x, packed_w, INT4_GROUP, sz) + linear.bias
+    assert torch.equal(layer(x), expected) and not torch.equal(layer(x), linear(x))

@@ -343,6 +343,19 @@ __attribute__((target("avx2,fma"))) void int8_row(const float* x, int64_t k, con
 }
 #endif
 
+// How many of the intra-op threads an at::parallel_for over ``items`` items runs on: ATen's
+// parallel_for is an OpenMP pragma in its headers, so a build without -fopenmp runs it on one.
+int64_t parallel_workers(int64_t items) {
+  std::vector<int> used(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(used.size())) used[id] = 1;
+  });
+  int64_t count = 0;
+  for (int u : used) count += u;
+  return count;
+}
+
 // x (rows, k) fp32 times the int4 copy (engine/quant.int4_pack): this file's kernel for fp32
 // activations where it runs, ATen's otherwise.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group, const at::Tensor& sz) {
@@ -692,6 +705,7 @@ TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
   m.def("argmax_rows(Tensor logits) -> int[]", &argmax_rows);
   m.def("fast_kernels() -> bool", []() -> bool { return fast_kernels(); });
+  m.def("parallel_workers(int items) -> int", &parallel_workers);
   m.def("int4_mm(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor", &int4_mm);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_mm);
   // The fused element-wise parts on their own, for the tests (tests/engine/test_native_step.py).

@@ -32,12 +32,15 @@ _ready = threading.Event()
 
 
 # -ffp-contract=off: a multiply and an add in the element-wise loops stay two roundings, as in
-# ATen (no fused multiply-add), so the logits stay bitwise.
-CFLAGS = ["-O3", "-ffp-contract=off"]
+# ATen (no fused multiply-add), so the logits stay bitwise. -fopenmp: ATen's parallel_for is an
+# OpenMP pragma in its headers, so without it the kernels here would run on one thread (the
+# library then shares torch's own libgomp, loaded under the same name).
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _library_name() -> str:
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS + LDFLAGS).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
     return f"chatvlm_native_{digest}"
 
@@ -62,8 +65,9 @@ def _build() -> None:
         name = _library_name()
         folder = build_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=CFLAGS,
-                           build_directory=str(folder))
+        # Copies: the builder appends torch's own flags to the lists it is given.
+        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=str(folder))
         torch.ops.chatvlm_native.slot_stride()  # registered
         _state["fast_kernels"] = bool(torch.ops.chatvlm_native.fast_kernels())
         _state["status"] = "ready"

@@ -39,7 +39,7 @@ GEMV_ROWS = 4
 # Rows up to which the compiled fp32 kernels (engine/native_step.cpp) beat the dense fp32 GEMM:
 # they read a quarter (int8) or an eighth (int4) of its bytes, and on an avx2 CPU without bf16
 # the dense GEMM of a few to a few dozen rows is far from the memory's speed (docs/BENCHMARKS.md).
-FP32_KERNEL_ROWS = 32
+FP32_KERNEL_ROWS = 64
 
 
 def small_rows(dtype: torch.dtype) -> int:

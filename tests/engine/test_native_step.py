@@ -384,3 +384,15 @@ def test_fp32_layers_read_their_dense_weight_until_the_kernels_are_loaded(built,
     assert small_rows(torch.float32) == FP32_KERNEL_ROWS
     expected = native_step.int4_mm(x, packed_w, INT4_GROUP, sz) + linear.bias
     assert torch.equal(layer(x), expected) and not torch.equal(layer(x), linear(x))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core")
+def test_the_compiled_kernels_run_on_torchs_threads(built):
+    """ATen's parallel_for is an OpenMP pragma in its headers: built without -fopenmp, the int4
+    and int8 kernels would run on one thread (half the speed on two cores, silently)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.chatvlm_native.parallel_workers(64) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -3,7 +3,9 @@
 The C++ source runs the same ATen operations as engine/lean_decode.py's Python loop, so the
 logits do not change (tests/engine/test_native_step.py): it removes the interpreter between the
 ~1,500 operations of a step, and runs ~700 element-wise ones (RMSNorm, RoPE) as loops that round
-exactly where they do. It is built once per source, flags and torch version with torch's own
+exactly where they do. It also holds the int4 and int8 weight-only matmuls for fp32
+activations (avx2 + fma; ATen's are scalar for fp32), which engine/quant.py's layers use too
+(``int4_mm``, ``int8_mm``, ``fast_kernels``). It is built once per source, flags and torch version with torch's own
 extension builder (a C++ compiler and ninja are needed; ~40 s on two cores) into
 ``$CHATVLM_NATIVE_DIR`` (by default ``~/.cache/chatvlm/native``), in a background thread:
 until it is ready, or when it cannot be built, the Python loop runs and nothing else changes.
@@ -34,13 +36,16 @@ _ready = threading.Event()
 # -ffp-contract=off: a multiply and an add in the element-wise loops stay two roundings, as in
 # ATen (no fused multiply-add), so the logits stay bitwise. -fopenmp: ATen's parallel_for is an
 # OpenMP pragma in its headers, so without it the kernels here would run on one thread (the
-# library then shares torch's own libgomp, loaded under the same name).
-CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+# library then shares torch's own libgomp, loaded under the same name). A compiler without
+# OpenMP builds it without (BASE_CFLAGS): the same results, the kernels on one thread.
+BASE_CFLAGS = ["-O3", "-ffp-contract=off"]
+CFLAGS = BASE_CFLAGS + ["-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 
-def _library_name() -> str:
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS + LDFLAGS).encode()
+def _library_name(cflags: list[str] | None = None, ldflags: list[str] | None = None) -> str:
+    flags = (CFLAGS if cflags is None else cflags) + (LDFLAGS if ldflags is None else ldflags)
+    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
     return f"chatvlm_native_{digest}"
 
@@ -62,12 +67,22 @@ def _build() -> None:
             raise RuntimeError("ninja is not installed (pip install ninja)")
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             raise RuntimeError("no C++ compiler (install g++)")
-        name = _library_name()
-        folder = build_dir() / name
-        folder.mkdir(parents=True, exist_ok=True)
-        # Copies: the builder appends torch's own flags to the lists it is given.
-        cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False, extra_cflags=list(CFLAGS),
-                           extra_ldflags=list(LDFLAGS), build_directory=str(folder))
+        attempts = [(CFLAGS, LDFLAGS), (BASE_CFLAGS, [])]
+        for i, (cflags, ldflags) in enumerate(attempts):
+            name = _library_name(cflags, ldflags)
+            folder = build_dir() / name
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                # Copies: the builder appends torch's own flags to the lists it is given.
+                cpp_extension.load(name, [str(SOURCE)], is_python_module=False, verbose=False,
+                                   extra_cflags=list(cflags), extra_ldflags=list(ldflags), build_directory=str(folder))
+                break
+            except Exception as exc:  # noqa: BLE001 - e.g. a compiler without OpenMP: once more without
+                if i == len(attempts) - 1:
+                    raise
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                log.info("building the native step with OpenMP failed, building it without (its kernels "
+                         "then run on one thread): %s", last)
         torch.ops.chatvlm_native.slot_stride()  # registered
         _state["fast_kernels"] = bool(torch.ops.chatvlm_native.fast_kernels())
         _state["status"] = "ready"
@@ -128,15 +143,15 @@ def fast_kernels() -> bool:
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor) -> torch.Tensor:
     """``torch.ops.aten._weight_int4pack_mm_for_cpu`` on the same buffers; for fp32 activations,
     the compiled kernel when ``fast_kernels()`` (ATen's is scalar for them)."""
-    if x.dtype == torch.float32 and fast_kernels():
+    if x.dtype == torch.float32 and x.device.type == "cpu" and fast_kernels():
         return torch.ops.chatvlm_native.int4_mm(x, packed, group, scales_zeros)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.aten._weight_int8pack_mm`` on the same buffers; for fp32 activations (up to 4
-    rows), the compiled kernel when ``fast_kernels()``."""
-    if x.dtype == torch.float32 and fast_kernels():
+    """``torch.ops.aten._weight_int8pack_mm`` on the same buffers (CPU or CUDA); for fp32
+    activations on the CPU, the compiled kernel when ``fast_kernels()``."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and fast_kernels():
         return torch.ops.chatvlm_native.int8_mm(x, weight, scales)
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 

@@ -5,9 +5,10 @@ Two modes:
 - ``int4_weight_only`` (CPU): every weight int4 per group of 32 inputs with a scale and a
   minimum per group, which is GGUF Q4_1's own layout, so weights read from a Q4 GGUF file are
   recovered exactly (to the dtype's rounding of the scales). Decoding a few rows (a small batch)
-  runs ATen's int4 kernel, a quarter of bf16's bytes per step; many rows (prefill, a big batch)
-  run the dense weight, which is kept: the memory is dense + 1/4, and the step never gets
-  slower than bf16 (docs/BENCHMARKS.md). The output head keeps its dense weight (tied to the
+  runs ATen's int4 kernel, a quarter of bf16's bytes per step (with fp32 activations, for
+  which ATen's kernel is scalar, the one compiled with the decode step: ``small_rows``); many
+  rows (prefill, a big batch) run the dense weight, which is kept: the memory is dense + 1/4,
+  and the step never gets slower than bf16 (docs/BENCHMARKS.md). The output head keeps its dense weight (tied to the
   embeddings in small models, so it costs nothing) and decodes through the int8 kernel.
 
 Decoding reads every weight once per step, so the bytes per weight set the step time once the
@@ -42,13 +43,13 @@ GEMV_ROWS = 4
 FP32_KERNEL_ROWS = 64
 
 
-def small_rows(dtype: torch.dtype) -> int:
+def small_rows(dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
     """Rows up to which the int4 and int8 copies are read (past them, the dense weight where it
-    is kept): GEMV_ROWS for ATen's kernels (bf16). For fp32 activations ATen's kernels are
-    scalar, 5-10x slower than the dense GEMM (measured on an avx2 CPU), so the compiled ones
-    run instead, up to FP32_KERNEL_ROWS, once loaded (engine/native_step.fast_kernels); until
-    then, or without them, 0: the dense weight."""
-    if dtype == torch.float32:
+    is kept): GEMV_ROWS for ATen's kernels (bf16, CUDA). For fp32 activations on the CPU ATen's
+    kernels are scalar, 5-10x slower than the dense GEMM (measured on an avx2 CPU), so the
+    compiled ones run instead, up to FP32_KERNEL_ROWS, once loaded
+    (engine/native_step.fast_kernels); until then, or without them, 0: the dense weight."""
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
         return FP32_KERNEL_ROWS if native_step.fast_kernels() else 0
     return GEMV_ROWS
 
@@ -87,7 +88,8 @@ class Int8WeightOnlyLinear(nn.Module):
             flat = flat.to(self.scales.dtype)
         rows = flat.shape[0]
         # Without a dense copy, ATen's kernel still takes a few rows (no fp copy of the weights).
-        limit = small_rows(flat.dtype) if self.dense is not None else max(GEMV_ROWS, small_rows(flat.dtype))
+        few = small_rows(flat.dtype, flat.device)
+        limit = few if self.dense is not None else max(GEMV_ROWS, few)
         if rows <= limit:
             out = native_step.int8_mm(flat, self.weight_int8, self.scales)
         elif self.dense is not None:

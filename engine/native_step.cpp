@@ -163,7 +163,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   return stack[0].toTensor();
 }
 
-// ---- Weight-only int4 and int8 matmuls for fp32 activations (a few rows) ---------------------
+// ---- Weight-only int4 and int8 matmuls for fp32 activations (decode steps) -------------------
 // ATen's CPU kernels for these run vectorized for bf16 activations only: with fp32 ones they
 // are 5-10x slower than the dense fp32 GEMM (measured on an avx2 CPU, docs/BENCHMARKS.md), so
 // an fp32 model on a CPU without bf16 would read a quarter of the bytes and still decode slower.
@@ -187,11 +187,11 @@ bool fast_kernels() {
 #ifdef CHATVLM_X86_KERNELS
 constexpr int64_t INT4_BLOCK = 32;  // outputs per block of ATen's CPU int4 layout
 
-// ``R`` rows (1 or 2) of x times one block of 32 outputs. The layout: for each input k, 16 bytes
-// hold the block's 32 codes (output j in the low nibble of byte j for j < 16, in the high nibble
-// of byte j - 16 otherwise); the weight is (code - 8) * scale + zero, with a scale and a zero per
-// output and group of inputs (sz: (k / group, n, 2)). Per group the codes' dot product with x is
-// summed first: sum((q - 8) s + z) x = s sum(q x) + (z - 8 s) sum(x).
+// ATen's CPU int4 layout: for each input k, 16 bytes hold a block's 32 codes (output j in the low
+// nibble of byte j for j < 16, in the high nibble of byte j - 16 otherwise); the weight is
+// (code - 8) * scale + zero, with a scale and a zero per output and group of inputs
+// (sz: (k / group, n, 2)).
+//
 // The four vectors of codes of input ``i`` (outputs 0-7, 8-15, 16-23, 24-31), as floats: each
 // byte zero-extended into a 32-bit lane straight from memory, its low and high nibbles apart.
 __attribute__((target("avx2,fma"))) inline void int4_codes(const uint8_t* at, __m256* w) {
@@ -204,6 +204,8 @@ __attribute__((target("avx2,fma"))) inline void int4_codes(const uint8_t* at, __
   w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
+// ``R`` rows (1 or 2) of x times one block of 32 outputs. Per group the codes' products with x
+// are summed first, then scaled: sum(((q - 8) s + z) x) = s sum(q x) + (z - 8 s) sum(x).
 template <int R>
 __attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, const uint8_t* codes, const float* sz,
                                                    int64_t n, int64_t group, const float* xsum, float* out) {
@@ -282,8 +284,8 @@ __attribute__((target("avx2,fma"))) inline void int4_tile_rows(const float* x, i
 }
 
 // Three rows or more: each group's weights of a block are dequantized once into ``tile``
-// (group x 32 floats, in L1), then two rows at a time read it, so the codes are decoded once per
-// step and the multiply-adds run from registers.
+// (group x 32 floats, in L1), then read by four rows at a time, 16 outputs at a time, so the
+// codes are decoded once per call and the multiply-adds run from registers.
 __attribute__((target("avx2,fma"))) void int4_block_rows(const float* x, int64_t rows, int64_t k, const uint8_t* codes,
                                                         const float* sz, int64_t n, int64_t group, float* out,
                                                         float* tile) {

@@ -369,11 +369,12 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group,
       sz.size(0) == k / group && sz.size(1) == n && sz.size(2) == 2) {
     const at::Tensor xc = x.contiguous();
     const int64_t rows = xc.size(0), groups = k / group;
-    const at::Tensor xsum = xc.view({rows, groups, group}).sum(-1).contiguous();
+    // Each row's sum per group, for the one- and two-row path only (the tiled one dequantizes).
+    const at::Tensor xsum = rows <= 2 ? xc.view({rows, groups, group}).sum(-1).contiguous() : at::Tensor();
     at::Tensor out = at::empty({rows, n}, xc.options());
     const float* xp = xc.data_ptr<float>();
     const float* sp = sz.data_ptr<float>();
-    const float* xs = xsum.data_ptr<float>();
+    const float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
     const uint8_t* cp = packed.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, n / INT4_BLOCK, 1, [&](int64_t b0, int64_t b1) {

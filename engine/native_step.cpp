@@ -345,6 +345,194 @@ __attribute__((target("avx2,fma"))) void int8_row(const float* x, int64_t k, con
 }
 #endif
 
+// ---- Attention of one query position per row, each row from its own first position ----------
+// For the ragged cache (engine/long_prompts.py): after a long prompt joins, each row attends
+// from its own first real position, so a row's padding is never read. ATen's SDPA takes that as
+// one call per row, and for a long row it reads each key/value head once per query head of its
+// group, on as many threads as the row has heads. Here each key and value is read once for all
+// the query heads of its group, and a long row is split into blocks of positions that run on
+// all threads (partial softmax sums merged in block order, so a row's values do not depend on
+// the batch it is in or on the thread count). Sums in fp32; bf16 inputs are widened on load and
+// the output rounded once, as SDPA does. Values equal SDPA's to rounding (the exponent is a
+// polynomial, ~1 ulp).
+#ifdef CHATVLM_X86_KERNELS
+constexpr int64_t ATTN_BLOCK = 256;  // positions per work item
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// exp(x) for x <= 0 (a score minus its maximum): 2^n exp(r) with r in [-ln2/2, ln2/2] and
+// Cephes' polynomial for exp(r); below -87 it is ~1e-38, i.e. nothing beside the maximum's 1.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // (a NaN stays a NaN: max takes its second operand)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+// One work item: query heads [head0, head0 + n_rep) of row r over positions [p0, p1) of their
+// key/value head. Writes per head its scores' maximum, the sum of exp(score - maximum), and the
+// exp-weighted sum of the values (DV * 8 floats) to ``part``; ``scores`` holds n_rep * ATTN_BLOCK.
+template <int DV, typename T>
+__attribute__((target("avx2,fma"))) void attend_block(const T* q, int64_t q_head_stride, const T* k, const T* v,
+                                                     int64_t pos_stride, int64_t p0, int64_t p1, int64_t n_rep,
+                                                     float scaling, float* scores, float* part) {
+  constexpr int64_t D = DV * 8;
+  const int64_t len = p1 - p0;
+  alignas(32) float qf[D];
+  for (int64_t h = 0; h < n_rep; ++h) {
+    for (int j = 0; j < DV; ++j) _mm256_store_ps(qf + 8 * j, _mm256_mul_ps(load8(q + h * q_head_stride + 8 * j),
+                                                                           _mm256_set1_ps(scaling)));
+    float* s = scores + h * ATTN_BLOCK;
+    for (int64_t p = 0; p < len; ++p) {
+      const T* kp = k + (p0 + p) * pos_stride;
+      __m256 a = _mm256_mul_ps(_mm256_load_ps(qf), load8(kp)), b = _mm256_setzero_ps();
+      for (int j = 1; j < DV; j += 2) {
+        b = _mm256_fmadd_ps(_mm256_load_ps(qf + 8 * j), load8(kp + 8 * j), b);
+        if (j + 1 < DV) a = _mm256_fmadd_ps(_mm256_load_ps(qf + 8 * j + 8), load8(kp + 8 * j + 8), a);
+      }
+      s[p] = hsum8(_mm256_add_ps(a, b));
+    }
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < len; ++p) top = std::max(top, s[p]);
+    __m256 total = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 8 <= len; p += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(s + p, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum8(total);
+    if (p < len) {
+      alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = p; i < len; ++i) tail[i - p] = s[i];
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(tail), _mm256_set1_ps(top)));
+      _mm256_store_ps(tail, e);
+      for (int64_t i = p; i < len; ++i) s[i] = tail[i - p], sum += tail[i - p];
+    }
+    __m256 acc[DV];
+    for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < len; ++i) {
+      const __m256 w = _mm256_set1_ps(s[i]);
+      const T* vp = v + (p0 + i) * pos_stride;
+      for (int j = 0; j < DV; ++j) acc[j] = _mm256_fmadd_ps(w, load8(vp + 8 * j), acc[j]);
+    }
+    float* o = part + h * (D + 2);
+    o[0] = top;
+    o[1] = sum;
+    for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + 2 + 8 * j, acc[j]);
+  }
+}
+
+template <int DV, typename T>
+void attend_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef starts,
+                 int64_t n_rep, double scaling, at::Tensor& out) {
+  constexpr int64_t D = DV * 8;
+  const int64_t rows = q.size(0), kv_heads = keys.size(1), length = keys.size(2);
+  struct Item { int64_t row, group, p0, p1; };
+  std::vector<Item> items;
+  std::vector<int64_t> first(rows * kv_heads + 1, 0);  // each (row, group)'s first item
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      first[r * kv_heads + g] = static_cast<int64_t>(items.size());
+      for (int64_t p = starts[r]; p < length; p += ATTN_BLOCK) items.push_back({r, g, p, std::min(p + ATTN_BLOCK, length)});
+    }
+  first[rows * kv_heads] = static_cast<int64_t>(items.size());
+  std::vector<float> parts(items.size() * n_rep * (D + 2));
+  const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+  const T* kp = reinterpret_cast<const T*>(keys.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(values.data_ptr());
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(n_rep * ATTN_BLOCK);
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      attend_block<DV, T>(qp + it.row * q.stride(0) + it.group * n_rep * q.stride(1), q.stride(1),
+                          kp + it.row * keys.stride(0) + it.group * keys.stride(1),
+                          vp + it.row * values.stride(0) + it.group * values.stride(1), keys.stride(2), it.p0, it.p1,
+                          n_rep, static_cast<float>(scaling), scores.data(), parts.data() + i * n_rep * (D + 2));
+    }
+  });
+  // Merge each (row, group)'s blocks in order: out = sum_b exp(m_b - M) acc_b / sum_b exp(m_b - M) s_b.
+  float* op = out.data_ptr<float>();
+  for (int64_t rg = 0; rg < rows * kv_heads; ++rg) {
+    const int64_t r = rg / kv_heads, g = rg % kv_heads;
+    for (int64_t h = 0; h < n_rep; ++h) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first[rg]; i < first[rg + 1]; ++i) top = std::max(top, parts[(i * n_rep + h) * (D + 2)]);
+      float total = 0.0f, acc[D] = {};
+      for (int64_t i = first[rg]; i < first[rg + 1]; ++i) {
+        const float* pt = parts.data() + (i * n_rep + h) * (D + 2);
+        const float f = std::exp(pt[0] - top);
+        total += pt[1] * f;
+        for (int64_t d = 0; d < D; ++d) acc[d] += pt[2 + d] * f;
+      }
+      float* o = op + (r * kv_heads * n_rep + g * n_rep + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / total;
+    }
+  }
+}
+#endif
+
+// q (rows, heads, 1, D) against keys and values (rows, kv_heads, length, D), each row from its
+// own first position ``starts[r]``; heads = kv_heads * n_rep. Returns (rows, heads, 1, D) in
+// q's dtype, or an undefined tensor where this kernel does not run (the caller runs SDPA).
+at::Tensor attend_from(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef starts,
+                       int64_t n_rep, double scaling) {
+#ifdef CHATVLM_X86_KERNELS
+  if (q.dim() != 4) return at::Tensor();
+  const auto t = q.scalar_type();
+  const int64_t rows = q.size(0), d = q.size(3);
+  auto fits = [&](const at::Tensor& a) {
+    return a.dim() == 4 && a.scalar_type() == t && a.device().is_cpu() && a.size(0) == rows && a.size(3) == d &&
+           a.stride(3) == 1 && a.stride(2) == d;
+  };
+  bool ok = fast_kernels() && (t == at::kFloat || t == at::kBFloat16) && (d == 16 || d == 32 || d == 64 || d == 128) &&
+            q.size(2) == 1 && q.stride(3) == 1 && q.device().is_cpu() && fits(keys) && fits(values) &&
+            keys.sizes() == values.sizes() && n_rep > 0 && q.size(1) == keys.size(1) * n_rep &&
+            static_cast<int64_t>(starts.size()) == rows;
+  for (int64_t r = 0; ok && r < rows; ++r) ok = starts[r] >= 0 && starts[r] < keys.size(2);
+  if (!ok) return at::Tensor();
+  at::Tensor out = at::empty({rows, q.size(1), 1, d}, q.options().dtype(at::kFloat));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    switch (d) {
+      case 16: attend_rows<2, T>(q, keys, values, starts, n_rep, scaling, out); break;
+      case 32: attend_rows<4, T>(q, keys, values, starts, n_rep, scaling, out); break;
+      case 64: attend_rows<8, T>(q, keys, values, starts, n_rep, scaling, out); break;
+      default: attend_rows<16, T>(q, keys, values, starts, n_rep, scaling, out); break;
+    }
+  };
+  if (t == at::kFloat) {
+    run(float{});
+    return out;
+  }
+  run(uint16_t{});
+  return out.to(t);
+#else
+  return at::Tensor();
+#endif
+}
+
 // How many of the intra-op threads an at::parallel_for over ``items`` items runs on: ATen's
 // parallel_for is an OpenMP pragma in its headers, so a build without -fopenmp runs it on one.
 int64_t parallel_workers(int64_t items) {
@@ -583,7 +771,9 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& cos, const at::Tensor& 
     // query with a mask, enable_gqa without one. With ``starts``, each row attends to its own
     // positions only (from its first real one): its padding is never read.
     at::Tensor out;
-    if (starts.has_value()) {
+    if (starts.has_value() && (out = attend_from(q, keys, values, *starts, n_rep, scaling)).defined()) {
+      // (this file's kernel: each key read once per group, long rows split over the threads)
+    } else if (starts.has_value()) {
       std::vector<at::Tensor> per_row;
       per_row.reserve(rows);
       for (int64_t r = 0; r < rows; ++r) {
@@ -711,6 +901,12 @@ TORCH_LIBRARY(chatvlm_native, m) {
   m.def("parallel_workers(int items) -> int", &parallel_workers);
   m.def("int4_mm(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor", &int4_mm);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_mm);
+  m.def("attend_from(Tensor q, Tensor keys, Tensor values, int[] starts, int n_rep, float scaling) -> Tensor?",
+        [](const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, at::IntArrayRef starts,
+           int64_t n_rep, double scaling) -> std::optional<at::Tensor> {
+          at::Tensor out = attend_from(q, keys, values, starts, n_rep, scaling);
+          return out.defined() ? std::optional<at::Tensor>(out) : std::nullopt;
+        });
   // The fused element-wise parts on their own, for the tests (tests/engine/test_native_step.py).
   m.def("rms_norm(Tensor h, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",

@@ -99,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quantization", default="none",
+                        help="the model's precision setting, as in the registry (auto: int4 for a GGUF's 4-bit layers)")
+    parser.add_argument("--from-gguf", action="store_true",
+                        help="the folder is a converted GGUF (what `quantization: auto` needs to keep its 4-bit layers)")
     a = parser.parse_args(argv)
     from llm.causal import CausalLMAdapter
     from models.adapter import ModelSpec
 
     adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
-                                        threads=a.threads))
+                                        threads=a.threads, quantization=a.quantization,
+                                        options={"from_gguf": True} if a.from_gguf else {}))
     adapter.load()
     if a.threads:
         import torch

@@ -396,3 +396,44 @@ def test_the_compiled_kernels_run_on_torchs_threads(built):
         assert torch.ops.chatvlm_native.parallel_workers(64) == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,n_rep", [(16, 2), (64, 3), (128, 1)])
+def test_the_ragged_attention_kernel_is_sdpa_from_each_rows_first_position(built, dtype, head_dim, n_rep):
+    """Each row attends from its own first position, over a slice of wider cache buffers (as the
+    ragged cache holds them): the values of SDPA called once per row, to rounding, whatever the
+    row's length (one position, a block, several blocks) and its padding (NaN, never read)."""
+    fast_or_skip()
+    torch.manual_seed(0)
+    kv_heads, used, width = 2, 700, 800
+    starts = [0, 699, 300, 444, 640, 1]
+    rows = len(starts)
+    kbuf = torch.randn(rows, kv_heads, width, head_dim, dtype=dtype)
+    vbuf = torch.randn(rows, kv_heads, width, head_dim, dtype=dtype)
+    for r, s in enumerate(starts):
+        kbuf[r, :, :s] = float("nan")
+        vbuf[r, :, :s] = float("nan")
+    q = torch.randn(rows, 1, kv_heads * n_rep, head_dim, dtype=dtype).transpose(1, 2) * 3
+    keys, values = kbuf[:, :, :used], vbuf[:, :, :used]
+    scaling = head_dim ** -0.5
+    ours = torch.ops.chatvlm_native.attend_from(q, keys, values, starts, n_rep, scaling)
+    assert ours is not None and ours.dtype == dtype and ours.shape == (rows, kv_heads * n_rep, 1, head_dim)
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[r:r + 1].double(), keys[r:r + 1, :, s:].double(), values[r:r + 1, :, s:].double(), scale=scaling,
+        enable_gqa=n_rep > 1) for r, s in enumerate(starts)])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(ours.double(), expected, **tol)
+    # A row's values do not depend on the rows beside it.
+    alone = torch.ops.chatvlm_native.attend_from(q[2:3], keys[2:3], values[2:3], starts[2:3], n_rep, scaling)
+    assert torch.equal(alone, ours[2:3])
+
+
+def test_the_ragged_attention_kernel_leaves_what_it_does_not_take_to_sdpa(built):
+    q = torch.randn(1, 2, 1, 24)  # a head size it is not built for
+    kv = torch.randn(1, 2, 10, 24)
+    assert torch.ops.chatvlm_native.attend_from(q, kv, kv, [0], 1, 0.2) is None
+    q = torch.randn(1, 2, 1, 64)
+    kv = torch.randn(1, 2, 10, 64)
+    assert torch.ops.chatvlm_native.attend_from(q, kv, kv, [10], 1, 0.1) is None  # no position left
+    assert torch.ops.chatvlm_native.attend_from(q.half(), kv.half(), kv.half(), [0], 1, 0.1) is None

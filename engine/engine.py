@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from core.errors import BadRequest, ChatVLMError, ModelUnavailable, Overloaded, ServerError
+from core.omp import release_threads
 from core.types import CancelToken, GenerationParams
 from engine.backend import BatchBackend, EncodedPrompt
 from engine.detok import IncrementalDetokenizer
@@ -197,6 +198,8 @@ class Engine:
                 # Before taking the queue: after a vision call the decode steps waited for (it
                 # had all the cores), the requests it handed over are admitted in this step.
                 self._vision.wait_exclusive(timeout=60.0)
+            if not self._waiting and not self._active and not self._prefilling:
+                release_threads()  # idle: its OpenMP pool would slow other threads' kernels (core/omp.py)
             with self._cond:
                 while not self._waiting and not self._active and not self._prefilling and not self._stopping:
                     self._cond.wait()

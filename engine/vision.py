@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable
 
 from core.errors import ChatVLMError, ServerError
+from core.omp import release_threads
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class VisionWorker:
 
     def _run(self) -> None:
         while True:
+            if not self._queue:
+                release_threads()  # idle: its OpenMP pool would slow the decode steps' kernels (core/omp.py)
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()

@@ -13,6 +13,7 @@ from PIL import Image
 
 from core.config import LimitsSettings
 from core import request_context
+from core.omp import released
 from core.errors import CapabilityMissing, DeadlineExceeded
 from core.types import CancelToken, Capability, GenerationParams
 from llm.types import ChatMessage, GenerateInput, GenerateOutput, ImagePart, StreamDelta, Usage
@@ -85,7 +86,7 @@ class GenerationService:
     async def _submit(self, engine, encode, params: GenerationParams, timeout_s: float | None):
         timeout = timeout_s if timeout_s is not None else self.limits.generation_timeout_s
         cancel = CancelToken(deadline=time.monotonic() + timeout)
-        prompt = await asyncio.to_thread(encode)  # tokenizing and image processing are CPU work
+        prompt = await asyncio.to_thread(released(encode))  # tokenizing and image processing are CPU work
         handle = engine.submit(prompt, params, cancel)  # raises BadRequest/Overloaded before queueing
         ready = getattr(handle, "ready", None)
         if ready is not None:  # a remote engine: its answer's status (4xx, 502, 503, 504) raises here

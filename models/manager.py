@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from core.errors import (InsufficientResources, ModelLoadFailed, ModelNotFound, ModelNotInstalled, ModelNotRunning,
                          OperationTimeout, Overloaded)
+from core.omp import released
 from core.types import CancelToken
 from models.adapter import ModelAdapter, adapter_class
 from models.registry import ModelRegistry, RegistryEntry, not_installed_message
@@ -158,7 +159,7 @@ class ModelManager:
         started = time.monotonic()
         adapter = adapter_class(st.entry.spec.kind)(st.spec)
         try:
-            await asyncio.to_thread(adapter.load)
+            await asyncio.to_thread(released(adapter.load))  # no OpenMP pool left on the executor's thread
         except Exception as exc:  # noqa: BLE001 - any load failure isolates this model only
             st.failed_at = time.monotonic()
             self._set_status(st, "failed", exc.message if isinstance(exc, ModelLoadFailed)
@@ -179,7 +180,7 @@ class ModelManager:
 
             spec = st.entry.spec
             # Off the event loop: a backend prepares its weights (e.g. packs them, ~1-2 s).
-            made = await asyncio.to_thread(backend)
+            made = await asyncio.to_thread(released(backend))
             st.engine = Engine(made, name=model_id, max_batch=spec.max_batch_size,
                                max_queue=spec.max_queue, stream_interval=spec.stream_interval_ms / 1000,
                                metrics=self.metrics)

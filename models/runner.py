@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from core.errors import Cancelled, Overloaded
+from core.omp import release_threads
 from core.types import CancelToken
 
 T = TypeVar("T")
@@ -66,6 +67,8 @@ class ModelRunner:
             finally:
                 took = time.monotonic() - started
                 self._job_s = took if self._job_s == 0 else 0.8 * self._job_s + 0.2 * took
+                if self._pending <= 1:  # nothing queued behind it: let its OpenMP pool go (core/omp.py)
+                    release_threads()
 
         future = self._executor.submit(job)
         future.add_done_callback(self._done)

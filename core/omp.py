@@ -25,30 +25,32 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the calling thread's pool, keep
 
 
 @functools.lru_cache(maxsize=1)
-def _pause() -> Callable[[int], int] | None:
-    """libgomp's omp_pause_resource_all, from the copy torch loaded (None without one)."""
+def _pauses() -> tuple[Callable[[int], int], ...]:
+    """omp_pause_resource_all of each libgomp in the process (torch's, and any other copy a
+    library brought), or none without libgomp (another OpenMP runtime, or no /proc)."""
     try:
         import torch  # noqa: F401 - loads torch's libgomp, the one its kernels run on
 
         maps = Path("/proc/self/maps").read_text().splitlines()
     except (ImportError, OSError):
-        return None
-    paths = {line.split()[-1] for line in maps if line.rstrip().endswith((".so.1", ".so")) and "libgomp" in line}
-    for path in sorted(paths):
+        return ()
+    paths = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
+    found = []
+    for path in paths:
         try:
-            fn = ctypes.CDLL(path).omp_pause_resource_all  # the already loaded library, not a new copy
+            fn = ctypes.CDLL(path).omp_pause_resource_all  # the library already loaded, not a new copy
         except (OSError, AttributeError):  # a libgomp older than OpenMP 5.0's pause
             continue
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        return fn
-    return None
+        found.append(fn)
+    return tuple(found)
 
 
 def release_threads() -> None:
-    """Free the calling thread's OpenMP pool, if it has one (nothing else is touched)."""
-    fn = _pause()
-    if fn is not None and fn(OMP_PAUSE_SOFT) != 0:  # inside a parallel region: nothing to do
-        log.debug("omp_pause_resource_all refused on this thread")
+    """Free the calling thread's OpenMP pool, if it has one (no other thread's is touched)."""
+    for fn in _pauses():
+        if fn(OMP_PAUSE_SOFT) != 0:  # inside a parallel region: nothing to do
+            log.debug("omp_pause_resource_all refused on this thread")
 
 
 def released(fn: Callable[..., T]) -> Callable[..., T]:

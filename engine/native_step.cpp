@@ -390,9 +390,10 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
-// One work item: query heads [head0, head0 + n_rep) of row r over positions [p0, p1) of their
-// key/value head. Writes per head its scores' maximum, the sum of exp(score - maximum), and the
-// exp-weighted sum of the values (DV * 8 floats) to ``part``; ``scores`` holds n_rep * ATTN_BLOCK.
+// One work item: the n_rep query heads of one group (``q``, ``q_head_stride`` apart) over
+// positions [p0, p1) of their key/value head (``k``, ``v``). Writes per query head its scores'
+// maximum, the sum of exp(score - maximum), and the exp-weighted sum of the values (DV * 8
+// floats) to ``part``; ``scores`` holds n_rep * ATTN_BLOCK floats.
 template <int DV, typename T>
 __attribute__((target("avx2,fma"))) void attend_block(const T* q, int64_t q_head_stride, const T* k, const T* v,
                                                      int64_t pos_stride, int64_t p0, int64_t p1, int64_t n_rep,

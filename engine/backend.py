@@ -76,6 +76,9 @@ class BatchBackend(LongPrompts, ImageInputs):
         # Whether the cache's padding is unset and each row attends to its own positions (the
         # compiled step), taken when a join would otherwise fill mostly padding.
         self.ragged = False
+        # Changes whenever rows join or leave (their positions move): a long prompt's staged
+        # join (engine/long_prompts.py) checks it before trusting its copies of the rows.
+        self.layout = 0
 
     def bind_thread(self) -> None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
@@ -160,6 +163,7 @@ class BatchBackend(LongPrompts, ImageInputs):
         return rows * width - real >= RAGGED_MIN_PAD and real < RAGGED_SHARE * rows * width
 
     def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
+        self.layout += 1
         if self.cache is None:
             self.cache, self.mask, self.deltas = make_growing(cache), mask, deltas
             self.ragged = False
@@ -211,6 +215,7 @@ class BatchBackend(LongPrompts, ImageInputs):
     # ---- leaving ---------------------------------------------------------------------------
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); drop the padding columns nobody needs any more."""
+        self.layout += 1
         if not rows:
             self.cache = self.mask = self.deltas = None
             self.ragged = False

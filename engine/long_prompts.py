@@ -108,27 +108,66 @@ class LongPrompts:
         return part.logits
 
     def _staged(self, part: "PartialPrefill", budget: float) -> bool:
-        """Copy the finished prompt's KV into the buffers the batch will take at its join, a few
-        layers per step within ``budget`` seconds; True once done, or when the join will not be
-        ragged (then the join copies everything itself)."""
+        """Build the buffers the batch takes at the finished prompt's join, a few layers per step
+        within ``budget`` seconds; True when the row joins in this step: once done, or when the
+        join will not be ragged or the batch changed size (then the join copies everything).
+
+        First the new row's KV goes in place. Then the running rows' positions are copied to
+        where they sit once the row joins, right-aligned with it: the join is planned for a
+        given batch width (the rows gain one position per step), far enough ahead for the copies
+        at the pace the first phase ran. The join then copies only each layer's positions
+        decoded since its layer was staged, not every running row's whole history."""
         n = len(part.prompt.input_ids)
         if part.stage is None:
             if not self._ragged_join(n, 1) or self.mask.shape[1] + 8 > n:
                 return True
-            part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4))
+            part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4), self.layout)
         stage, start = part.stage, time.perf_counter()
-        layers = part.cache.layers
+        if stage.rows != self.batch_size:
+            return True
+        # The last layer's copy time (the next one's is about as long); at least one per call.
+        layers, last = part.cache.layers, 0.0
         while len(stage.buffers) < len(layers):
+            if last and time.perf_counter() - start + last > budget:
+                return False
+            t0 = time.perf_counter()
             new = layers[len(stage.buffers)]
             pair = []
             for t in (new.keys, new.values):
                 buf = t.new_empty((stage.rows + 1, t.shape[1], n + stage.spare, t.shape[3]))
                 buf[stage.rows:, :, :n].copy_(t)
                 pair.append(buf)
+                stage.copy_bytes += t.numel() * t.element_size()
             stage.buffers.append(tuple(pair))
-            if time.perf_counter() - start > budget:
+            last = time.perf_counter() - t0
+            stage.copy_seconds += last
+        width = self.mask.shape[1]
+        # The rows decode once per engine step; should a call come without a step between
+        # (nothing in the engine does that), the join cannot come as planned: it comes now.
+        stalled, stage.width_seen = width == stage.width_seen, width
+        if stage.layout != self.layout or not stage.join_width or width > stage.join_width:
+            # (Re)plan: the running rows' copy of one layer at the first phase's pace, with twice
+            # the steps it needs (a copy late for the planned step is done by the join itself).
+            stage.layout, stage.copied = self.layout, [0] * len(layers)
+            keys = self.cache.layers[0].keys
+            per_layer = 2 * keys[:, :, :width].numel() * keys.element_size()
+            rate = stage.copy_bytes / max(stage.copy_seconds, 1e-6)
+            per_step = max(1, int(budget * rate / max(per_layer, 1)))
+            stage.join_width = width + 2 * -(-len(layers) // per_step) + 1
+        if stage.join_width > n:  # too close to the prompt's length to plan: the join copies all
+            return True
+        offset = n - stage.join_width
+        for i, (layer, (k, v)) in enumerate(zip(self.cache.layers, stage.buffers)):
+            if stage.copied[i]:
+                continue
+            if last and time.perf_counter() - start + last > budget:
                 break
-        return len(stage.buffers) == len(layers)
+            t0 = time.perf_counter()
+            k[:stage.rows, :, offset:offset + width].copy_(layer.keys)
+            v[:stage.rows, :, offset:offset + width].copy_(layer.values)
+            stage.copied[i] = width
+            last = time.perf_counter() - t0
+        return width == stage.join_width or stalled and all(stage.copied)
 
     def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
         n = len(part.prompt.input_ids)
@@ -154,15 +193,19 @@ class LongPrompts:
         stage = part.stage
         if stage is not None and self.cache is not None and stage.rows == self.batch_size \
                 and len(stage.buffers) == len(self.cache.layers) and self.mask.shape[1] <= n:
-            # The new row is in place already: only the running rows' positions are copied.
+            # The new row is in place already, and the running rows' positions up to where each
+            # layer was staged when the join came as planned: only the rest is copied.
             width = self.mask.shape[1]
-            for layer, (k, v) in zip(self.cache.layers, stage.buffers):
-                k[:stage.rows, :, n - width:n].copy_(layer.keys)
-                v[:stage.rows, :, n - width:n].copy_(layer.values)
+            planned = stage.layout == self.layout and stage.join_width == width
+            for i, (layer, (k, v)) in enumerate(zip(self.cache.layers, stage.buffers)):
+                done = stage.copied[i] if planned else 0
+                k[:stage.rows, :, n - width + done:n].copy_(layer.keys[:, :, done:])
+                v[:stage.rows, :, n - width + done:n].copy_(layer.values[:, :, done:])
                 layer.adopt(k, v, n)
             self.mask = torch.cat([F.pad(self.mask, (n - width, 0)), mask])
             self.deltas = torch.cat([self.deltas, deltas])
             self.ragged = True
+            self.layout += 1
         else:  # rows left or joined meanwhile, or no staging: one copy of everything
             self._join(part.cache, mask, deltas)
         part.stage = None
@@ -185,4 +228,10 @@ class PartialPrefill:
 class _Stage:
     rows: int   # the batch's rows when staging began (the join uses the buffers only if unchanged)
     spare: int  # positions of headroom after the prompt
+    layout: int  # the batch's layout (BatchBackend.layout) the running rows' copies were taken in
     buffers: list = field(default_factory=list)  # per layer (keys, values), the new row in place
+    copy_bytes: int = 0         # the new row's bytes copied so far, and the time it took
+    copy_seconds: float = 0.0
+    join_width: int = 0         # the batch's width at the planned join (0: not planned yet)
+    copied: list = field(default_factory=list)  # per layer, the running rows' positions in place
+    width_seen: int = 0         # the batch's width at the last call

@@ -8,6 +8,12 @@ under a time budget: each engine step runs as many of its layers as fit in about
 step's time (at least one), then the rows decode. The stall per step is then about one decode
 step, whatever the prompt's length (scripts/bench_chunked_prefill.py).
 
+One layer of a chunk is the smallest slice, and late in a long prompt its attention over every
+earlier position dominates it (512 tokens at position 3,500: ~85 ms against a ~35 ms decode step
+of int4 weights on a 2-core CPU). So while rows decode, each chunk is cut to what one of its
+layers can run within the budget: a layer costs ``tokens × (weights + attention × positions)``
+multiply-adds, at the rate the recent layers ran. Alone, a chunk keeps its full size.
+
 It runs transformers' own decoder layers, mask, rotary embedding and norm in the order the
 model's forward runs them, so the cache and the logits are the ones of one forward per chunk
 (tests/engine/test_sliced_prefill.py). Taken for the Llama-architecture models the lean decode
@@ -15,7 +21,10 @@ step covers (engine/lean_decode.py), whose forward is exactly that loop.
 """
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +39,12 @@ class _Chunk:
     position_ids: torch.Tensor
     position_embeddings: Any
     layer: int = 0             # layers done
+    macs: float = 0.0          # multiply-adds of one of its layers
+
+
+# A chunk cut to the budget is a multiple of this, and no smaller: below it the matmuls lose
+# efficiency and each chunk's per-layer overhead (mask, norm, cache update) starts to count.
+CUT_STEP = 32
 
 
 class SlicedPrefill:
@@ -42,6 +57,34 @@ class SlicedPrefill:
         self.inner = model.model
         self.layers = list(self.inner.layers[: model.config.num_hidden_layers])
         self._mask_fn = create_causal_mask
+        c = model.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        # One token through one layer: the projections' and the MLP's weights once each...
+        self._weight_macs = c.hidden_size * head_dim * (2 * heads + 2 * kv_heads) + 3 * c.hidden_size * c.intermediate_size
+        # ... and per position it attends to, a query-key product and a value sum per head.
+        self._attention_macs = 2 * heads * head_dim
+        self._rates: deque[float] = deque(maxlen=8)  # multiply-adds per second of recent layers
+
+    def layer_macs(self, tokens: int, start: int) -> float:
+        """Multiply-adds of one layer for ``tokens`` tokens after ``start`` cached ones (the
+        attention over the whole rectangle, as the masked kernel computes it)."""
+        return tokens * (self._weight_macs + self._attention_macs * (start + tokens))
+
+    def chunk_size(self, done: int, size: int, budget: float | None) -> int:
+        """Tokens of the next chunk starting after ``done``: ``size``, or while rows decode
+        (a ``budget``) the most whose one layer fits it at the recent layers' rate, in steps of
+        CUT_STEP and at least one step."""
+        if budget is None or size <= CUT_STEP:
+            return size
+        if not self._rates:  # nothing measured yet: a small chunk to measure
+            return min(size, 2 * CUT_STEP)
+        allowed = budget * statistics.median(self._rates)
+        # tokens * (w + a * (done + tokens)) <= allowed, solved for tokens.
+        w, a = self._weight_macs + self._attention_macs * done, self._attention_macs
+        tokens = (math.sqrt(w * w + 4 * a * allowed) - w) / (2 * a)
+        return max(CUT_STEP, min(size, int(tokens) // CUT_STEP * CUT_STEP))
 
     def _begin_chunk(self, part: Any, size: int) -> _Chunk:
         n = len(part.prompt.input_ids)
@@ -54,7 +97,8 @@ class SlicedPrefill:
         mask = self._mask_fn(config=self.model.config, inputs_embeds=embeds,
                              attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
                              past_key_values=part.cache, position_ids=position_ids)
-        return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids))
+        return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids),
+                      macs=self.layer_macs(end - part.done, part.done))
 
     @torch.inference_mode()
     def advance(self, part: Any, size: int, budget: float | None) -> torch.Tensor | None:
@@ -66,7 +110,7 @@ class SlicedPrefill:
         n = len(part.prompt.input_ids)
         while True:
             if part.sliced is None:
-                part.sliced = self._begin_chunk(part, size)
+                part.sliced = self._begin_chunk(part, self.chunk_size(part.done, size, budget))
             chunk: _Chunk = part.sliced
             t0 = time.perf_counter()
             chunk.hidden = self.layers[chunk.layer](
@@ -74,6 +118,7 @@ class SlicedPrefill:
                 position_ids=chunk.position_ids, past_key_values=part.cache, use_cache=True)
             chunk.layer += 1
             last = time.perf_counter() - t0
+            self._rates.append(chunk.macs / max(last, 1e-6))
             if chunk.layer == len(self.layers):
                 part.sliced, part.done = None, chunk.end
                 if chunk.end == n:

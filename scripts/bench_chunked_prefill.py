@@ -3,7 +3,10 @@
 side in one run through the engine on one real model. Gaps are taken per token (between the
 running rows' decode steps) and per text event (what a client receives).
 
-    .venv/bin/python scripts/bench_chunked_prefill.py /tmp/bench-llm-peers/smollm2 --chunks 0,512,128
+    .venv/bin/python scripts/bench_chunked_prefill.py /tmp/bench-llm-peers/smollm2 --chunks 0,512,128 --control
+
+The control (``--control``) runs the same streams with nothing joining, for as many steps as the
+longest join: its worst gap is what the machine alone does to these steps.
 """
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int) -> tuple:
+def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0) -> tuple:
     """(median token gap, worst token gap during the join, the same two for text events at the
-    client, TTFT of the long prompt, its reply); times in seconds.
+    client, TTFT of the long prompt, its reply, the decode steps' median time during the join,
+    the number of steps during the join); times in seconds. Without ``long_ids`` (the control)
+    nothing joins: the same figures over the next ``control_steps`` steps.
 
     A token gap is the time between two decode steps of the running rows (each gives every row
     its next token), taken on the engine's thread as each step ends. A text event is what a
@@ -66,12 +71,18 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int)
             while min(len(s) for s in stamps) < 8:  # all streams running at their usual pace
                 await asyncio.sleep(0.01)
             joined_at = time.perf_counter()
-            long = engine.submit(EncodedPrompt(long_ids), GenerationParams(max_new_tokens=4, temperature=0.0,
-                                                                           ignore_eos=True), CancelToken())
             first, text = None, ""
-            async for delta in long:
-                first = first or time.perf_counter()
-                text += delta.text
+            if long_ids is None:  # the control: the same streams, nothing joins
+                begin = len(steps)
+                while len(steps) < begin + control_steps:
+                    await asyncio.sleep(0.01)
+                first = time.perf_counter()
+            else:
+                long = engine.submit(EncodedPrompt(long_ids), GenerationParams(max_new_tokens=4, temperature=0.0,
+                                                                               ignore_eos=True), CancelToken())
+                async for delta in long:
+                    first = first or time.perf_counter()
+                    text += delta.text
             assert all(not h.done() for h in tasks), "a stream ended before the long prompt's reply"
             for cancel in cancels:
                 cancel.cancel()
@@ -87,7 +98,8 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int], new_tokens: int)
         # gap is also set against the steps taken at the same time.
         decode_join = [d for end, d in took if joined_at <= end <= first]
         return (statistics.median(token_before), max(token_join, default=0.0), statistics.median(gaps_before),
-                max(gaps_join, default=0.0), first - joined_at, text, statistics.median(decode_join or [0.0]))
+                max(gaps_join, default=0.0), first - joined_at, text, statistics.median(decode_join or [0.0]),
+                len(token_join))
 
     return asyncio.run(main())
 
@@ -96,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--chunks", default="0,512,128", help="prefill chunk sizes to compare (0: one prefill)")
+    parser.add_argument("--slice-share", type=float, default=None,
+                        help="a layer slice's share of a decode step (engine/long_prompts.py SLICE_OF_STEP)")
+    parser.add_argument("--control", action="store_true",
+                        help="also run the streams with nothing joining, for as many steps as the longest join took: "
+                             "the machine's own gaps between decode steps")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=None)
@@ -104,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-gguf", action="store_true",
                         help="the folder is a converted GGUF (what `quantization: auto` needs to keep its 4-bit layers)")
     a = parser.parse_args(argv)
+    import engine.long_prompts
     from llm.causal import CausalLMAdapter
     from models.adapter import ModelSpec
+
+    if a.slice_share is not None:
+        engine.long_prompts.SLICE_OF_STEP = a.slice_share
 
     adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
                                         threads=a.threads, quantization=a.quantization,
@@ -119,25 +140,33 @@ def main(argv: list[str] | None = None) -> int:
     long_ids = adapter.tokenizer(" ".join(words))["input_ids"][:a.long_tokens]
     # Enough new tokens that the streams are still running when the long prompt has joined.
     print(f"load average before: {os.getloadavg()}; {adapter.precision.label}; {a.streams} streams; "
-          f"a {len(long_ids)}-token prompt joins", flush=True)
-    rows, replies = [], set()
-    for chunk in (int(c) for c in a.chunks.split(",")):
-        step, worst, text_step, text_worst, ttft, text, during = run(adapter, chunk, a.streams, long_ids, 4000)
-        replies.add(text)
+          f"a {len(long_ids)}-token prompt joins; slices of {engine.long_prompts.SLICE_OF_STEP} a step", flush=True)
+    rows, replies, longest = [], set(), 0
+    modes = [int(c) for c in a.chunks.split(",")] + (["control"] if a.control else [])
+    for chunk in modes:
+        control = chunk == "control"
+        step, worst, text_step, text_worst, ttft, text, during, count = run(
+            adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest)
+        if not control:
+            replies.add(text)
+            longest = max(longest, count)
         rows.append((chunk, step, worst, text_step, text_worst, ttft, during))
-        print(f"  chunk {chunk or 'off'}: token gaps: step {step * 1000:.0f} ms, worst {worst * 1000:.0f} ms "
-              f"({worst / step:.1f}×); decode steps during the join {during * 1000:.0f} ms (worst gap "
-              f"{worst / during:.1f}× that); text events: {text_step * 1000:.0f} ms, worst {text_worst * 1000:.0f} ms "
-              f"({text_worst / text_step:.1f}×); long prompt TTFT {ttft:.2f} s", flush=True)
+        print(f"  {'nothing joins' if control else f'chunk {chunk or 0}'}: token gaps: step {step * 1000:.0f} ms, "
+              f"worst {worst * 1000:.0f} ms ({worst / step:.1f}×); decode steps during the join {during * 1000:.0f} ms "
+              f"(worst gap {worst / during:.1f}× that); text events: {text_step * 1000:.0f} ms, worst "
+              f"{text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×); "
+              f"{f'{count} steps' if control else f'long prompt TTFT {ttft:.2f} s'}", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
     print("| prefill | usual step (median token gap) | worst token gap while the long prompt joins | worst / step | "
           "decode steps during the join (median) | worst / those | "
           "text events: median / worst gap (worst / median) | TTFT of the long prompt |")
     print("|---|---|---|---|---|---|---|---|")
     for chunk, step, worst, text_step, text_worst, ttft, during in rows:
-        print(f"| {'one prefill' if not chunk else f'chunks of {chunk}'} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
+        name = "nothing joins (control)" if chunk == "control" else "one prefill" if not chunk else f"chunks of {chunk}"
+        print(f"| {name} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
               f"{worst / step:.1f}× | {during * 1000:.0f} ms | {worst / max(during, 1e-9):.1f}× | "
-              f"{text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | {ttft:.2f} s |")
+              f"{text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | "
+              f"{'–' if chunk == 'control' else f'{ttft:.2f} s'} |")
     print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")
     return 0 if len(replies) == 1 else 1
 

@@ -55,3 +55,36 @@ def test_make_growing_converts_a_filled_dynamic_cache():
     k2, v2 = kv(1, 1)
     keys, _ = cache.update(k2, v2, 0)
     assert torch.equal(keys, torch.cat([k, k2], dim=2)) and cache.get_seq_length() == 5
+
+
+def test_layers_grow_on_different_steps_with_the_same_contents():
+    """All layers fill up at the same step; growing them all then made that step twice as long.
+    A converted cache's layers grow STAGGER apart, one (or a few) per step, contents unchanged."""
+    from engine.kv_cache import STAGGER
+
+    torch.manual_seed(3)
+    layers = 4
+    cache, ref = DynamicCache(), DynamicCache()
+    for i in range(layers):
+        k, v = kv(2, 10)
+        cache.update(k, v, i)
+        ref.update(k, v, i)
+    make_growing(cache)
+    assert [layer.early for layer in cache.layers] == [i % STAGGER for i in range(layers)]
+    grew: dict[int, list[int]] = {i: [] for i in range(layers)}
+    for step in range(3 * GROW_MIN):
+        for i, layer in enumerate(cache.layers):
+            before = layer._k.data_ptr() if layer._k is not None else None
+            k, v = kv(2, 1)
+            keys, values = cache.update(k, v, i)
+            rk, rv = ref.update(k, v, i)
+            assert torch.equal(keys, rk) and torch.equal(values, rv)
+            if layer._k.data_ptr() != before:
+                grew[i].append(step)
+    # The first step grows them all (a converted cache has no headroom), to one size; from then
+    # on never two layers in the same step.
+    assert all(steps[0] == 0 for steps in grew.values())
+    firsts = [steps[1] for steps in grew.values()]
+    assert len(set(firsts)) == layers
+    assert firsts == sorted(firsts, reverse=True)  # the later layers first, one step apart
+    assert firsts[0] - firsts[-1] == layers - 1

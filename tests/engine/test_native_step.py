@@ -274,42 +274,93 @@ def poison_padding(backend: BatchBackend, width: int) -> None:
 
 def test_a_long_prompt_is_staged_into_the_batch_a_few_layers_per_step(built, monkeypatch):
     """While rows decode, a sliced prompt's KV goes into the batch's new buffers a layer or so per
-    step before its join, which then copies the running rows only; the logits after it are the
-    ones of a join that copies everything at once."""
+    step, then the running rows' positions go where they sit after the join, planned for a given
+    step; the join then copies only what the rows decoded since. The logits after it are the ones
+    of a join that copies everything at once, at the same step."""
+    staged = join_with_staging(built, monkeypatch)
+    assert staged["planned"] and all(0 < done < staged["width"] for done in staged["copied"])
+    # One call per layer for the new row, one per layer for the running rows, then any wait
+    # for the planned step.
+    assert staged["calls"] >= 2 * staged["layers"]
+
+
+def test_a_staged_join_replans_when_rows_change_and_stays_exact(built, monkeypatch):
+    """A row leaving and another joining while the running rows are being copied moves their
+    positions: the copies start again for a new step, and the logits stay exact."""
+    staged = join_with_staging(built, monkeypatch, swap_row=True)
+    assert staged["planned"] and staged["replans"] >= 2
+
+
+def test_a_staged_join_without_decode_steps_between_still_comes(built, monkeypatch):
+    """The planned step never comes if the rows do not decode between calls (the engine always
+    does): once everything is copied the row joins anyway, exact."""
+    staged = join_with_staging(built, monkeypatch, decoding=False)
+    assert not staged["planned"]
+
+
+def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool = True) -> dict:
+    """Join a long prompt into 3 decoding rows with staging (rows decoding once per call, as in
+    the engine) and without it (``_staged`` answering True at the same call), and compare the
+    logits after the join; ``swap_row``: once the running rows' first layer is copied, one row
+    leaves and another joins. Returns what the staged join saw."""
     from engine import backend as backend_module
 
     monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)
     model, tokenizer = tiny_llama(dtype=torch.float32)
     long = EncodedPrompt(tokenizer("the river carries boats past the old mill " * 30)["input_ids"][:300])
-    layers = model.config.num_hidden_layers
-    runs, calls = [], []
+    runs, seen = [], {"layers": model.config.num_hidden_layers, "replans": 0}
+    # One layer per call: the new row's, then the running rows' (the first at call layers + 1).
+    swap_row_at = model.config.num_hidden_layers + 2 if swap_row else None
     for staged in (True, False):
         backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
-        if not staged:
-            monkeypatch.setattr(backend, "_staged", lambda part, budget: True)
         tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
         tokens = backend.decode(tokens).argmax(-1).tolist()
-        part, n = backend.begin_prefill(long), 0
+        part, calls = backend.begin_prefill(long), [0]
+        real_staged, real_finish = backend._staged, backend._finish_part
+
+        def counted(p, budget, real=real_staged, staged=staged):
+            calls[0] += 1
+            if swap_row_at is not None and calls[0] == swap_row_at:
+                swap_row()
+            if not staged:
+                return calls[0] == seen["calls"]
+            plan = p.stage.join_width if p.stage is not None else None
+            done = real(p, budget)
+            if p.stage is not None and p.stage.join_width != plan:
+                seen["replans"] += 1
+            return done
+
+        def swap_row():
+            nonlocal tokens
+            backend.keep([1, 2])
+            tokens = tokens[1:] + backend.prefill(prompts(tokenizer, 1)).argmax(-1).tolist()
+
+        def finish(p, real=real_finish, staged=staged):
+            if staged:
+                seen.update(planned=p.stage.join_width == backend.mask.shape[1], width=backend.mask.shape[1],
+                            copied=list(p.stage.copied), calls=calls[0])
+            real(p)
+
+        monkeypatch.setattr(backend, "_staged", counted)
+        monkeypatch.setattr(backend, "_finish_part", finish)
         while True:
             backend.step_time = 1e-9  # a budget spent at once: one layer (or one copy) per call
-            n += 1
             logits = backend.prefill_chunk_step(part)
             if logits is not None:
                 break
-        calls.append(n)
+            if decoding:
+                tokens = backend.decode(tokens).argmax(-1).tolist()  # the rows decode every step
         assert backend.ragged and backend.batch_size == 4
         tokens = tokens + logits.argmax(-1).tolist()
-        seen = []
+        out = []
         for _ in range(3):
-            out = backend.decode(tokens)
-            seen.append(out)
-            tokens = out.argmax(-1).tolist()
-        runs.append(seen)
-    # The same slices either way, then one call per layer staged (the last one joins) against
-    # one call for the join.
-    assert calls[0] - calls[1] == layers - 1
+            step = backend.decode(tokens)
+            out.append(step)
+            tokens = step.argmax(-1).tolist()
+        runs.append(out)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    return seen
 
 
 def fast_or_skip() -> None:

@@ -1,7 +1,7 @@
 """A long prompt prefilled a few layers per engine step (engine/sliced_prefill.py): the same
 cache and logits as one forward per chunk (bitwise), a bounded slice per step while rows decode
-(one layer when the budget is spent at once), a whole chunk per step when nothing decodes, and
-greedy replies through the engine identical to one prefill."""
+(one layer when the budget is spent at once), chunks cut to the budget while rows decode and
+whole when nothing does, and greedy replies through the engine identical to one prefill."""
 from __future__ import annotations
 
 import pytest
@@ -82,7 +82,28 @@ def test_a_slice_is_bounded_while_rows_decode_and_a_chunk_when_none_do(model):
     assert layers > 1
 
 
-def test_engine_replies_identical_to_one_prefill(model):
+def test_chunks_are_cut_to_what_one_layer_runs_within_the_budget(model):
+    """While rows decode, a chunk is cut so that one of its layers fits the budget at the rate
+    the recent layers ran: shorter late in a long prompt, where its attention reads every
+    earlier position; whole when nothing decodes."""
+    from engine.sliced_prefill import CUT_STEP
+
+    model, tokenizer = model
+    sliced = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=512).sliced
+    assert sliced.chunk_size(3000, 512, None) == 512
+    assert sliced.chunk_size(0, 512, 1.0) == 2 * CUT_STEP  # nothing measured yet: a small one
+    rate = 1e9
+    sliced._rates.extend([rate] * 3)
+    budget = sliced.layer_macs(200, 0) / rate
+    early, late = sliced.chunk_size(0, 512, budget), sliced.chunk_size(400, 512, budget)
+    assert early == 192 and CUT_STEP <= late < early and late % CUT_STEP == 0
+    for size, done in ((early, 0), (late, 400)):
+        assert sliced.layer_macs(size, done) <= budget * rate < sliced.layer_macs(size + CUT_STEP, done)
+    assert sliced.chunk_size(10**6, 512, budget) == CUT_STEP  # never below one step
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_engine_replies_identical_to_one_prefill(model, chunk):
     model, tokenizer = model
 
     def encode(messages, prompt):
@@ -91,6 +112,6 @@ def test_engine_replies_identical_to_one_prefill(model):
     params = greedy(10)
     requests = [(None, TEXT, params), (None, "short one", params), (None, TEXT[::-1], params)]
     one = [run_batch(BatchBackend(model, tokenizer, encode, threads=1), [r])[0][0] for r in requests]
-    sliced = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=16)
+    sliced = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=chunk)
     assert sliced.sliced is not None
     assert [text for text, _ in run_batch(sliced, requests)] == one

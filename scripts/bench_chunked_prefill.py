@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0) -> tuple:
     """(median token gap, worst token gap during the join, the same two for text events at the
     client, TTFT of the long prompt, its reply, the decode steps' median time during the join,
-    the number of steps during the join); times in seconds. Without ``long_ids`` (the control)
+    the number of steps during the join, the 99th percentile of the token gaps during the join);
+    times in seconds. Without ``long_ids`` (the control)
     nothing joins: the same figures over the next ``control_steps`` steps.
 
     A token gap is the time between two decode steps of the running rows (each gives every row
@@ -99,7 +100,7 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
         decode_join = [d for end, d in took if joined_at <= end <= first]
         return (statistics.median(token_before), max(token_join, default=0.0), statistics.median(gaps_before),
                 max(gaps_join, default=0.0), first - joined_at, text, statistics.median(decode_join or [0.0]),
-                len(token_join))
+                len(token_join), sorted(token_join)[int(0.99 * (len(token_join) - 1))] if token_join else 0.0)
 
     return asyncio.run(main())
 
@@ -145,26 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     modes = [int(c) for c in a.chunks.split(",")] + (["control"] if a.control else [])
     for chunk in modes:
         control = chunk == "control"
-        step, worst, text_step, text_worst, ttft, text, during, count = run(
+        step, worst, text_step, text_worst, ttft, text, during, count, p99 = run(
             adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest)
         if not control:
             replies.add(text)
             longest = max(longest, count)
-        rows.append((chunk, step, worst, text_step, text_worst, ttft, during))
+        rows.append((chunk, step, worst, text_step, text_worst, ttft, during, p99))
         print(f"  {'nothing joins' if control else f'chunk {chunk or 0}'}: token gaps: step {step * 1000:.0f} ms, "
               f"worst {worst * 1000:.0f} ms ({worst / step:.1f}×); decode steps during the join {during * 1000:.0f} ms "
-              f"(worst gap {worst / during:.1f}× that); text events: {text_step * 1000:.0f} ms, worst "
+              f"(worst gap {worst / during:.1f}× that, 99th percentile {p99 * 1000:.0f} ms); text events: {text_step * 1000:.0f} ms, worst "
               f"{text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×); "
               f"{f'{count} steps' if control else f'long prompt TTFT {ttft:.2f} s'}", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
     print("| prefill | usual step (median token gap) | worst token gap while the long prompt joins | worst / step | "
-          "decode steps during the join (median) | worst / those | "
+          "decode steps during the join (median) | worst / those | 99th percentile gap / those | "
           "text events: median / worst gap (worst / median) | TTFT of the long prompt |")
-    print("|---|---|---|---|---|---|---|---|")
-    for chunk, step, worst, text_step, text_worst, ttft, during in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for chunk, step, worst, text_step, text_worst, ttft, during, p99 in rows:
         name = "nothing joins (control)" if chunk == "control" else "one prefill" if not chunk else f"chunks of {chunk}"
         print(f"| {name} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
               f"{worst / step:.1f}× | {during * 1000:.0f} ms | {worst / max(during, 1e-9):.1f}× | "
+              f"{p99 * 1000:.0f} ms ({p99 / max(during, 1e-9):.1f}×) | "
               f"{text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | "
               f"{'–' if chunk == 'control' else f'{ttft:.2f} s'} |")
     print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")

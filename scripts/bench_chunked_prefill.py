@@ -26,8 +26,8 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
     """(median token gap, worst token gap during the join, the same two for text events at the
     client, TTFT of the long prompt, its reply, the decode steps' median time during the join,
     the number of steps during the join, the 99th percentile of the token gaps during the join);
-    times in seconds. Without ``long_ids`` (the control)
-    nothing joins: the same figures over the next ``control_steps`` steps.
+    times in seconds. Without ``long_ids`` (the control) nothing joins: the same figures over
+    the next ``control_steps`` steps.
 
     A token gap is the time between two decode steps of the running rows (each gives every row
     its next token), taken on the engine's thread as each step ends. A text event is what a
@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if not control:
             replies.add(text)
             longest = max(longest, count)
-        rows.append((chunk, step, worst, text_step, text_worst, ttft, during, p99))
-        print(f"  {'nothing joins' if control else f'chunk {chunk or 0}'}: token gaps: step {step * 1000:.0f} ms, "
+        name = "nothing joins (control)" if control else f"chunks of {chunk}" if chunk else "one prefill"
+        rows.append((name, step, worst, text_step, text_worst, ttft, during, p99))
+        print(f"  {name}: token gaps: step {step * 1000:.0f} ms, "
               f"worst {worst * 1000:.0f} ms ({worst / step:.1f}×); decode steps during the join {during * 1000:.0f} ms "
               f"(worst gap {worst / during:.1f}× that, 99th percentile {p99 * 1000:.0f} ms); text events: {text_step * 1000:.0f} ms, worst "
               f"{text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×); "
@@ -162,13 +163,12 @@ def main(argv: list[str] | None = None) -> int:
           "decode steps during the join (median) | worst / those | 99th percentile gap / those | "
           "text events: median / worst gap (worst / median) | TTFT of the long prompt |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for chunk, step, worst, text_step, text_worst, ttft, during, p99 in rows:
-        name = "nothing joins (control)" if chunk == "control" else "one prefill" if not chunk else f"chunks of {chunk}"
+    for name, step, worst, text_step, text_worst, ttft, during, p99 in rows:
         print(f"| {name} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
               f"{worst / step:.1f}× | {during * 1000:.0f} ms | {worst / max(during, 1e-9):.1f}× | "
               f"{p99 * 1000:.0f} ms ({p99 / max(during, 1e-9):.1f}×) | "
               f"{text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | "
-              f"{'–' if chunk == 'control' else f'{ttft:.2f} s'} |")
+              f"{'–' if name.startswith('nothing') else f'{ttft:.2f} s'} |")
     print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")
     return 0 if len(replies) == 1 else 1
 

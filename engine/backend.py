@@ -213,6 +213,7 @@ class BatchBackend(LongPrompts, ImageInputs):
         return out.logits[:, -1, :]
 
     # ---- leaving ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); drop the padding columns nobody needs any more."""
         self.layout += 1
@@ -225,8 +226,11 @@ class BatchBackend(LongPrompts, ImageInputs):
         used = self.mask.sum(0).nonzero()
         start = int(used[0]) if used.numel() else 0
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            if isinstance(layer, GrowingLayer):
+                layer.keep_rows(rows, start)  # in place: a long row leaving stalled the rows 60-130 ms
+            else:
+                layer.keys = layer.keys[index, :, start:]
+                layer.values = layer.values[index, :, start:]
         self.mask = self.mask[:, start:]
 
 

@@ -4,8 +4,11 @@ the new token on every step (a copy of every layer's keys and values per token: 
 1,000 positions that copy was a quarter of the decode step, docs/BENCHMARKS.md).
 
 ``keys`` and ``values`` stay plain attributes to their readers (views of the used part), and
-assigning them (the engine joins, filters and pads rows that way) adopts the tensor as the new
-buffer; the next step that does not fit grows it by a quarter (at least GROW_MIN positions).
+assigning them adopts the tensor as the new buffer; the next step that does not fit grows it by
+a quarter (at least GROW_MIN positions). When rows leave the batch (``keep_rows``), the rest move
+up inside the buffer and the columns nobody needs are cut off by a view, so nothing is allocated
+and the headroom stays; a buffer left much larger than its rows need is given back one layer per
+step over the next STAGGER steps.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class GrowingLayer(DynamicLayer):
         self._n = 0   # positions of keys in use
         self._vn = 0  # of values: the same after every update; apart only between two assignments
         self.early = 0  # grow this many positions before the buffer is full (STAGGER)
+        self.owned = False  # the buffers were allocated here or handed over (``adopt``): rows may move in them
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -37,7 +41,7 @@ class GrowingLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
-        self._k = t
+        self._k, self.owned = t, False  # maybe someone else's (a prefix cache entry's): never written over
         self._n = t.shape[-2] if t is not None and t.dim() == 4 else 0
 
     @property
@@ -46,7 +50,7 @@ class GrowingLayer(DynamicLayer):
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:
-        self._v = t
+        self._v, self.owned = t, False
         self._vn = t.shape[-2] if t is not None and t.dim() == 4 else 0
 
     @property
@@ -75,19 +79,50 @@ class GrowingLayer(DynamicLayer):
         used = self._n
         if self._vn != used:
             raise RuntimeError("keys and values of a cache layer were assigned different lengths")
-        if used + n + self.early > self.capacity or self._v.shape[-2] < used + n or self._k.shape[0] != key_like.shape[0]:
-            size = used + n + max(GROW_MIN, (used + n) // 4)
+        size = used + n + max(GROW_MIN, (used + n) // 4)
+        if used + n + self.early > self.capacity or self._v.shape[-2] < used + n or self._k.shape[0] != key_like.shape[0] \
+                or used % STAGGER == self.early and self._oversized(key_like, size):
             k = key_like.new_empty((*key_like.shape[:2], size, key_like.shape[3]))
             v = value_like.new_empty((*value_like.shape[:2], size, value_like.shape[3]))
             if used:
                 k[:, :, :used] = self._k[:, :, :used]
                 v[:, :, :used] = self._v[:, :, :used]
-            self._k, self._v = k, v
+            self._k, self._v, self.owned = k, v, True
         return self._k, self._v
 
+    def _oversized(self, key_like: torch.Tensor, size: int) -> bool:
+        """Whether the buffer's memory is over twice what a fresh one of ``size`` positions takes
+        (rows left, or a long row's positions were cut off by ``keep_rows``)."""
+        fresh = key_like.shape[0] * key_like.shape[1] * size * key_like.shape[3] * key_like.element_size()
+        return self._k.untyped_storage().nbytes() > 2 * fresh
+
+    def keep_rows(self, rows: list[int], start: int) -> None:
+        """Keep these rows (in this order) and the positions from ``start`` on. Rows in their
+        order move up in place (only those after a row that left are copied) and the rest is
+        cut off by a view, so the headroom stays and nothing is allocated; the memory comes back
+        when ``reserve`` finds the buffer oversized. A buffer that may be someone else's, or
+        rows in another order, are copied to a new buffer with headroom."""
+        used = self._n - start
+        if self.owned and all(a < b for a, b in zip(rows, rows[1:])):
+            for to, row in enumerate(rows):
+                if to != row:
+                    self._k[to, :, start:self._n].copy_(self._k[row, :, start:self._n])
+                    self._v[to, :, start:self._n].copy_(self._v[row, :, start:self._n])
+            self._k, self._v = self._k[:len(rows), :, start:], self._v[:len(rows), :, start:]
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self._k.device)
+            size = used + max(GROW_MIN, used // 4)
+            k = self._k.new_empty((len(rows), self._k.shape[1], size, self._k.shape[3]))
+            v = self._v.new_empty((len(rows), self._v.shape[1], size, self._v.shape[3]))
+            k[:, :, :used] = self._k[index, :, start:self._n]
+            v[:, :, :used] = self._v[index, :, start:self._n]
+            self._k, self._v, self.owned = k, v, True
+        self._n = self._vn = used
+
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
-        """Take these buffers (batch, heads, capacity, dim) with ``used`` positions filled."""
-        self._k, self._v = keys, values
+        """Take these buffers (batch, heads, capacity, dim) with ``used`` positions filled; they
+        are this layer's alone from now on."""
+        self._k, self._v, self.owned = keys, values, True
         self._n = self._vn = used
 
     def advance(self, n: int) -> None:

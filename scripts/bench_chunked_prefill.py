@@ -5,6 +5,11 @@ running rows' decode steps) and per text event (what a client receives).
 
     .venv/bin/python scripts/bench_chunked_prefill.py /tmp/bench-llm-peers/smollm2 --chunks 0,512,128 --control
 
+Each gap is also set against the decode steps' own time around it (the 33 nearest calls): the
+streams' step grows with their length (here from ~20 to ~35 ms over a join), so that is their
+usual step at that moment. The long prompt's reply is 4 tokens; the gaps from its first token
+until 16 steps after it left show what its leaving costs the others.
+
 The control (``--control``) runs the same streams with nothing joining, for as many steps as the
 longest join: its worst gap is what the machine alone does to these steps.
 """
@@ -16,18 +21,47 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0) -> tuple:
-    """(median token gap, worst token gap during the join, the same two for text events at the
-    client, TTFT of the long prompt, its reply, the decode steps' median time during the join,
-    the number of steps during the join, the 99th percentile of the token gaps during the join);
-    times in seconds. Without ``long_ids`` (the control) nothing joins: the same figures over
-    the next ``control_steps`` steps.
+@dataclass
+class Figures:
+    """One mode's figures; times in seconds."""
+    step: float         # the usual step: the median token gap before the long prompt came
+    worst: float        # the worst token gap while it joined
+    worst_local: float  # the same gap against the decode steps' own time around it
+    p99_local: float    # the 99th percentile of those ratios
+    during: float       # the decode steps' median time during the join
+    count: int          # token gaps during the join
+    text_step: float    # text events at the client: the median gap before, the worst during
+    text_worst: float
+    ttft: float         # of the long prompt
+    text: str           # its reply
+    leave: float        # the worst token gap from its first token until 16 steps after it left
+    leave_local: float  # that gap against the steps around it
+
+
+def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: float, end: float) -> list[tuple[float, float]]:
+    """(gap, gap / the median decode call of the 33 around it) for each token gap between
+    ``begin`` and ``end``: the streams' usual step at that moment (it grows with their length,
+    from ~20 to ~35 ms over a join here, so one median for the whole join overstates the late
+    gaps and understates the early ones)."""
+    out = []
+    for j in range(1, len(steps)):
+        a, b = steps[j - 1], steps[j]
+        if a <= end and b >= begin:
+            around = [d for _, d in took[max(0, j - 16):j + 17]]
+            out.append((b - a, (b - a) / statistics.median(around)))
+    return out
+
+
+def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0) -> Figures:
+    """The figures of one mode. Without ``long_ids`` (the control) nothing joins: the same
+    figures over the next ``control_steps`` steps.
 
     A token gap is the time between two decode steps of the running rows (each gives every row
     its next token), taken on the engine's thread as each step ends. A text event is what a
@@ -62,9 +96,14 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
                 if delta.text:
                     stamps[i].append(time.perf_counter())
 
+        async def steps_more(n: int) -> None:
+            begin = len(steps)
+            while len(steps) < begin + n:
+                await asyncio.sleep(0.01)
+
         try:
-            # The streams run until the long prompt's reply is complete (then they are cancelled):
-            # a stream ending first would leave a gap that is no stall.
+            # The streams run until the long prompt has left the batch (then they are
+            # cancelled): a stream ending first would leave a gap that is no stall.
             cancels = [CancelToken() for _ in range(streams)]
             handles = [engine.submit(EncodedPrompt(adapter.tokenizer(f"Story number {i}: once upon a time")["input_ids"]),
                                      params, cancels[i]) for i in range(streams)]
@@ -74,9 +113,7 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
             joined_at = time.perf_counter()
             first, text = None, ""
             if long_ids is None:  # the control: the same streams, nothing joins
-                begin = len(steps)
-                while len(steps) < begin + control_steps:
-                    await asyncio.sleep(0.01)
+                await steps_more(control_steps)
                 first = time.perf_counter()
             else:
                 long = engine.submit(EncodedPrompt(long_ids), GenerationParams(max_new_tokens=4, temperature=0.0,
@@ -84,7 +121,9 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
                 async for delta in long:
                     first = first or time.perf_counter()
                     text += delta.text
-            assert all(not h.done() for h in tasks), "a stream ended before the long prompt's reply"
+            await steps_more(16)  # the long row has left: the steps after it
+            left = time.perf_counter()
+            assert all(not h.done() for h in tasks), "a stream ended before the long prompt left"
             for cancel in cancels:
                 cancel.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -93,14 +132,18 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
         gaps_before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b < joined_at]
         gaps_join = [b - a for s in stamps for a, b in zip(s, s[1:]) if a <= first and b >= joined_at]
         token_before = [b - a for a, b in zip(steps, steps[1:]) if b < joined_at]
-        token_join = [b - a for a, b in zip(steps, steps[1:]) if a <= first and b >= joined_at]
+        join = local_ratios(steps, took, joined_at, first)
+        leave = local_ratios(steps, took, first, left) if long_ids is not None else [(0.0, 0.0)]
+        ratios = sorted(r for _, r in join)
         # The decode calls' own time while the long prompt joins: this machine's speed swings
         # (the same decode-only step takes 40 or 70 ms from one second to the next), so the worst
         # gap is also set against the steps taken at the same time.
         decode_join = [d for end, d in took if joined_at <= end <= first]
-        return (statistics.median(token_before), max(token_join, default=0.0), statistics.median(gaps_before),
-                max(gaps_join, default=0.0), first - joined_at, text, statistics.median(decode_join or [0.0]),
-                len(token_join), sorted(token_join)[int(0.99 * (len(token_join) - 1))] if token_join else 0.0)
+        return Figures(step=statistics.median(token_before), worst=max(g for g, _ in join), worst_local=ratios[-1],
+                       p99_local=ratios[int(0.99 * (len(ratios) - 1))], during=statistics.median(decode_join or [0.0]),
+                       count=len(join), text_step=statistics.median(gaps_before), text_worst=max(gaps_join, default=0.0),
+                       ttft=first - joined_at, text=text, leave=max(g for g, _ in leave),
+                       leave_local=max(r for _, r in leave))
 
     return asyncio.run(main())
 
@@ -146,29 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     modes = [int(c) for c in a.chunks.split(",")] + (["control"] if a.control else [])
     for chunk in modes:
         control = chunk == "control"
-        step, worst, text_step, text_worst, ttft, text, during, count, p99 = run(
-            adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest)
+        f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest)
         if not control:
-            replies.add(text)
-            longest = max(longest, count)
+            replies.add(f.text)
+            longest = max(longest, f.count)
         name = "nothing joins (control)" if control else f"chunks of {chunk}" if chunk else "one prefill"
-        rows.append((name, step, worst, text_step, text_worst, ttft, during, p99))
-        print(f"  {name}: token gaps: step {step * 1000:.0f} ms, "
-              f"worst {worst * 1000:.0f} ms ({worst / step:.1f}×); decode steps during the join {during * 1000:.0f} ms "
-              f"(worst gap {worst / during:.1f}× that, 99th percentile {p99 * 1000:.0f} ms); text events: {text_step * 1000:.0f} ms, worst "
-              f"{text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×); "
-              f"{f'{count} steps' if control else f'long prompt TTFT {ttft:.2f} s'}", flush=True)
+        rows.append((name, f))
+        print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
+              f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×; "
+              f"{f.worst / f.during:.1f}× the join's median step of {f.during * 1000:.0f} ms); "
+              f"{'' if control else f'as it leaves {f.leave * 1000:.0f} ms ({f.leave_local:.1f}×); '}"
+              f"text events: {f.text_step * 1000:.0f} ms, worst {f.text_worst * 1000:.0f} ms; "
+              f"{f'{f.count} steps' if control else f'long prompt TTFT {f.ttft:.2f} s'}", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
-    print("| prefill | usual step (median token gap) | worst token gap while the long prompt joins | worst / step | "
-          "decode steps during the join (median) | worst / those | 99th percentile gap / those | "
-          "text events: median / worst gap (worst / median) | TTFT of the long prompt |")
+    print("| prefill | usual step (median token gap before) | worst token gap while the long prompt joins | "
+          "worst / the steps around it | 99th percentile of gap / steps around it | worst / the join's median step | "
+          "worst gap as it leaves (/ steps around it) | text events: median / worst gap | TTFT of the long prompt |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, step, worst, text_step, text_worst, ttft, during, p99 in rows:
-        print(f"| {name} | {step * 1000:.0f} ms | {worst * 1000:.0f} ms | "
-              f"{worst / step:.1f}× | {during * 1000:.0f} ms | {worst / max(during, 1e-9):.1f}× | "
-              f"{p99 * 1000:.0f} ms ({p99 / max(during, 1e-9):.1f}×) | "
-              f"{text_step * 1000:.0f} / {text_worst * 1000:.0f} ms ({text_worst / text_step:.1f}×) | "
-              f"{'–' if name.startswith('nothing') else f'{ttft:.2f} s'} |")
+    for name, f in rows:
+        control = name.startswith("nothing")
+        print(f"| {name} | {f.step * 1000:.0f} ms | {f.worst * 1000:.0f} ms | {f.worst_local:.1f}× | {f.p99_local:.1f}× | "
+              f"{f.worst / max(f.during, 1e-9):.1f}× ({f.during * 1000:.0f} ms) | "
+              f"{'–' if control else f'{f.leave * 1000:.0f} ms ({f.leave_local:.1f}×)'} | "
+              f"{f.text_step * 1000:.0f} / {f.text_worst * 1000:.0f} ms | {'–' if control else f'{f.ttft:.2f} s'} |")
     print(f"\nthe long prompt's reply is {'identical' if len(replies) == 1 else 'DIFFERENT'} across the modes")
     return 0 if len(replies) == 1 else 1
 

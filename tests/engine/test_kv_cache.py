@@ -88,3 +88,93 @@ def test_layers_grow_on_different_steps_with_the_same_contents():
     assert len(set(firsts)) == layers
     assert firsts == sorted(firsts, reverse=True)  # the later layers first, one step apart
     assert firsts[0] - firsts[-1] == layers - 1
+
+
+def _filled(batch: int, n: int, seed: int) -> tuple[DynamicLayer, GrowingLayer]:
+    torch.manual_seed(seed)
+    ref, grown = DynamicLayer(), GrowingLayer()
+    k, v = kv(batch, n)
+    ref.update(k, v)
+    grown.update(k, v)  # its own buffer, with headroom
+    return ref, grown
+
+
+def _kept(ref: DynamicLayer, rows: list[int], start: int) -> None:
+    index = torch.tensor(rows)
+    ref.keys, ref.values = ref.keys[index, :, start:], ref.values[index, :, start:]
+
+
+def test_rows_leaving_move_up_in_the_buffer_without_allocating():
+    """engine/backend.py keep(): a row leaves and the leading padding goes. The rows after it
+    move up inside the buffer and the padding is cut off by a view: no new buffer (a long row
+    leaving stalled the others 60-130 ms copying everything), the headroom stays, and the
+    contents and the next updates equal transformers' DynamicLayer."""
+    ref, grown = _filled(4, 20, 4)
+    storage, capacity = grown._k.untyped_storage().data_ptr(), grown.capacity
+    _kept(ref, [0, 2, 3], 5)
+    grown.keep_rows([0, 2, 3], 5)
+    assert torch.equal(ref.keys, grown.keys) and torch.equal(ref.values, grown.values)
+    assert grown._k.untyped_storage().data_ptr() == storage and grown.capacity == capacity - 5
+    for _ in range(capacity - 20 - 1):  # the rest of the headroom: written in place
+        k, v = kv(3, 1)
+        rk, rv = ref.update(k, v)
+        gk, gv = grown.update(k, v)
+        assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    assert grown._k.untyped_storage().data_ptr() == storage
+
+
+def test_a_buffer_that_may_be_shared_or_rows_out_of_order_are_copied():
+    """A buffer assigned from outside (e.g. a prefix cache entry's tensors, which the engine's
+    first join adopts as they are) is never written over: its rows are copied out instead, as
+    are rows kept in another order."""
+    torch.manual_seed(5)
+    k, v = kv(3, 12)
+    shared_k, shared_v = k.clone(), v.clone()
+    ref, grown = DynamicLayer(), GrowingLayer()
+    ref.update(k.clone(), v.clone())
+    grown.keys, grown.values = k, v
+    assert not grown.owned
+    _kept(ref, [1, 2], 2)
+    grown.keep_rows([1, 2], 2)
+    assert torch.equal(k, shared_k) and torch.equal(v, shared_v)  # untouched
+    assert torch.equal(ref.keys, grown.keys) and grown.owned and grown.capacity >= 10 + GROW_MIN
+    ref, grown = _filled(4, 9, 6)
+    _kept(ref, [3, 1], 0)
+    grown.keep_rows([3, 1], 0)
+    assert torch.equal(ref.keys, grown.keys) and torch.equal(ref.values, grown.values)
+
+
+def test_an_oversized_buffer_is_given_back_one_layer_per_step():
+    """When a long row leaves, its positions stay in the buffers (a view cuts them off): each
+    layer gives them back when it next fits a stagger slot, one layer per step, with the same
+    contents."""
+    from engine.kv_cache import STAGGER
+
+    torch.manual_seed(7)
+    layers, long = 6, 600
+    cache, ref = DynamicCache(), DynamicCache()
+    for i in range(layers):
+        k, v = kv(3, long)
+        cache.update(k, v, i)
+        ref.update(k, v, i)
+    make_growing(cache)
+    for i in range(layers):  # one step gives them buffers of their own (owned)
+        k, v = kv(3, 1)
+        cache.update(k, v, i)
+        ref.update(k, v, i)
+    # The long row 0 leaves; the other two only use the last 40 positions.
+    for layer, r in zip(cache.layers, ref.layers):
+        layer.keep_rows([1, 2], long + 1 - 40)
+        _kept(r, [1, 2], long + 1 - 40)
+    sizes = [layer._k.untyped_storage().nbytes() for layer in cache.layers]
+    shrank: dict[int, int] = {}
+    for step in range(STAGGER):
+        for i, layer in enumerate(cache.layers):
+            k, v = kv(2, 1)
+            keys, values = cache.update(k, v, i)
+            rk, rv = ref.update(k, v, i)
+            assert torch.equal(keys, rk) and torch.equal(values, rv)
+            if i not in shrank and layer._k.untyped_storage().nbytes() < sizes[i] // 4:
+                shrank[i] = step
+    assert sorted(shrank) == list(range(layers))  # every layer gave its memory back ...
+    assert len(set(shrank.values())) == layers    # ... each on a step of its own

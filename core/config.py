@@ -264,6 +264,9 @@ class ModelConfig(_Strict):
     # Text prompts longer than this many tokens are prefilled in chunks of it between decode
     # steps, so running streams keep flowing (0: one prefill).
     prefill_chunk_tokens: int = Field(512, ge=0, le=1_000_000)
+    # While streams decode, a long prompt's prefill takes this share of a decode step between
+    # two steps: the streams' gaps against the long prompt's first-token time.
+    prefill_slice_share: float = Field(0.5, gt=0, le=4)
     # kind `remote`: which server it is (openai, vllm, sglang, llama.cpp) and how to reach it.
     framework: Literal["openai", "vllm", "sglang", "llama.cpp"] | None = None
     remote: RemoteEngineConfig | None = None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.image_inputs import TOY_MODEL_PARAMS, ImageInputs
 from engine.kv_cache import GROW_MIN, GrowingLayer, make_growing
 from engine.lean_decode import LeanDecoder, lean_supported
-from engine.long_prompts import LongPrompts, PartialPrefill
+from engine.long_prompts import SLICE_OF_STEP, LongPrompts, PartialPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompts import EncodedPrompt, ImageFeatures
 from engine.quant import GEMV_ROWS
@@ -38,8 +38,8 @@ class BatchBackend(LongPrompts, ImageInputs):
 
     def __init__(self, model: Any, tokenizer: Any, encode: Callable[..., EncodedPrompt], *,
                  mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
-                 prefix_block: int = 32, prefill_chunk: int = 0, lean: bool = True, native: bool = True,
-                 packed_decode: object = "auto") -> None:
+                 prefix_block: int = 32, prefill_chunk: int = 0, slice_share: float = SLICE_OF_STEP,
+                 lean: bool = True, native: bool = True, packed_decode: object = "auto") -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -72,6 +72,7 @@ class BatchBackend(LongPrompts, ImageInputs):
         # Long prompts of those models advance a few layers per engine step, within about one
         # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
+        self.slice_share = slice_share  # of a decode step, per slice while rows decode
         self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
         # Whether the cache's padding is unset and each row attends to its own positions (the
         # compiled step), taken when a join would otherwise fill mostly padding.

@@ -4,9 +4,10 @@ Chunking the prompt alone bounds the stall a joining prompt causes the decoding 
 to one chunk's whole forward, and a chunk small enough to stay under a decode step's time reads
 every weight once per few tokens (on a CPU, a 16-token chunk costs about a 16-row decode step).
 Here a chunk keeps its size, so its matmuls stay efficient, and advances through the layers
-under a time budget: each engine step runs as many of its layers as fit in about one decode
-step's time (at least one), then the rows decode. The stall per step is then about one decode
-step, whatever the prompt's length (scripts/bench_chunked_prefill.py).
+under a time budget: each engine step runs as many of its layers as fit in a share of a decode
+step's time (at least one; the model setting `prefill_slice_share`, half a step by default),
+then the rows decode. The stall per step is then that share of a decode step, whatever the
+prompt's length (scripts/bench_chunked_prefill.py).
 
 One layer of a chunk is the smallest slice, and late in a long prompt its attention over every
 earlier position dominates it (512 tokens at position 3,500: ~85 ms against a ~35 ms decode step

@@ -64,6 +64,7 @@ class CausalLMAdapter(TorchModelAdapter):
 
         return BatchBackend(self.model, self.tokenizer, self.encode, threads=self.spec.threads,
                             prefix_cache_mb=self.spec.prefix_cache_mb, prefill_chunk=self.spec.prefill_chunk_tokens,
+                            slice_share=self.spec.prefill_slice_share,
                             lean=bool(self.spec.options.get("lean_decode", True)),
                             native=bool(self.spec.options.get("native_decode", True)),
                             packed_decode=self.spec.options.get("packed_decode", "auto"))

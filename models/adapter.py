@@ -39,6 +39,7 @@ class ModelSpec:
     stream_interval_ms: float = 20
     prefix_cache_mb: float = 128
     prefill_chunk_tokens: int = 512
+    prefill_slice_share: float = 0.5
     data_dir: Path = Path("data")
     cache_dir: Path = Path("data/cache")  # converted weights (GGUF), shared across servers
     package: str | None = None  # weights shipped in a Python package ("<module>/<path>")

@@ -187,6 +187,7 @@ def spec_from_config(model_id: str, cfg: ModelConfig, path: Path | None, data_di
         max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, threads=cfg.threads,
         stream_interval_ms=cfg.stream_interval_ms,
         prefix_cache_mb=cfg.prefix_cache_mb, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+        prefill_slice_share=cfg.prefill_slice_share,
         framework=cfg.framework, remote=cfg.remote,
     )
 

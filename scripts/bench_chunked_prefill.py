@@ -59,7 +59,8 @@ def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: flo
     return out
 
 
-def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0) -> Figures:
+def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0,
+        share: float | None = None) -> Figures:
     """The figures of one mode. Without ``long_ids`` (the control) nothing joins: the same
     figures over the next ``control_steps`` steps.
 
@@ -71,7 +72,8 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
     from engine.backend import BatchBackend, EncodedPrompt
     from engine.engine import Engine
 
-    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=chunk)
+    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=chunk,
+                           **({} if share is None else {"slice_share": share}))
     steps: list[float] = []
     took: list[tuple[float, float]] = []  # (end, duration) of each decode call alone
     decode = backend.decode
@@ -152,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--chunks", default="0,512,128", help="prefill chunk sizes to compare (0: one prefill)")
-    parser.add_argument("--slice-share", type=float, default=None,
-                        help="a layer slice's share of a decode step (engine/long_prompts.py SLICE_OF_STEP)")
+    parser.add_argument("--slice-share", default=None,
+                        help="a slice's share of a decode step (the model setting prefill_slice_share; default "
+                             "engine/long_prompts.py SLICE_OF_STEP); several, comma-separated, run each chunk size with each")
     parser.add_argument("--control", action="store_true",
                         help="also run the streams with nothing joining, for as many steps as the longest join took: "
                              "the machine's own gaps between decode steps")
@@ -169,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm.causal import CausalLMAdapter
     from models.adapter import ModelSpec
 
-    if a.slice_share is not None:
-        engine.long_prompts.SLICE_OF_STEP = a.slice_share
+    shares = [float(x) for x in a.slice_share.split(",")] if a.slice_share else [engine.long_prompts.SLICE_OF_STEP]
 
     adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
                                         threads=a.threads, quantization=a.quantization,
@@ -184,16 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     long_ids = adapter.tokenizer(" ".join(words))["input_ids"][:a.long_tokens]
     # Enough new tokens that the streams are still running when the long prompt has joined.
     print(f"load average before: {os.getloadavg()}; {adapter.precision.label}; {a.streams} streams; "
-          f"a {len(long_ids)}-token prompt joins; slices of {engine.long_prompts.SLICE_OF_STEP} a step", flush=True)
+          f"a {len(long_ids)}-token prompt joins", flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [int(c) for c in a.chunks.split(",")] + (["control"] if a.control else [])
-    for chunk in modes:
+    modes = [(int(c), share) for c in a.chunks.split(",") for share in (shares if int(c) else [None])]
+    for chunk, share in modes + ([("control", None)] if a.control else []):
         control = chunk == "control"
-        f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest)
+        f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share)
         if not control:
             replies.add(f.text)
             longest = max(longest, f.count)
-        name = "nothing joins (control)" if control else f"chunks of {chunk}" if chunk else "one prefill"
+        name = "nothing joins (control)" if control else f"chunks of {chunk}, slices of {share} a step" if chunk \
+            else "one prefill"
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
               f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×; "

@@ -115,3 +115,33 @@ def test_engine_replies_identical_to_one_prefill(model, chunk):
     sliced = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=chunk)
     assert sliced.sliced is not None
     assert [text for text, _ in run_batch(sliced, requests)] == one
+
+
+def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
+    """The model setting `prefill_slice_share` reaches the engine: while rows decode, each
+    slice's budget is that share of their recent step; a share out of range is refused."""
+    from pydantic import ValidationError
+
+    from core.config import ModelConfig
+    from llm.causal import CausalLMAdapter
+    from models.registry import spec_from_config
+
+    with pytest.raises(ValidationError, match="prefill_slice_share"):
+        ModelConfig(name="m", kind="causal_lm", prefill_slice_share=0)
+    assert ModelConfig(name="m", kind="causal_lm").prefill_slice_share == 0.5
+    spec = spec_from_config("m", ModelConfig(name="m", kind="causal_lm", prefill_slice_share=0.25), tmp_path, tmp_path)
+    adapter = CausalLMAdapter(spec)
+    adapter.model, adapter.tokenizer = tiny_llama(dtype=torch.float32)
+    backend = adapter.engine_backend()
+    backend.prefill_chunk = 16
+    assert backend.slice_share == 0.25
+    tokenizer = adapter.tokenizer
+    budgets = []
+    advance = backend.sliced.advance
+    backend.sliced.advance = lambda part, size, budget: budgets.append(budget) or advance(part, size, budget)
+    part = backend.begin_prefill(EncodedPrompt(tokenizer(TEXT)["input_ids"]))
+    tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
+    backend.decode(tokens)
+    backend.step_time = 0.04
+    backend.prefill_chunk_step(part)
+    assert budgets == [pytest.approx(0.01)]

@@ -69,7 +69,7 @@ class BatchBackend(LongPrompts, ImageInputs):
         self.lean = LeanDecoder(model, native=native, packed_decode=packed_decode) \
             if lean and not mrope and lean_supported(model) else None
         self.lean_rows = GEMV_ROWS
-        # Long prompts of those models advance a few layers per engine step, within about one
+        # Long prompts of those models advance a few layers per engine step, within a share of a
         # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
         self.slice_share = slice_share  # of a decode step, per slice while rows decode

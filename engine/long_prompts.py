@@ -19,8 +19,8 @@ from engine.prompts import EncodedPrompt
 
 # By default a long prompt's slice between decode steps takes about this share of a decode
 # step's time (the model setting `prefill_slice_share`): the decoding rows' gaps are then about
-# 1.5 times their usual step (engine/sliced_prefill.py). At 0.75 the long prompt's first token
-# came ~20% sooner and the gaps were 1.75 steps, with slices that overran more often past 2.
+# 1.5 times their usual step (engine/sliced_prefill.py). At 0.75 a 4,000-token prompt's first
+# token came ~30% sooner and the gaps were 1.75 steps, past 2 more often (docs/BENCHMARKS.md).
 SLICE_OF_STEP = 0.5
 
 
@@ -94,7 +94,7 @@ class LongPrompts:
         that None."""
         if self.sliced is None:
             return self._run_part(part, self.prefill_chunk)
-        # While rows decode, a slice takes about one of their steps; alone, a whole chunk.
+        # While rows decode, a slice takes a share of one of their steps; alone, a whole chunk.
         budget = self.slice_share * self.step_time if self.batch_size and self.step_time else None
         if part.logits is None:
             part.logits = self.sliced.advance(part, self.prefill_chunk, budget)

@@ -127,6 +127,11 @@ class SlicedPrefill:
                     return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
                 if budget is None:
                     return None
-            # The next layer is about as long as the last one: stop before it would overrun.
+                # The next chunk's first layer comes next: it may be longer and sit later than
+                # the layer just run, so its time is predicted at the recent layers' rate.
+                tokens = min(self.chunk_size(part.done, size, budget), n - part.done)
+                last = self.layer_macs(tokens, part.done) / statistics.median(self._rates)
+            # Within a chunk the next layer is about as long as the last one: stop before it
+            # would overrun.
             if budget is not None and time.perf_counter() - start + last > budget:
                 return None

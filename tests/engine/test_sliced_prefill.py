@@ -145,3 +145,22 @@ def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
     backend.step_time = 0.04
     backend.prefill_chunk_step(part)
     assert budgets == [pytest.approx(0.01)]
+
+
+def test_a_slice_stops_at_a_chunk_boundary_when_the_next_chunks_layer_would_overrun(model):
+    """After a chunk's last layer, the next chunk's first layer is predicted at the recent rate
+    (it may be longer and sit later than the layer just run): a slice that cannot fit it ends
+    at the boundary instead of overrunning its budget."""
+    model, tokenizer = model
+    backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=16)
+    prompt = EncodedPrompt(tokenizer(TEXT)["input_ids"])
+    part = backend.begin_prefill(prompt)
+    layers = model.config.num_hidden_layers
+    for _ in range(layers - 1):  # one layer per call: the first chunk up to its last layer
+        assert backend.sliced.advance(part, 16, 0.0) is None
+    assert part.sliced.layer == layers - 1
+    # Layers seemingly ran at one multiply-add per second: no layer of the next chunk fits a
+    # second, however fast the one just run was.
+    backend.sliced._rates.extend([1.0] * 8)
+    assert backend.sliced.advance(part, 16, 1.0) is None
+    assert part.sliced is None and part.done == 16

@@ -25,9 +25,11 @@ from engine.sliced_prefill import SlicedPrefill
 
 __all__ = ["BatchBackend", "EncodedPrompt", "ImageFeatures", "PartialPrefill"]
 
-# A join whose buffer would hold less than this share of real positions, and at least this many
-# padding positions (rows x positions), makes the cache ragged (the compiled step only).
-RAGGED_SHARE = 0.5
+# A join that leaves at least this many padding positions (rows x positions) makes the cache
+# ragged (the compiled step only), however much of it is real: the rows' attention then reads
+# their own positions only, which was faster wherever measured (4 rows of 1,640 positions and
+# one of 4,000: 42 against 93 ms a step; of 3,500 and 4,000, 55 against 94 ms; docs/BENCHMARKS.md).
+# Below it the step stays the masked one, bitwise transformers' own.
 RAGGED_MIN_PAD = 2048
 
 
@@ -152,16 +154,20 @@ class BatchBackend(LongPrompts, ImageInputs):
                 self.prefix_cache.store(p.input_ids, [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:])
                                                       for layer in cache.layers], copy=copy)
 
+    def _may_be_ragged(self) -> bool:
+        """Whether the batch's cache is ragged or may become so (its steps run compiled)."""
+        return self.ragged or self.cache is not None and self.lean is not None and self.lean.compiled(self.cache)
+
     def _ragged_join(self, new_len: int, new_rows: int, new_real: int | None = None) -> bool:
         """Whether joining ``new_rows`` rows of ``new_len`` positions makes the cache ragged."""
         if self.ragged:
             return True
-        if self.cache is None or self.lean is None or not self.lean.compiled(self.cache):
+        if not self._may_be_ragged():
             return False
         width = max(self.mask.shape[1], new_len)
         rows = self.batch_size + new_rows
         real = int(self.mask.sum()) + (new_len * new_rows if new_real is None else new_real)
-        return rows * width - real >= RAGGED_MIN_PAD and real < RAGGED_SHARE * rows * width
+        return rows * width - real >= RAGGED_MIN_PAD
 
     def _join(self, cache: Any, mask: torch.Tensor, deltas: torch.Tensor) -> None:
         self.layout += 1

@@ -112,7 +112,8 @@ class LongPrompts:
     def _staged(self, part: "PartialPrefill", budget: float) -> bool:
         """Build the buffers the batch takes at the finished prompt's join, a few layers per step
         within ``budget`` seconds; True when the row joins in this step: once done, or when the
-        join will not be ragged or the batch changed size (then the join copies everything).
+        batch's steps do not run compiled (no ragged cache), its rows are about as long as the
+        prompt, or it changed size (then the join copies everything).
 
         First the new row's KV goes in place. Then the running rows' positions are copied to
         where they sit once the row joins, right-aligned with it: the join is planned for a
@@ -121,7 +122,11 @@ class LongPrompts:
         decoded since its layer was staged, not every running row's whole history."""
         n = len(part.prompt.input_ids)
         if part.stage is None:
-            if not self._ragged_join(n, 1) or self.mask.shape[1] + 8 > n:
+            # The staged join leaves the cache ragged, even with less padding than RAGGED_MIN_PAD
+            # (running rows about as long as the prompt): the join that pads instead copies
+            # every row's whole history in one step (4 rows of 1,640 positions as a 4,000-token
+            # prompt joined, before ragged joins took any padding share: 740 ms, 19 steps).
+            if not self._may_be_ragged() or self.mask.shape[1] + 8 > n:
                 return True
             part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4), self.layout)
         stage, start = part.stage, time.perf_counter()

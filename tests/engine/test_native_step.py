@@ -230,19 +230,24 @@ def test_a_build_killed_half_way_does_not_block_the_next(built, tmp_path):
     assert status == "ready" and same == "True"
 
 
-def test_a_long_prompt_joining_short_rows_makes_the_cache_ragged(built, monkeypatch):
-    """Joining mostly padding, the cache's padding is left unset and each row attends to its own
-    positions: NaN written into the padding changes nothing, and the logits match transformers'
-    forward over the zero-padded cache (fp32: to rounding; greedy tokens equal)."""
+@pytest.mark.parametrize("running", [None, 200])
+def test_a_long_prompt_joining_short_rows_makes_the_cache_ragged(built, monkeypatch, running):
+    """Joining at least RAGGED_MIN_PAD padding positions, mostly padding (short rows) or not
+    (``running``: rows of 200 positions and one of 300, three quarters real), the cache's
+    padding is left unset and each row attends to its own positions: NaN written into the
+    padding changes nothing, and the logits match transformers' forward over the zero-padded
+    cache (fp32: to rounding; greedy tokens equal)."""
     from engine import backend as backend_module
 
     monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)  # the tiny model's context is 512
     model, tokenizer = tiny_llama(dtype=torch.float32)
-    long = EncodedPrompt(tokenizer("the river carries boats past the old mill " * 30)["input_ids"][:300])
+    ids = tokenizer("the river carries boats past the old mill " * 40)["input_ids"]
+    long = EncodedPrompt(ids[:300])
+    rows = prompts(tokenizer, 3) if running is None else [EncodedPrompt(ids[i + 1:i + 1 + running]) for i in range(3)]
     runs = []
     for kw in ({"native": True}, {"lean": False}):
         backend = BatchBackend(model, tokenizer, None, threads=1, **kw)
-        tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
+        tokens = backend.prefill(rows).argmax(-1).tolist()
         for _ in range(2):
             tokens = backend.decode(tokens).argmax(-1).tolist()
         tokens = tokens + backend.prefill([long]).argmax(-1).tolist()
@@ -298,22 +303,37 @@ def test_a_staged_join_without_decode_steps_between_still_comes(built, monkeypat
     assert not staged["planned"]
 
 
-def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool = True) -> dict:
+def test_a_long_prompt_joining_rows_about_as_long_is_staged_too(built, monkeypatch):
+    """Running rows about as long as the prompt leave less padding than RAGGED_MIN_PAD, where a
+    join keeps the masked step: a staged join still comes, a few layers per step, and leaves the
+    cache ragged, instead of one copy of every row's whole history in one step; exact against
+    that copy made ragged at the same step."""
+    staged = join_with_staging(built, monkeypatch, running_tokens=256)
+    assert staged["planned"] and staged["ragged_before"] is False
+    assert all(0 < done < staged["width"] for done in staged["copied"])
+
+
+def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool = True,
+                      running_tokens: int | None = None) -> dict:
     """Join a long prompt into 3 decoding rows with staging (rows decoding once per call, as in
     the engine) and without it (``_staged`` answering True at the same call), and compare the
     logits after the join; ``swap_row``: once the running rows' first layer is copied, one row
-    leaves and another joins. Returns what the staged join saw."""
+    leaves and another joins; ``running_tokens``: the rows' prompts are that long (the join
+    without staging is then made ragged too). Returns what the staged join saw."""
     from engine import backend as backend_module
 
-    monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)
     model, tokenizer = tiny_llama(dtype=torch.float32)
-    long = EncodedPrompt(tokenizer("the river carries boats past the old mill " * 30)["input_ids"][:300])
+    ids = tokenizer("the river carries boats past the old mill " * 40)["input_ids"]
+    long = EncodedPrompt(ids[:300])
+    running = prompts(tokenizer, 3) if running_tokens is None \
+        else [EncodedPrompt(ids[i + 1:i + 1 + running_tokens]) for i in range(3)]
     runs, seen = [], {"layers": model.config.num_hidden_layers, "replans": 0}
     # One layer per call: the new row's, then the running rows' (the first at call layers + 1).
     swap_row_at = model.config.num_hidden_layers + 2 if swap_row else None
     for staged in (True, False):
+        monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64 if staged or running_tokens is None else 0)
         backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
-        tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
+        tokens = backend.prefill(running).argmax(-1).tolist()
         tokens = backend.decode(tokens).argmax(-1).tolist()
         part, calls = backend.begin_prefill(long), [0]
         real_staged, real_finish = backend._staged, backend._finish_part
@@ -325,6 +345,8 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
             if not staged:
                 return calls[0] == seen["calls"]
             plan = p.stage.join_width if p.stage is not None else None
+            # Whether the join, when staging began, would have been ragged without it.
+            seen.setdefault("ragged_before", backend._ragged_join(len(long.input_ids), 1))
             done = real(p, budget)
             if p.stage is not None and p.stage.join_width != plan:
                 seen["replans"] += 1

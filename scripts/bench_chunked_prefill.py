@@ -12,6 +12,12 @@ until 16 steps after it left show what its leaving costs the others.
 
 The control (``--control``) runs the same streams with nothing joining, for as many steps as the
 longest join: its worst gap is what the machine alone does to these steps.
+
+On a virtual machine the hypervisor sometimes runs another guest on our cores for tens of
+milliseconds (Linux counts it per CPU as "steal" in /proc/stat, in ticks of 10 ms): that time
+is the machine's, not the engine's. Each gap is also given without it (the most any one CPU lost
+during the gap: the cores work together, so one stolen core stalls both), with the number of
+gaps that lost any; at 10 ms a tick, that is ±10 ms per gap.
 """
 from __future__ import annotations
 
@@ -43,19 +49,36 @@ class Figures:
     text: str           # its reply
     leave: float        # the worst token gap from its first token until 16 steps after it left
     leave_local: float  # that gap against the steps around it
+    worst_clean: float  # the worst ratio to the steps around it once the time the hypervisor took is out
+    stolen: int         # the join's gaps during which the hypervisor took time (steal ticks in /proc/stat)
 
 
-def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: float, end: float) -> list[tuple[float, float]]:
-    """(gap, gap / the median decode call of the 33 around it) for each token gap between
-    ``begin`` and ``end``: the streams' usual step at that moment (it grows with their length,
-    from ~20 to ~35 ms over a join here, so one median for the whole join overstates the late
-    gaps and understates the early ones)."""
+TICK = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def steal_ticks() -> tuple[int, ...]:
+    """Per CPU, the time the hypervisor gave it to others since boot, in ticks (none where
+    /proc/stat is not there)."""
+    try:
+        with open("/proc/stat") as f:
+            return tuple(int(line.split()[8]) for line in f if line[:3] == "cpu" and line[3].isdigit())
+    except (OSError, IndexError, ValueError):
+        return ()
+
+
+def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: float, end: float,
+                 stolen: list[tuple[int, ...]]) -> list[tuple[float, float, float]]:
+    """(gap, gap / the median decode call of the 33 around it, the time the hypervisor took from
+    a CPU during it) for each token gap between ``begin`` and ``end``: the median is the streams'
+    usual step at that moment (it grows with their length, from ~20 to ~35 ms over a join here,
+    so one median for the whole join overstates the late gaps and understates the early ones)."""
     out = []
     for j in range(1, len(steps)):
         a, b = steps[j - 1], steps[j]
         if a <= end and b >= begin:
             around = [d for _, d in took[max(0, j - 16):j + 17]]
-            out.append((b - a, (b - a) / statistics.median(around)))
+            lost = max((y - x for x, y in zip(stolen[j - 1], stolen[j])), default=0) * TICK
+            out.append((b - a, (b - a) / statistics.median(around), lost))
     return out
 
 
@@ -76,6 +99,7 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
                            **({} if share is None else {"slice_share": share}))
     steps: list[float] = []
     took: list[tuple[float, float]] = []  # (end, duration) of each decode call alone
+    stolen: list[tuple[int, ...]] = []  # the CPUs' steal ticks as each step ended
     decode = backend.decode
 
     def timed_decode(tokens):
@@ -83,6 +107,7 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
         out = decode(tokens)
         steps.append(time.perf_counter())
         took.append((steps[-1], steps[-1] - start))
+        stolen.append(steal_ticks())
         return out
 
     backend.decode = timed_decode
@@ -134,18 +159,20 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
         gaps_before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b < joined_at]
         gaps_join = [b - a for s in stamps for a, b in zip(s, s[1:]) if a <= first and b >= joined_at]
         token_before = [b - a for a, b in zip(steps, steps[1:]) if b < joined_at]
-        join = local_ratios(steps, took, joined_at, first)
-        leave = local_ratios(steps, took, first, left) if long_ids is not None else [(0.0, 0.0)]
-        ratios = sorted(r for _, r in join)
+        join = local_ratios(steps, took, joined_at, first, stolen)
+        leave = local_ratios(steps, took, first, left, stolen) if long_ids is not None else [(0.0, 0.0, 0.0)]
+        ratios = sorted(r for _, r, _ in join)
         # The decode calls' own time while the long prompt joins: this machine's speed swings
         # (the same decode-only step takes 40 or 70 ms from one second to the next), so the worst
         # gap is also set against the steps taken at the same time.
         decode_join = [d for end, d in took if joined_at <= end <= first]
-        return Figures(step=statistics.median(token_before), worst=max(g for g, _ in join), worst_local=ratios[-1],
+        return Figures(step=statistics.median(token_before), worst=max(g for g, _, _ in join), worst_local=ratios[-1],
                        p99_local=ratios[int(0.99 * (len(ratios) - 1))], during=statistics.median(decode_join or [0.0]),
                        count=len(join), text_step=statistics.median(gaps_before), text_worst=max(gaps_join, default=0.0),
-                       ttft=first - joined_at, text=text, leave=max(g for g, _ in leave),
-                       leave_local=max(r for _, r in leave))
+                       ttft=first - joined_at, text=text, leave=max(g for g, _, _ in leave),
+                       leave_local=max(r for _, r, _ in leave),
+                       worst_clean=max(r * max(0.0, g - lost) / g for g, r, lost in join),
+                       stolen=sum(lost > 0 for _, _, lost in join))
 
     return asyncio.run(main())
 
@@ -199,19 +226,23 @@ def main(argv: list[str] | None = None) -> int:
             else "one prefill"
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
-              f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×; "
+              f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×, "
+              f"{f.worst_clean:.1f}× at worst without the time the hypervisor took ({f.stolen} gaps lost some); "
               f"{f.worst / f.during:.1f}× the join's median step of {f.during * 1000:.0f} ms); "
               f"{'' if control else f'as it leaves {f.leave * 1000:.0f} ms ({f.leave_local:.1f}×); '}"
               f"text events: {f.text_step * 1000:.0f} ms, worst {f.text_worst * 1000:.0f} ms; "
               f"{f'{f.count} steps' if control else f'long prompt TTFT {f.ttft:.2f} s'}", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
     print("| prefill | usual step (median token gap before) | worst token gap while the long prompt joins | "
-          "worst / the steps around it | 99th percentile of gap / steps around it | worst / the join's median step | "
+          "worst / the steps around it | 99th percentile of gap / steps around it | "
+          "worst / steps around it, without the time the hypervisor took (gaps that lost some) | "
+          "worst / the join's median step | "
           "worst gap as it leaves (/ steps around it) | text events: median / worst gap | TTFT of the long prompt |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, f in rows:
         control = name.startswith("nothing")
         print(f"| {name} | {f.step * 1000:.0f} ms | {f.worst * 1000:.0f} ms | {f.worst_local:.1f}× | {f.p99_local:.1f}× | "
+              f"{f.worst_clean:.1f}× ({f.stolen}) | "
               f"{f.worst / max(f.during, 1e-9):.1f}× ({f.during * 1000:.0f} ms) | "
               f"{'–' if control else f'{f.leave * 1000:.0f} ms ({f.leave_local:.1f}×)'} | "
               f"{f.text_step * 1000:.0f} / {f.text_worst * 1000:.0f} ms | {'–' if control else f'{f.ttft:.2f} s'} |")

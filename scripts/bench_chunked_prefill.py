@@ -83,7 +83,7 @@ def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: flo
 
 
 def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0,
-        share: float | None = None) -> Figures:
+        share: float | None = None, stream_prompts: list[list[int]] | None = None) -> Figures:
     """The figures of one mode. Without ``long_ids`` (the control) nothing joins: the same
     figures over the next ``control_steps`` steps.
 
@@ -132,7 +132,9 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
             # The streams run until the long prompt has left the batch (then they are
             # cancelled): a stream ending first would leave a gap that is no stall.
             cancels = [CancelToken() for _ in range(streams)]
-            handles = [engine.submit(EncodedPrompt(adapter.tokenizer(f"Story number {i}: once upon a time")["input_ids"]),
+            prompts = stream_prompts or [adapter.tokenizer(f"Story number {i}: once upon a time")["input_ids"]
+                                         for i in range(streams)]
+            handles = [engine.submit(EncodedPrompt(prompts[i]),
                                      params, cancels[i]) for i in range(streams)]
             tasks = [asyncio.create_task(consume(i, h)) for i, h in enumerate(handles)]
             while min(len(s) for s in stamps) < 8:  # all streams running at their usual pace
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the machine's own gaps between decode steps")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--long-tokens", type=int, default=4000)
+    parser.add_argument("--stream-tokens", type=int, default=0,
+                        help="the streams' prompts are this long (default: a short sentence each), e.g. 1600: "
+                             "long chat histories decoding as the long prompt joins")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quantization", default="none",
                         help="the model's precision setting, as in the registry (auto: int4 for a GGUF's 4-bit layers)")
@@ -211,14 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     words = ("the river carries boats past the old mill while children count the ducks " * 600).split()
     long_ids = adapter.tokenizer(" ".join(words))["input_ids"][:a.long_tokens]
+    # Other texts than the long prompt's, each its own from the first token: no prefix cache hits.
+    other = " a quiet wind moves over the fields as the farmer walks home at dusk" * (a.stream_tokens // 8 + 1)
+    stream_prompts = [adapter.tokenizer(f"Story number {i}:{other}")["input_ids"][:a.stream_tokens]
+                      for i in range(a.streams)] if a.stream_tokens else None
     # Enough new tokens that the streams are still running when the long prompt has joined.
     print(f"load average before: {os.getloadavg()}; {adapter.precision.label}; {a.streams} streams; "
-          f"a {len(long_ids)}-token prompt joins", flush=True)
+          f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
+          flush=True)
     rows, replies, longest = [], set(), 0
     modes = [(int(c), share) for c in a.chunks.split(",") for share in (shares if int(c) else [None])]
     for chunk, share in modes + ([("control", None)] if a.control else []):
         control = chunk == "control"
-        f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share)
+        f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share,
+                stream_prompts)
         if not control:
             replies.add(f.text)
             longest = max(longest, f.count)

@@ -1,0 +1,116 @@
+"""The decode step over a padded cache against a ragged one, side by side in one run.
+
+A batch's KV cache is one buffer per layer, rows left-padded to the longest. Padded, the compiled
+step attends over every position with a mask (bitwise transformers' own attention); ragged, each
+row attends from its own first position (engine/native_step.cpp ``attend_from``) and the padding
+is never read. Two cases:
+
+- ``--running``: 4 rows of that many tokens decode, then a 4,000-token prompt joins in one
+  prefill; the steps after the join (a long prompt joining long chat histories);
+- ``--short``: that many short prompts (30 to 130 tokens) prefilled together, then decoded (the
+  usual batch of many clients; a prefill batch is never ragged today).
+
+    .venv/bin/python scripts/bench_join_layout.py DIR --running 1640,3500 --short 1,4,16 \\
+        --threads 2 --quantization auto --from-gguf
+
+Each layout runs twice, interleaved; the greedy tokens of the two layouts are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def steps_after_join(adapter, text_ids: list[int], running: int, ragged: bool, steps: int) -> tuple[float, list]:
+    """(median decode step, greedy tokens) after a 4,000-token prompt joins 4 rows of ``running``."""
+    from engine import backend as backend_module
+    from engine.backend import BatchBackend, EncodedPrompt
+
+    # Any padding makes the join ragged, or none does.
+    backend_module.RAGGED_MIN_PAD = 0 if ragged else 1 << 62
+    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=0)
+    tokens = backend.prefill([EncodedPrompt(text_ids[i + 1:i + 1 + running]) for i in range(4)]).argmax(-1).tolist()
+    for _ in range(3):
+        tokens = backend.decode(tokens).argmax(-1).tolist()
+    tokens = tokens + backend.prefill([EncodedPrompt(text_ids[:4000])]).argmax(-1).tolist()
+    assert backend.ragged == ragged
+    return decode(backend, tokens, steps)
+
+
+def steps_of_a_batch(adapter, text_ids: list[int], rows: int, ragged: bool, steps: int) -> tuple[float, list]:
+    """(median decode step, greedy tokens) of ``rows`` prompts of 30-130 tokens prefilled together."""
+    from engine.backend import BatchBackend, EncodedPrompt
+
+    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=0)
+    lengths = [30 + (100 * i) // max(rows - 1, 1) for i in range(rows)]
+    tokens = backend.prefill([EncodedPrompt(text_ids[i:i + n]) for i, n in enumerate(lengths)]).argmax(-1).tolist()
+    # The padding a prefill batch leaves is zeros: read or not, the rows' attention is the same.
+    backend.ragged = ragged and backend.lean is not None and backend.lean.compiled(backend.cache)
+    assert backend.ragged == ragged
+    return decode(backend, tokens, steps)
+
+
+def decode(backend, tokens: list[int], steps: int) -> tuple[float, list]:
+    took, seen = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = backend.decode(tokens)
+        took.append(time.perf_counter() - start)
+        tokens = logits.argmax(-1).tolist()
+        seen.append(tokens)
+    backend.keep([])
+    return statistics.median(took), seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--running", default="1640,3500", help="the running rows' lengths when the long prompt joins")
+    parser.add_argument("--short", default="1,4,16", help="batch sizes of short prompts")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--from-gguf", action="store_true")
+    a = parser.parse_args(argv)
+    import torch
+
+    from llm.causal import CausalLMAdapter
+    from models.adapter import ModelSpec
+
+    adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
+                                        threads=a.threads, quantization=a.quantization,
+                                        options={"from_gguf": True} if a.from_gguf else {}))
+    adapter.load()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    words = ("the river carries boats past the old mill while children count the ducks " * 600).split()
+    text_ids = adapter.tokenizer(" ".join(words))["input_ids"]
+    cases = [(f"4 rows of {n} tokens, then a 4,000-token prompt joins", steps_after_join, int(n))
+             for n in a.running.split(",") if n] + \
+            [(f"{n} short prompts (30-130 tokens) prefilled together" if int(n) > 1 else "1 short prompt (30 tokens)",
+              steps_of_a_batch, int(n))
+             for n in a.short.split(",") if n]
+    print(f"{adapter.precision.label}; median decode step over {a.steps} steps; each layout twice, interleaved\n")
+    print("| case | padded (masked attention) | ragged (each row from its own first position) | padded / ragged | greedy tokens |")
+    print("|---|---|---|---|---|")
+    for name, fn, n in cases:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        tokens: dict[bool, list] = {}
+        for ragged in (False, True, False, True):
+            took, seen = fn(adapter, text_ids, n, ragged, a.steps)
+            times[ragged].append(took)
+            tokens[ragged] = seen
+        padded, ragged = min(times[False]), min(times[True])
+        print(f"| {name} | {padded * 1000:.1f} ms | {ragged * 1000:.1f} ms | {padded / ragged:.2f}× | "
+              f"{'the same' if tokens[False] == tokens[True] else 'DIFFERENT'} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

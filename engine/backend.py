@@ -28,7 +28,7 @@ __all__ = ["BatchBackend", "EncodedPrompt", "ImageFeatures", "PartialPrefill"]
 # A join that leaves at least this many padding positions (rows x positions) makes the cache
 # ragged (the compiled step only), however much of it is real: the rows' attention then reads
 # their own positions only, which was faster wherever measured (4 rows of 1,640 positions and
-# one of 4,000: 42 against 93 ms a step; of 3,500 and 4,000, 55 against 94 ms; docs/BENCHMARKS.md).
+# one of 4,000: 42 against 98 ms a step; of 3,500 and 4,000, 56 against 96 ms; docs/BENCHMARKS.md).
 # Below it the step stays the masked one, bitwise transformers' own.
 RAGGED_MIN_PAD = 2048
 

@@ -122,10 +122,10 @@ class LongPrompts:
         decoded since its layer was staged, not every running row's whole history."""
         n = len(part.prompt.input_ids)
         if part.stage is None:
-            # The staged join leaves the cache ragged, even with less padding than RAGGED_MIN_PAD
-            # (running rows about as long as the prompt): the join that pads instead copies
-            # every row's whole history in one step (4 rows of 1,640 positions as a 4,000-token
-            # prompt joined, before ragged joins took any padding share: 740 ms, 19 steps).
+            # Staged, the join leaves the cache ragged, even with less padding than RAGGED_MIN_PAD
+            # (rows about as long as the prompt): a join that pads copies every row's whole
+            # history in one step instead (4 streams of 1,600 tokens as a 4,000-token prompt
+            # joined, when such a join still padded: 1,030 ms; docs/BENCHMARKS.md).
             if not self._may_be_ragged() or self.mask.shape[1] + 8 > n:
                 return True
             part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4), self.layout)

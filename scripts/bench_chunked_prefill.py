@@ -179,6 +179,26 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
     return asyncio.run(main())
 
 
+LONG_TEXT = ("the river carries boats past the old mill while children count the ducks " * 600).rstrip()
+
+
+def load_adapter(path: Path, threads: int | None, quantization: str, from_gguf: bool):
+    """The model loaded as the registry loads a `causal_lm` (llm/causal.py), on the CPU, with
+    torch's own thread count set to ``threads`` too."""
+    import torch
+
+    from llm.causal import CausalLMAdapter
+    from models.adapter import ModelSpec
+
+    adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=path, device="cpu",
+                                        threads=threads, quantization=quantization,
+                                        options={"from_gguf": True} if from_gguf else {}))
+    adapter.load()
+    if threads:
+        torch.set_num_threads(threads)
+    return adapter
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
@@ -201,21 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the folder is a converted GGUF (what `quantization: auto` needs to keep its 4-bit layers)")
     a = parser.parse_args(argv)
     import engine.long_prompts
-    from llm.causal import CausalLMAdapter
-    from models.adapter import ModelSpec
 
     shares = [float(x) for x in a.slice_share.split(",")] if a.slice_share else [engine.long_prompts.SLICE_OF_STEP]
-
-    adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
-                                        threads=a.threads, quantization=a.quantization,
-                                        options={"from_gguf": True} if a.from_gguf else {}))
-    adapter.load()
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    words = ("the river carries boats past the old mill while children count the ducks " * 600).split()
-    long_ids = adapter.tokenizer(" ".join(words))["input_ids"][:a.long_tokens]
+    adapter = load_adapter(a.path, a.threads, a.quantization, a.from_gguf)
+    long_ids = adapter.tokenizer(LONG_TEXT)["input_ids"][:a.long_tokens]
     # Other texts than the long prompt's, each its own from the first token: no prefix cache hits.
     other = " a quiet wind moves over the fields as the farmer walks home at dusk" * (a.stream_tokens // 8 + 1)
     stream_prompts = [adapter.tokenizer(f"Story number {i}:{other}")["input_ids"][:a.stream_tokens]

@@ -78,19 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--from-gguf", action="store_true")
     a = parser.parse_args(argv)
-    import torch
+    from scripts.bench_chunked_prefill import LONG_TEXT, load_adapter
 
-    from llm.causal import CausalLMAdapter
-    from models.adapter import ModelSpec
-
-    adapter = CausalLMAdapter(ModelSpec(id="bench", name="bench", kind="causal_lm", path=a.path, device="cpu",
-                                        threads=a.threads, quantization=a.quantization,
-                                        options={"from_gguf": True} if a.from_gguf else {}))
-    adapter.load()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    words = ("the river carries boats past the old mill while children count the ducks " * 600).split()
-    text_ids = adapter.tokenizer(" ".join(words))["input_ids"]
+    adapter = load_adapter(a.path, a.threads, a.quantization, a.from_gguf)
+    text_ids = adapter.tokenizer(LONG_TEXT)["input_ids"]
     cases = [(f"4 rows of {n} tokens, then a 4,000-token prompt joins", steps_after_join, int(n))
              for n in a.running.split(",") if n] + \
             [(f"{n} short prompts (30-130 tokens) prefilled together" if int(n) > 1 else "1 short prompt (30 tokens)",

@@ -8,7 +8,9 @@ whose first blocks are cached are prefilled together from there.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -76,6 +78,11 @@ class BatchBackend(LongPrompts, ImageInputs):
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
         self.slice_share = slice_share  # of a decode step, per slice while rows decode
         self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
+        # The last step's duration, and the median of the 16 before it: whether it ran slow
+        # (engine/long_prompts.py). Against the average, which the slow steps themselves raise,
+        # a step 1.5 times the usual looked only 1.35 times.
+        self.last_step: tuple[float, float] | None = None
+        self._recent_steps: deque[float] = deque(maxlen=16)
         # Whether the cache's padding is unset and each row attends to its own positions (the
         # compiled step), taken when a join would otherwise fill mostly padding.
         self.ragged = False
@@ -199,6 +206,8 @@ class BatchBackend(LongPrompts, ImageInputs):
         start = time.perf_counter()
         logits = self._decode(tokens)
         took = time.perf_counter() - start
+        self.last_step = (took, statistics.median(self._recent_steps) if self._recent_steps else took)
+        self._recent_steps.append(took)
         self.step_time = took if self.step_time is None else 0.8 * self.step_time + 0.2 * took
         return logits
 

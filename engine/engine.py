@@ -255,12 +255,14 @@ class Engine:
                 self._active.extend(seqs)
                 self._advance(seqs, logits, out)
             self._prune(out)
-        self._prefill_one_chunk(out)
         if self._active:
             logits = self.backend.decode([s.last_token for s in self._active])
             self.steps += 1
             self._advance(self._active, logits, out)
             self._prune(out)
+        # After the rows' step and before their tokens go out: the slice is budgeted knowing
+        # how long that step took (engine/long_prompts.py).
+        self._prefill_one_chunk(out)
         self._deliver(out)
         if self.metrics is not None:
             self.metrics.set_batch_size(self.name, len(self._active))

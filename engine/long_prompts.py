@@ -22,6 +22,14 @@ from engine.prompts import EncodedPrompt
 # 1.5 times their usual step (engine/sliced_prefill.py). At 0.75 a 4,000-token prompt's first
 # token came ~30% sooner and the gaps were 1.75 steps, past 2 more often (docs/BENCHMARKS.md).
 SLICE_OF_STEP = 0.5
+# A decode step up to this many times the usual (the median of the recent ones) leaves the
+# slice after it its whole budget; a slower one's excess comes out of it, and a slice left no
+# room for a layer waits for the next step, though not more than MAX_WAITS steps in a row (the
+# prompt must progress). At 1.5 the worst gaps fell from 2.8-2.9 to 2.3-2.5 steps on a noisy
+# virtual machine at no cost to the prompt's first token; at 1.25 the waits came so often that
+# it came 12-25% later, and the worst gaps were no better (docs/BENCHMARKS.md).
+SLOW_STEP = 1.5
+MAX_WAITS = 3
 
 
 class LongPrompts:
@@ -95,9 +103,23 @@ class LongPrompts:
         if self.sliced is None:
             return self._run_part(part, self.prefill_chunk)
         # While rows decode, a slice takes a share of one of their steps; alone, a whole chunk.
-        budget = self.slice_share * self.step_time if self.batch_size and self.step_time else None
+        cut = budget = self.slice_share * self.step_time if self.batch_size and self.step_time else None
+        if budget is not None and self.last_step is not None:
+            # The slice runs after the step the rows just took, before their tokens go out: a
+            # step that ran slow (now and then 1.5-2.8 times the usual on a busy or virtual
+            # machine) has spent part of the gap already. Its excess over SLOW_STEP steps comes
+            # out of the slice, which waits (at most MAX_WAITS steps in a row) when not even
+            # one layer fits: a slow step and a full slice together made the worst gaps.
+            took, usual = self.last_step
+            budget -= max(0.0, took - SLOW_STEP * usual)
+            if budget < cut and part.logits is None and part.waits < MAX_WAITS:
+                need = self.sliced.next_layer_time(part, self.prefill_chunk, cut)
+                if need is not None and need > budget:
+                    part.waits += 1
+                    return None
+        part.waits = 0
         if part.logits is None:
-            part.logits = self.sliced.advance(part, self.prefill_chunk, budget)
+            part.logits = self.sliced.advance(part, self.prefill_chunk, budget, cut)
             if part.logits is None:
                 return None
             if budget is not None:
@@ -229,6 +251,7 @@ class PartialPrefill:
     logits: Any = None  # its next-token logits once every chunk ran, until the row joins
     remembered: bool = False  # its prefix went to the prefix cache
     stage: "_Stage | None" = None  # the batch's buffers for its join, being filled
+    waits: int = 0  # engine steps in a row it ran nothing (they ran slow)
 
 
 @dataclass

@@ -101,17 +101,34 @@ class SlicedPrefill:
         return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids),
                       macs=self.layer_macs(end - part.done, part.done))
 
+    def next_layer_time(self, part: Any, size: int, cut: float) -> float | None:
+        """The predicted seconds of ``part``'s next layer (chunks cut to ``cut``), at the recent
+        layers' rate; None before any layer ran."""
+        if not self._rates:
+            return None
+        chunk = part.sliced
+        if chunk is not None:
+            macs = chunk.macs
+        else:
+            tokens = min(self.chunk_size(part.done, size, cut), len(part.prompt.input_ids) - part.done)
+            macs = self.layer_macs(tokens, part.done)
+        return macs / statistics.median(self._rates)
+
     @torch.inference_mode()
-    def advance(self, part: Any, size: int, budget: float | None) -> torch.Tensor | None:
+    def advance(self, part: Any, size: int, budget: float | None,
+                cut: float | None = None) -> torch.Tensor | None:
         """Run layers of ``part``'s chunks (``size`` tokens each) for about ``budget`` seconds
-        (None: to the end of the current chunk); at least one layer. Returns the prompt's
-        next-token logits (1, vocab) once its last chunk's last layer ran, else None."""
+        (None: to the end of the current chunk); at least one layer. While rows decode, chunks
+        are cut to ``cut`` seconds a layer (by default ``budget``: this step's budget may be
+        less, engine/long_prompts.py). Returns the prompt's next-token logits (1, vocab) once
+        its last chunk's last layer ran, else None."""
         start = time.perf_counter()
         last = 0.0
         n = len(part.prompt.input_ids)
+        cut = budget if cut is None else cut
         while True:
             if part.sliced is None:
-                part.sliced = self._begin_chunk(part, self.chunk_size(part.done, size, budget))
+                part.sliced = self._begin_chunk(part, self.chunk_size(part.done, size, cut))
             chunk: _Chunk = part.sliced
             t0 = time.perf_counter()
             chunk.hidden = self.layers[chunk.layer](
@@ -129,7 +146,7 @@ class SlicedPrefill:
                     return None
                 # The next chunk's first layer comes next: it may be longer and sit later than
                 # the layer just run, so its time is predicted at the recent layers' rate.
-                tokens = min(self.chunk_size(part.done, size, budget), n - part.done)
+                tokens = min(self.chunk_size(part.done, size, cut), n - part.done)
                 last = self.layer_macs(tokens, part.done) / statistics.median(self._rates)
             # Within a chunk the next layer is about as long as the last one: stop before it
             # would overrun.

@@ -88,7 +88,7 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
     figures over the next ``control_steps`` steps.
 
     A token gap is the time between two decode steps of the running rows (each gives every row
-    its next token), taken on the engine's thread as each step ends. A text event is what a
+    its next token), taken on the engine's thread as each step's tokens go out. A text event is what a
     client receives: a token whose text is empty or held back (a special token, part of a
     character) sends none, so one text gap can span two steps or more."""
     from core.types import CancelToken, GenerationParams
@@ -105,15 +105,24 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
     def timed_decode(tokens):
         start = time.perf_counter()
         out = decode(tokens)
-        steps.append(time.perf_counter())
-        took.append((steps[-1], steps[-1] - start))
-        stolen.append(steal_ticks())
+        end = time.perf_counter()
+        took.append((end, end - start))
         return out
 
     backend.decode = timed_decode
 
     async def main():
         engine = Engine(backend, name="bench", stream_interval=0.0)
+        deliver = engine._deliver
+
+        def timed_deliver(items):
+            # A step's tokens go out here, after any slice of the long prompt's prefill.
+            if len(took) > len(steps):
+                steps.append(time.perf_counter())
+                stolen.append(steal_ticks())
+            deliver(items)
+
+        engine._deliver = timed_deliver
         engine.start()
         params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         stamps: list[list[float]] = [[] for _ in range(streams)]
@@ -206,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-share", default=None,
                         help="a slice's share of a decode step (the model setting prefill_slice_share; default "
                              "engine/long_prompts.py SLICE_OF_STEP); several, comma-separated, run each chunk size with each")
+    parser.add_argument("--slow-step", default=None,
+                        help="a decode step slower than this many usual steps takes its excess out of the slice "
+                             "after it (engine/long_prompts.py SLOW_STEP, the default); 'off': the slice keeps its "
+                             "whole budget whatever the step took (as before the ninth session); several, "
+                             "comma-separated, run each sliced mode with each")
     parser.add_argument("--control", action="store_true",
                         help="also run the streams with nothing joining, for as many steps as the longest join took: "
                              "the machine's own gaps between decode steps")
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     import engine.long_prompts
 
     shares = [float(x) for x in a.slice_share.split(",")] if a.slice_share else [engine.long_prompts.SLICE_OF_STEP]
+    slows = [float("inf") if x == "off" else float(x) for x in a.slow_step.split(",")] if a.slow_step \
+        else [engine.long_prompts.SLOW_STEP]
     adapter = load_adapter(a.path, a.threads, a.quantization, a.from_gguf)
     long_ids = adapter.tokenizer(LONG_TEXT)["input_ids"][:a.long_tokens]
     # Other texts than the long prompt's, each its own from the first token: no prefix cache hits.
@@ -234,16 +250,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
           flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [(int(c), share) for c in a.chunks.split(",") for share in (shares if int(c) else [None])]
-    for chunk, share in modes + ([("control", None)] if a.control else []):
+    modes = [(int(c), share, slow) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
+             for slow in (slows if int(c) else [None])]
+    for chunk, share, slow in modes + ([("control", None, None)] if a.control else []):
         control = chunk == "control"
+        if slow is not None:
+            engine.long_prompts.SLOW_STEP = slow
         f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share,
                 stream_prompts)
         if not control:
             replies.add(f.text)
             longest = max(longest, f.count)
-        name = "nothing joins (control)" if control else f"chunks of {chunk}, slices of {share} a step" if chunk \
-            else "one prefill"
+        name = "nothing joins (control)" if control else "one prefill" if not chunk \
+            else f"chunks of {chunk}, slices of {share} a step" + (
+                f", slow steps' excess over {slow}× out of the slice" if slow != float("inf") else ", no slow-step guard")
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
               f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×, "

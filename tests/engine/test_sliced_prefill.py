@@ -138,7 +138,7 @@ def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
     tokenizer = adapter.tokenizer
     budgets = []
     advance = backend.sliced.advance
-    backend.sliced.advance = lambda part, size, budget: budgets.append(budget) or advance(part, size, budget)
+    backend.sliced.advance = lambda part, size, budget, *cut: budgets.append(budget) or advance(part, size, budget, *cut)
     part = backend.begin_prefill(EncodedPrompt(tokenizer(TEXT)["input_ids"]))
     tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
     backend.decode(tokens)
@@ -164,3 +164,74 @@ def test_a_slice_stops_at_a_chunk_boundary_when_the_next_chunks_layer_would_over
     backend.sliced._rates.extend([1.0] * 8)
     assert backend.sliced.advance(part, 16, 1.0) is None
     assert part.sliced is None and part.done == 16
+
+
+def test_a_slow_step_takes_its_excess_out_of_the_slice_after_it(model):
+    """A decode step that ran slow has spent part of the rows' gap: its excess over SLOW_STEP
+    usual steps comes out of the slice, which waits when not even one layer then fits, though
+    never more than MAX_WAITS steps in a row. A step up to SLOW_STEP leaves the whole budget."""
+    import time
+
+    from engine.long_prompts import MAX_WAITS, SLOW_STEP
+
+    model, tokenizer = model
+    backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=16)
+    # Each layer takes 30 ms; the rows' usual step 100 ms, so a slice's budget is 50 ms.
+    real = backend.sliced.layers
+    backend.sliced.layers = [lambda *a, layer=layer, **kw: time.sleep(0.03) or layer(*a, **kw) for layer in real]
+    part = backend.begin_prefill(EncodedPrompt(tokenizer(TEXT)["input_ids"]))
+    tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
+    backend.decode(tokens)
+    layers = model.config.num_hidden_layers
+
+    def progress() -> int:  # layers run (chunks of 16 tokens)
+        return part.done // 16 * layers + (part.sliced.layer if part.sliced is not None else 0)
+
+    def step(took: float) -> int:
+        """One engine step after a decode step of ``took`` usual steps; the layers it ran."""
+        backend.step_time, backend.last_step = 0.1, (0.1 * took, 0.1)
+        before = progress()
+        assert backend.prefill_chunk_step(part) is None
+        return progress() - before
+
+    assert step(1.0) == 1                        # the first layer measures the rate
+    assert step(SLOW_STEP) == 1                  # slow, but within SLOW_STEP: the whole budget
+    for _ in range(MAX_WAITS):
+        assert step(SLOW_STEP + 0.45) == 0      # 5 ms left: no layer fits, it waits
+    assert part.waits == MAX_WAITS
+    assert step(SLOW_STEP + 0.45) == 1          # ... but not one step more
+    assert part.waits == 0
+    assert step(0.9) == 1
+
+
+def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model):
+    """In every engine step with rows decoding, the long prompt's slice comes after their
+    decode step (so its budget knows that step's time) and before the step's tokens are
+    delivered."""
+    from engine.engine import Engine
+
+    model, tokenizer = model
+
+    def encode(messages, prompt):
+        return EncodedPrompt(tokenizer(prompt)["input_ids"])
+
+    backend = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=16)
+    events: list[str] = []
+    decode, chunk_step = backend.decode, backend.prefill_chunk_step
+    backend.decode = lambda tokens: events.append("decode") or decode(tokens)
+    backend.prefill_chunk_step = lambda part: events.append("slice") or chunk_step(part)
+    deliver = Engine._deliver
+    try:
+        Engine._deliver = staticmethod(lambda items: events.append("deliver") or deliver(items))
+        replies = run_batch(backend, [(None, "short one", greedy(40)), (None, TEXT, greedy(3))])
+    finally:
+        Engine._deliver = staticmethod(deliver)
+    assert all(text for text, _ in replies)
+    steps = " ".join(events).split("deliver")
+    with_both = [s.split() for s in steps if "decode" in s and "slice" in s]
+    assert len(with_both) >= layers_of(model)  # the prompt advanced while the row decoded
+    assert all(s == ["decode", "slice"] for s in with_both)
+
+
+def layers_of(model) -> int:
+    return model.config.num_hidden_layers

@@ -25,9 +25,10 @@ SLICE_OF_STEP = 0.5
 # A decode step up to this many times the usual (the median of the recent ones) leaves the
 # slice after it its whole budget; a slower one's excess comes out of it, and a slice left no
 # room for a layer waits for the next step, though not more than MAX_WAITS steps in a row (the
-# prompt must progress). At 1.5 the worst gaps fell from 2.8-2.9 to 2.3-2.5 steps on a noisy
-# virtual machine at no cost to the prompt's first token; at 1.25 the waits came so often that
-# it came 12-25% later, and the worst gaps were no better (docs/BENCHMARKS.md).
+# prompt must progress). At 1.5 the worst gaps were 2.3-2.5 steps against 2.2-2.9 (2.6 on
+# average) on a noisy virtual machine, at no cost to the prompt's first token; at 1.25 the
+# waits came so often that it came later (90-98 s against 71-80 s), and the worst gaps were
+# no better (docs/BENCHMARKS.md).
 SLOW_STEP = 1.5
 MAX_WAITS = 3
 

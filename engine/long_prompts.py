@@ -127,16 +127,18 @@ class LongPrompts:
                 self._remember([part.prompt], part.cache, len(part.prompt.input_ids), copy=False)
                 part.remembered = True
                 return None  # rows are decoding: the join's copies come in the next steps
-        elif budget is not None and not self._staged(part, budget):
+        elif budget is not None and not self._staged(part, budget, cut):
             return None
         self._finish_part(part)
         return part.logits
 
-    def _staged(self, part: "PartialPrefill", budget: float) -> bool:
+    def _staged(self, part: "PartialPrefill", budget: float, cut: float | None = None) -> bool:
         """Build the buffers the batch takes at the finished prompt's join, a few layers per step
-        within ``budget`` seconds; True when the row joins in this step: once done, or when the
-        batch's steps do not run compiled (no ragged cache), its rows are about as long as the
-        prompt, or it changed size (then the join copies everything).
+        within ``budget`` seconds (the join is planned at ``cut`` seconds a step, by default
+        ``budget``, which is less after a slow step: see prefill_chunk_step); True when the row
+        joins in this step: once done, or when the batch's steps do not run compiled (no ragged
+        cache), its rows are about as long as the prompt, or it changed size (then the join
+        copies everything).
 
         First the new row's KV goes in place. Then the running rows' positions are copied to
         where they sit once the row joins, right-aligned with it: the join is planned for a
@@ -182,7 +184,7 @@ class LongPrompts:
             keys = self.cache.layers[0].keys
             per_layer = 2 * keys[:, :, :width].numel() * keys.element_size()
             rate = stage.copy_bytes / max(stage.copy_seconds, 1e-6)
-            per_step = max(1, int(budget * rate / max(per_layer, 1)))
+            per_step = max(1, int((budget if cut is None else cut) * rate / max(per_layer, 1)))
             stage.join_width = width + 2 * -(-len(layers) // per_step) + 1
         if stage.join_width > n:  # too close to the prompt's length to plan: the join copies all
             return True

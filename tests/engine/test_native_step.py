@@ -313,6 +313,28 @@ def test_a_long_prompt_joining_rows_about_as_long_is_staged_too(built, monkeypat
     assert all(0 < done < staged["width"] for done in staged["copied"])
 
 
+def test_a_slow_step_does_not_push_the_planned_join_back(built, monkeypatch):
+    """After a slow decode step the slice's budget is less (even none), but the staged join is
+    still planned at the usual budget's pace: the copies it plans for are not spread over the
+    most steps there could be, which would delay the prompt's first token."""
+    from engine import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64)
+    model, tokenizer = tiny_llama(dtype=torch.float32)
+    ids = tokenizer("the river carries boats past the old mill " * 40)["input_ids"]
+    backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
+    tokens = backend.prefill(prompts(tokenizer, 3)).argmax(-1).tolist()
+    backend.decode(tokens)
+    part = backend.begin_prefill(EncodedPrompt(ids[:300]))
+    while part.logits is None:  # the whole prompt's layers, as the slices would run them
+        part.logits = backend.sliced.advance(part, 64, None)
+    # Every call after a step that left no budget; a usual step's budget would copy every layer.
+    while part.stage is None or not part.stage.join_width:
+        assert not backend._staged(part, -1.0, 1e3)
+    width = backend.mask.shape[1]
+    assert part.stage.join_width == width + 3  # the copies in one step, planned with twice that
+
+
 def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool = True,
                       running_tokens: int | None = None) -> dict:
     """Join a long prompt into 3 decoding rows with staging (rows decoding once per call, as in
@@ -338,7 +360,7 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
         part, calls = backend.begin_prefill(long), [0]
         real_staged, real_finish = backend._staged, backend._finish_part
 
-        def counted(p, budget, real=real_staged, staged=staged):
+        def counted(p, budget, cut=None, real=real_staged, staged=staged):
             calls[0] += 1
             if swap_row_at is not None and calls[0] == swap_row_at:
                 swap_row()
@@ -347,7 +369,7 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
             plan = p.stage.join_width if p.stage is not None else None
             # Whether the join, when staging began, would have been ragged without it.
             seen.setdefault("ragged_before", backend._ragged_join(len(long.input_ids), 1))
-            done = real(p, budget)
+            done = real(p, budget, cut)
             if p.stage is not None and p.stage.join_width != plan:
                 seen["replans"] += 1
             return done

@@ -146,8 +146,7 @@ class SlicedPrefill:
                     return None
                 # The next chunk's first layer comes next: it may be longer and sit later than
                 # the layer just run, so its time is predicted at the recent layers' rate.
-                tokens = min(self.chunk_size(part.done, size, cut), n - part.done)
-                last = self.layer_macs(tokens, part.done) / statistics.median(self._rates)
+                last = self.next_layer_time(part, size, cut)
             # Within a chunk the next layer is about as long as the last one: stop before it
             # would overrun.
             if budget is not None and time.perf_counter() - start + last > budget:

@@ -204,7 +204,7 @@ def test_a_slow_step_takes_its_excess_out_of_the_slice_after_it(model):
     assert step(0.9) == 1
 
 
-def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model):
+def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model, monkeypatch):
     """In every engine step with rows decoding, the long prompt's slice comes after their
     decode step (so its budget knows that step's time) and before the step's tokens are
     delivered."""
@@ -221,17 +221,10 @@ def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model
     backend.decode = lambda tokens: events.append("decode") or decode(tokens)
     backend.prefill_chunk_step = lambda part: events.append("slice") or chunk_step(part)
     deliver = Engine._deliver
-    try:
-        Engine._deliver = staticmethod(lambda items: events.append("deliver") or deliver(items))
-        replies = run_batch(backend, [(None, "short one", greedy(40)), (None, TEXT, greedy(3))])
-    finally:
-        Engine._deliver = staticmethod(deliver)
+    monkeypatch.setattr(Engine, "_deliver", staticmethod(lambda items: events.append("deliver") or deliver(items)))
+    replies = run_batch(backend, [(None, "short one", greedy(40)), (None, TEXT, greedy(3))])
     assert all(text for text, _ in replies)
     steps = " ".join(events).split("deliver")
     with_both = [s.split() for s in steps if "decode" in s and "slice" in s]
-    assert len(with_both) >= layers_of(model)  # the prompt advanced while the row decoded
+    assert len(with_both) >= model.config.num_hidden_layers  # the prompt advanced while the row decoded
     assert all(s == ["decode", "slice"] for s in with_both)
-
-
-def layers_of(model) -> int:
-    return model.config.num_hidden_layers

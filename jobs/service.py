@@ -185,12 +185,15 @@ class JobService:
                           requested_model=job.requested_model, fallback_reason=job.fallback_reason)
 
     async def cancel(self, job: Job) -> Job:
-        """Cancel through any replica: the one running the job sees it before its next page."""
+        """Cancel through any replica: the one running the job sees it before its next page.
+
+        The end is stored before this replica's running page is stopped: the page's reader then
+        fails with ``Cancelled``, and that failure must find the job finished already."""
         if not job.done:
+            job = await self._finish(job, "cancelled", None)
             token = self._tokens.get(job.id)
             if token is not None:
                 token.cancel()
-            return await self._finish(job, "cancelled", None)
         return job
 
     # ---- work --------------------------------------------------------------------
@@ -222,7 +225,8 @@ class JobService:
             raise  # shutdown: the job stays "running" in the database; stop() hands it over
         except ChatVLMError as exc:
             status = exc.status_code
-            await self._finish(await self._current(job), "failed", exc.message)
+            if not token.cancelled:  # a stopped page is the canceller's (or the shutdown's) to end
+                await self._finish(await self._current(job), "failed", exc.message)
         except Exception:  # noqa: BLE001 - a bug fails this job only, logged with its id
             status = 500
             log.exception("job %s failed", job_id)

@@ -67,7 +67,8 @@ class CausalLMAdapter(TorchModelAdapter):
                             slice_share=self.spec.prefill_slice_share,
                             lean=bool(self.spec.options.get("lean_decode", True)),
                             native=bool(self.spec.options.get("native_decode", True)),
-                            packed_decode=self.spec.options.get("packed_decode", "auto"))
+                            packed_decode=self.spec.options.get("packed_decode", "auto"),
+                            ragged_decode=bool(self.spec.options.get("ragged_decode", True)))
 
     def encode(self, messages, prompt: str | None):
         from engine.backend import EncodedPrompt

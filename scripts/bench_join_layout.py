@@ -8,7 +8,8 @@ is never read. Two cases:
 - ``--running``: 4 rows of that many tokens decode, then a 4,000-token prompt joins in one
   prefill; the steps after the join (a long prompt joining long chat histories);
 - ``--short``: that many short prompts (30 to 130 tokens) prefilled together, then decoded (the
-  usual batch of many clients; a prefill batch is never ragged today).
+  usual batch of many clients: ragged from its first step with the model option
+  ``ragged_decode``, on by default).
 
     .venv/bin/python scripts/bench_join_layout.py DIR --running 1640,3500 --short 1,4,16 \\
         --threads 2 --quantization auto --from-gguf
@@ -47,11 +48,9 @@ def steps_of_a_batch(adapter, text_ids: list[int], rows: int, ragged: bool, step
     """(median decode step, greedy tokens) of ``rows`` prompts of 30-130 tokens prefilled together."""
     from engine.backend import BatchBackend, EncodedPrompt
 
-    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=0)
+    backend = BatchBackend(adapter.model, adapter.tokenizer, adapter.encode, prefill_chunk=0, ragged_decode=ragged)
     lengths = [30 + (100 * i) // max(rows - 1, 1) for i in range(rows)]
     tokens = backend.prefill([EncodedPrompt(text_ids[i:i + n]) for i, n in enumerate(lengths)]).argmax(-1).tolist()
-    # The padding a prefill batch leaves is zeros: read or not, the rows' attention is the same.
-    backend.ragged = ragged and backend.lean is not None and backend.lean.compiled(backend.cache)
     assert backend.ragged == ragged
     return decode(backend, tokens, steps)
 

@@ -165,7 +165,7 @@ def process_server(args: list[str], port: int, env: dict | None = None, cwd: Pat
         Path(log.name).unlink(missing_ok=True)
 
 
-def bench_ours(a, quantization: str, lean: bool = True, native: bool = True) -> dict:
+def bench_ours(a, quantization: str, lean: bool = True, native: bool = True, ragged: bool = True) -> dict:
     env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-peers-data-")}
     model = a.our_model
     prefix = f"CHATVLM_MODELS__{model.upper()}__"
@@ -179,18 +179,23 @@ def bench_ours(a, quantization: str, lean: bool = True, native: bool = True) -> 
     for item in a.our_env:
         key, _, value = item.partition("=")
         env[key] = value
-    if not lean or not native:  # options.lean_decode false: transformers' own forward for every step;
-        import json               # options.native_decode false: the lean step's Python loop
+    # options.lean_decode false: transformers' own forward for every step; options.native_decode
+    # false: the lean step's Python loop; options.ragged_decode false: the compiled step's masked
+    # attention over the padded cache (bitwise transformers' own).
+    if not lean or not native or not ragged:
+        import json
 
         options = json.loads(env.get(prefix + "OPTIONS") or "{}")
-        env[prefix + "OPTIONS"] = json.dumps({**options, "lean_decode": lean, "native_decode": native})
+        env[prefix + "OPTIONS"] = json.dumps({**options, "lean_decode": lean, "native_decode": native,
+                                              "ragged_decode": ragged})
     if lean and native:
         # The server builds the compiled step in the background at first use (the Python loop
         # runs until then): build it here first, so the server only loads it.
         from engine import native_step
 
         print(f"  compiled decode step: {'ready' if native_step.wait(600) else native_step.error()}", flush=True)
-    label = f"a) ours ({quantization}{'' if lean else ', lean off'}{'' if native or not lean else ', python step'})"
+    label = (f"a) ours ({quantization}{'' if lean else ', lean off'}{'' if native or not lean else ', python step'}"
+             f"{'' if ragged or not lean else ', masked'})")
     try:
         server = RemoteServer(config=a.our_config, env=env, startup_timeout=120)
     except Exception as exc:  # noqa: BLE001
@@ -308,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="our lean Llama decode step (options.lean_decode); both: each of ours twice")
     parser.add_argument("--native-decode", choices=("on", "off", "both"), default="on",
                         help="the lean step's compiled layers (options.native_decode); off: its Python loop")
+    parser.add_argument("--ragged-decode", choices=("on", "off", "both"), default="on",
+                        help="the compiled step's ragged attention for every batch (options.ragged_decode); off: "
+                             "masked attention over the padded cache, bitwise transformers' own")
     parser.add_argument("--tserve-dtype", default="bfloat16", help="transformers serve --dtype")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", str(DEFAULT_LLAMA)))
     parser.add_argument("--levels", default="1,4,16")
@@ -337,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             choice = {"on": [True], "off": [False], "both": [True, False]}
             for lean in choice[a.lean_decode]:
                 for native in choice[a.native_decode] if lean else [True]:
-                    name = f"ours {q}" + ("" if lean else " lean off") + ("" if native else " python step")
-                    results[name] = bench_ours(a, q, lean, native)
+                    for ragged in choice[a.ragged_decode] if lean and native else [True]:
+                        name = f"ours {q}" + ("" if lean else " lean off") + ("" if native else " python step") \
+                            + ("" if ragged else " masked")
+                        results[name] = bench_ours(a, q, lean, native, ragged)
     if "transformers-serve" in only and a.our_path != "none":
         results["transformers serve"] = bench_transformers_serve(a)
     if "llama-server" in only:

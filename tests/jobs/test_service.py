@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 
 import pytest
@@ -27,21 +28,32 @@ async def _until(predicate, timeout: float = 60.0) -> None:
 def test_a_cancel_during_a_page_ends_the_job_cancelled(tmp_path, monkeypatch):
     """The canceller stops the running page, whose reader then fails with ``Cancelled``. Before the
     fix the worker stored that failure first whenever the canceller's own write came a moment later
-    (CI saw it once); the canceller's write is held back here so that it always comes later."""
+    (CI saw it once). Here the canceller's write waits until the page being read has ended (stopped,
+    or read to the end), then a moment more, so that it always comes later; the job has pages
+    enough that the worker cannot finish them all meanwhile."""
     settings = load_settings(models_dir=tmp_path / "weights", data_dir=tmp_path / "data")
     services = build_services(settings)
     jobs = services.jobs
     db = Database(sqlite_url(tmp_path / "jobs"))
     db.migrate()
-    save = jobs.store.save
+    save, read_page = jobs.store.save, jobs.ocr.read_page
+    page_ended = threading.Event()
 
-    def slow_cancel_save(job: Job) -> bool:
+    async def watched_read_page(*args, **kwargs):
+        try:
+            return await read_page(*args, **kwargs)
+        finally:
+            page_ended.set()
+
+    def held_back_cancel_save(job: Job) -> bool:  # runs on a worker thread (asyncio.to_thread)
         if job.status == "cancelled":
-            time.sleep(1.5)
+            page_ended.wait(60)
+            time.sleep(0.3)
         return save(job)
 
-    monkeypatch.setattr(jobs.store, "save", slow_cancel_save)
-    pages = [draw_png(make_page(i, "en", two_column=False, seed=5)) for i in range(3)]
+    monkeypatch.setattr(jobs.ocr, "read_page", watched_read_page)
+    monkeypatch.setattr(jobs.store, "save", held_back_cancel_save)
+    pages = [draw_png(make_page(i, "en", two_column=False, seed=5)) for i in range(6)]
 
     async def scenario() -> tuple[Job, Job]:
         await services.manager.start([])
@@ -55,6 +67,7 @@ def test_a_cancel_during_a_page_ends_the_job_cancelled(tmp_path, monkeypatch):
                 return job.id in jobs._tokens and (await jobs.get(job.id, None)).status == "running"
 
             await _until(reading)
+            page_ended.clear()
             answered = await jobs.cancel(await jobs.get(job.id, None))
 
             async def idle() -> bool:
@@ -71,4 +84,4 @@ def test_a_cancel_during_a_page_ends_the_job_cancelled(tmp_path, monkeypatch):
     finally:
         db.dispose()
     assert answered.status == "cancelled" and answered.error is None
-    assert stored.status == "cancelled" and stored.error is None and stored.pages_done < 3
+    assert stored.status == "cancelled" and stored.error is None and stored.pages_done < 6

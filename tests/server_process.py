@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +17,23 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_given_ports: set[int] = set()
+_given_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that this process has not handed out before. The kernel may give a port
+    just released to the very next ``bind(0)``, so two calls in a row (one ``ray start`` takes six)
+    could otherwise name the same port twice."""
+    with _given_lock:
+        for _ in range(10_000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _given_ports:
+                _given_ports.add(port)
+                return port
+    raise RuntimeError("no free port left that this process has not handed out")
 
 
 class RemoteServer:

@@ -114,7 +114,7 @@ class LongPrompts:
             took, usual = self.last_step
             budget -= max(0.0, took - SLOW_STEP * usual)
             if budget < cut and part.logits is None and part.waits < MAX_WAITS:
-                need = self.sliced.next_layer_time(part, self.prefill_chunk, cut)
+                need = self.sliced.next_slice_time(part, self.prefill_chunk, cut)
                 if need is not None and need > budget:
                     part.waits += 1
                     return None

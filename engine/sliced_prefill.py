@@ -9,11 +9,18 @@ step's time (at least one; the model setting `prefill_slice_share`, half a step 
 then the rows decode. The stall per step is then that share of a decode step, whatever the
 prompt's length (scripts/bench_chunked_prefill.py).
 
-One layer of a chunk is the smallest slice, and late in a long prompt its attention over every
-earlier position dominates it (512 tokens at position 3,500: ~85 ms against a ~35 ms decode step
-of int4 weights on a 2-core CPU). So while rows decode, each chunk is cut to what one of its
-layers can run within the budget: a layer costs ``tokens × (weights + attention × positions)``
-multiply-adds, at the rate the recent layers ran. Alone, a chunk keeps its full size.
+Late in a long prompt a layer's attention over every earlier position dominates it (512 tokens
+at position 3,500: ~85 ms against a ~35 ms decode step of int4 weights on a 2-core CPU). So
+while rows decode, each chunk is cut to what one of its layers can run within the budget: a
+layer costs ``tokens × (weights + attention × positions)`` multiply-adds, at the rate the recent
+layers ran. Alone, a chunk keeps its full size.
+
+With SPLIT_LAYERS (off by default: below), a slice left less than a layer (after a slow decode
+step, or when the machine slows mid-slice) runs the layer's next rows instead, in blocks of
+ROW_STEP: rows r0..r1 of a layer are that layer run on a chunk of those tokens, whose keys and
+values join the layer's cache after the rows before them, so the layer's output is the whole
+layer's to rounding (the matmuls of a block may round differently); a layer the budget fits
+runs whole.
 
 It runs transformers' own decoder layers, mask, rotary embedding and norm in the order the
 model's forward runs them, so the cache and the logits are the ones of one forward per chunk
@@ -40,12 +47,32 @@ class _Chunk:
     position_ids: torch.Tensor
     position_embeddings: Any
     layer: int = 0             # layers done
-    macs: float = 0.0          # multiply-adds of one of its layers
+    row: int = 0               # rows of layer ``layer`` done (a layer the budget did not fit)
+    out: torch.Tensor | None = None  # those rows' output, until the layer's last row ran
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def start(self) -> int:  # the position of its first token
+        return self.end - self.tokens
 
 
 # A chunk cut to the budget is a multiple of this, and no smaller: below it the matmuls lose
 # efficiency and each chunk's per-layer overhead (mask, norm, cache update) starts to count.
 CUT_STEP = 32
+# A layer split into rows runs blocks of a multiple of this many (finer than CUT_STEP: a block
+# rounded down to 32 rows left a slice half its budget unused).
+ROW_STEP = 16
+# Whether a layer the slice has no room for runs in row blocks. Off: on the 2-core AMD machine,
+# with a slow step's whole excess out of the slice (long_prompts.SLOW_STEP 1.0, which blocks
+# make possible without long waits), row blocks brought the streams' 99th-percentile gap from
+# 1.8-2.1 to 1.7-1.8 steps, but the long prompt's first token came 31-49% later (blocks of 16-64
+# rows run fewer multiply-adds a second, and a slice rounded down to blocks fills less of its
+# budget), the trade a smaller slice share already offers (docs/BENCHMARKS.md, eleventh
+# session). scripts/bench_chunked_prefill.py --row-blocks on,off --slow-step 1.0 compares them.
+SPLIT_LAYERS = False
 
 
 class SlicedPrefill:
@@ -81,11 +108,14 @@ class SlicedPrefill:
             return size
         if not self._rates:  # nothing measured yet: a small chunk to measure
             return min(size, 2 * CUT_STEP)
-        allowed = budget * statistics.median(self._rates)
-        # tokens * (w + a * (done + tokens)) <= allowed, solved for tokens.
-        w, a = self._weight_macs + self._attention_macs * done, self._attention_macs
-        tokens = (math.sqrt(w * w + 4 * a * allowed) - w) / (2 * a)
+        tokens = self._tokens_within(done, budget * statistics.median(self._rates))
         return max(CUT_STEP, min(size, int(tokens) // CUT_STEP * CUT_STEP))
+
+    def _tokens_within(self, start: int, allowed: float) -> float:
+        """How many tokens after ``start`` positions one layer runs in ``allowed`` multiply-adds:
+        tokens * (w + a * (start + tokens)) <= allowed, solved for tokens."""
+        w, a = self._weight_macs + self._attention_macs * start, self._attention_macs
+        return (math.sqrt(w * w + 4 * a * max(allowed, 0.0)) - w) / (2 * a)
 
     def _begin_chunk(self, part: Any, size: int) -> _Chunk:
         n = len(part.prompt.input_ids)
@@ -98,45 +128,113 @@ class SlicedPrefill:
         mask = self._mask_fn(config=self.model.config, inputs_embeds=embeds,
                              attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
                              past_key_values=part.cache, position_ids=position_ids)
-        return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids),
-                      macs=self.layer_macs(end - part.done, part.done))
+        return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids))
 
-    def next_layer_time(self, part: Any, size: int, cut: float) -> float | None:
-        """The predicted seconds of ``part``'s next layer (chunks cut to ``cut``), at the recent
-        layers' rate; None before any layer ran."""
+    def _rate(self, first: bool = True) -> float:
+        """Multiply-adds per second to plan with: the recent layers' median, as chunks are cut
+        (so a slice's first run is a whole layer when it has the whole budget); after that run,
+        the last one's rate when slower (the machine may have slowed down just now)."""
+        median = statistics.median(self._rates)
+        return median if first else min(median, self._rates[-1])
+
+    def _rows(self, part: Any, size: int, cut: float | None, left: float | None, first: bool) -> int:
+        """Rows of the next layer to run (of the current chunk, or of the next one, cut to
+        ``cut``) within ``left`` seconds: the rest of the layer when it fits (or with no time
+        limit), else the most ROW_STEP blocks that fit; when none does, one block if this is
+        the slice's ``first`` run (a slice runs at least that much), else 0."""
+        chunk = part.sliced
+        if chunk is not None:
+            rest, start = chunk.tokens - chunk.row, chunk.start + chunk.row
+        else:
+            start = part.done
+            rest = min(self.chunk_size(part.done, size, cut), len(part.prompt.input_ids) - part.done)
+        if left is None or not self._rates:
+            return rest if left is None or first else 0
+        allowed = left * self._rate(first)
+        if self.layer_macs(rest, start) <= allowed:
+            return rest
+        if not SPLIT_LAYERS or (chunk is not None and not self._splittable(chunk)):
+            return rest if first else 0
+        rows = min(rest, int(self._tokens_within(start, allowed)) // ROW_STEP * ROW_STEP)
+        return rows if rows > 0 else (min(rest, ROW_STEP) if first else 0)
+
+    def next_slice_time(self, part: Any, size: int, cut: float) -> float | None:
+        """The predicted seconds of the least a slice of ``part`` runs (chunks cut to ``cut``):
+        one block of its next layer's rows, or that whole layer when it cannot be split, at
+        the recent layers' rate; None before any layer ran."""
         if not self._rates:
             return None
         chunk = part.sliced
-        if chunk is not None:
-            macs = chunk.macs
+        rows = self._rows(part, size, cut, 0.0, True)
+        start = part.done if chunk is None else chunk.start + chunk.row
+        return self.layer_macs(rows, start) / self._rate()
+
+    def _splittable(self, chunk: _Chunk) -> bool:
+        mask = chunk.mask
+        return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
+                                and mask.shape[-2:] == (chunk.tokens, chunk.end))
+
+    def _block_mask(self, chunk: _Chunk, r0: int, r1: int) -> torch.Tensor:
+        """The chunk's causal mask for its rows r0..r1, over the positions they attend to: cut
+        from the chunk's own, or where it has none (a first chunk runs sdpa's causal kernel)
+        built as the boolean mask sdpa takes (these models run sdpa: lean_decode.lean_supported)."""
+        if chunk.mask is not None:
+            return chunk.mask[:, :, r0:r1, : chunk.start + r1]
+        device = chunk.hidden.device
+        query = torch.arange(chunk.start + r0, chunk.start + r1, device=device).unsqueeze(1)
+        return (torch.arange(chunk.start + r1, device=device).unsqueeze(0) <= query)[None, None]
+
+    def _run_rows(self, part: Any, chunk: _Chunk, rows: int) -> None:
+        """Run ``rows`` rows of the chunk's next layer; the layer is done after its last row."""
+        layer = self.layers[chunk.layer]
+        r0, r1 = chunk.row, chunk.row + rows
+        t0 = time.perf_counter()
+        if r0 == 0 and r1 == chunk.tokens:
+            chunk.hidden = layer(chunk.hidden, attention_mask=chunk.mask, position_embeddings=chunk.position_embeddings,
+                                 position_ids=chunk.position_ids, past_key_values=part.cache, use_cache=True)
         else:
-            tokens = min(self.chunk_size(part.done, size, cut), len(part.prompt.input_ids) - part.done)
-            macs = self.layer_macs(tokens, part.done)
-        return macs / statistics.median(self._rates)
+            cos, sin = chunk.position_embeddings
+            out = layer(chunk.hidden[:, r0:r1], attention_mask=self._block_mask(chunk, r0, r1),
+                        position_embeddings=(cos[:, r0:r1], sin[:, r0:r1]), position_ids=chunk.position_ids[:, r0:r1],
+                        past_key_values=part.cache, use_cache=True)
+            if chunk.out is None:
+                chunk.out = torch.empty_like(chunk.hidden)
+            chunk.out[:, r0:r1] = out
+            if r1 == chunk.tokens:
+                chunk.hidden, chunk.out = chunk.out, None
+        self._rates.append(self.layer_macs(rows, chunk.start + r0) / max(time.perf_counter() - t0, 1e-6))
+        chunk.row = r1
+        if r1 == chunk.tokens:
+            chunk.layer, chunk.row = chunk.layer + 1, 0
 
     @torch.inference_mode()
     def advance(self, part: Any, size: int, budget: float | None,
                 cut: float | None = None) -> torch.Tensor | None:
         """Run layers of ``part``'s chunks (``size`` tokens each) for about ``budget`` seconds
-        (None: to the end of the current chunk); at least one layer. While rows decode, chunks
-        are cut to ``cut`` seconds a layer (by default ``budget``: this step's budget may be
-        less, engine/long_prompts.py). Returns the prompt's next-token logits (1, vocab) once
-        its last chunk's last layer ran, else None."""
+        (None: to the end of the current chunk): whole layers while they fit, then the next
+        layer's rows in blocks that fit (at least one block, or one layer that cannot be split).
+        While rows decode, chunks are cut to ``cut`` seconds a layer (by default ``budget``:
+        this step's budget may be less, engine/long_prompts.py). Returns the prompt's
+        next-token logits (1, vocab) once its last chunk's last layer ran, else None."""
         start = time.perf_counter()
-        last = 0.0
         n = len(part.prompt.input_ids)
         cut = budget if cut is None else cut
+        first = True
         while True:
+            # What fits is planned before a chunk begins: one whose first rows do not fit is
+            # left for the next slice (it may be longer and sit later than the layer just run).
+            left = None if budget is None else budget - (time.perf_counter() - start)
+            rows = self._rows(part, size, cut, left, first)
+            if rows == 0:
+                return None
             if part.sliced is None:
                 part.sliced = self._begin_chunk(part, self.chunk_size(part.done, size, cut))
+                rows = self._rows(part, size, cut, left, first)  # the same, unless its mask cannot be split
+                if rows == 0:
+                    return None
             chunk: _Chunk = part.sliced
-            t0 = time.perf_counter()
-            chunk.hidden = self.layers[chunk.layer](
-                chunk.hidden, attention_mask=chunk.mask, position_embeddings=chunk.position_embeddings,
-                position_ids=chunk.position_ids, past_key_values=part.cache, use_cache=True)
-            chunk.layer += 1
-            last = time.perf_counter() - t0
-            self._rates.append(chunk.macs / max(last, 1e-6))
+            self._run_rows(part, chunk, rows)
+            first = False
             if chunk.layer == len(self.layers):
                 part.sliced, part.done = None, chunk.end
                 if chunk.end == n:
@@ -144,10 +242,3 @@ class SlicedPrefill:
                     return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
                 if budget is None:
                     return None
-                # The next chunk's first layer comes next: it may be longer and sit later than
-                # the layer just run, so its time is predicted at the recent layers' rate.
-                last = self.next_layer_time(part, size, cut)
-            # Within a chunk the next layer is about as long as the last one: stop before it
-            # would overrun.
-            if budget is not None and time.perf_counter() - start + last > budget:
-                return None

@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                              "after it (engine/long_prompts.py SLOW_STEP, the default); 'off': the slice keeps its "
                              "whole budget whatever the step took (as before the ninth session); several, "
                              "comma-separated, run each sliced mode with each")
+    parser.add_argument("--row-blocks", default="off",
+                        help="on: a layer the slice has no room for runs in row blocks; off: whole layers only "
+                             "(engine/sliced_prefill.py SPLIT_LAYERS, the default); "
+                             "'on,off' runs each sliced mode with each")
     parser.add_argument("--control", action="store_true",
                         help="also run the streams with nothing joining, for as many steps as the longest join took: "
                              "the machine's own gaps between decode steps")
@@ -235,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the folder is a converted GGUF (what `quantization: auto` needs to keep its 4-bit layers)")
     a = parser.parse_args(argv)
     import engine.long_prompts
+    import engine.sliced_prefill
 
     shares = [float(x) for x in a.slice_share.split(",")] if a.slice_share else [engine.long_prompts.SLICE_OF_STEP]
     slows = [float("inf") if x == "off" else float(x) for x in a.slow_step.split(",")] if a.slow_step \
         else [engine.long_prompts.SLOW_STEP]
+    splits = [x.strip() == "on" for x in a.row_blocks.split(",")]
     adapter = load_adapter(a.path, a.threads, a.quantization, a.from_gguf)
     long_ids = adapter.tokenizer(LONG_TEXT)["input_ids"][:a.long_tokens]
     # Other texts than the long prompt's, each its own from the first token: no prefix cache hits.
@@ -250,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
           flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [(int(c), share, slow) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
-             for slow in (slows if int(c) else [None])]
-    for chunk, share, slow in modes + ([("control", None, None)] if a.control else []):
+    modes = [(int(c), share, slow, split) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
+             for slow in (slows if int(c) else [None]) for split in (splits if int(c) else [None])]
+    for chunk, share, slow, split in modes + ([("control", None, None, None)] if a.control else []):
         control = chunk == "control"
         if slow is not None:
             engine.long_prompts.SLOW_STEP = slow
+        if split is not None:
+            engine.sliced_prefill.SPLIT_LAYERS = split
         f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share,
                 stream_prompts)
         if not control:
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             longest = max(longest, f.count)
         name = "nothing joins (control)" if control else "one prefill" if not chunk \
             else f"chunks of {chunk}, slices of {share} a step" + (
-                f", slow steps' excess over {slow}× out of the slice" if slow != float("inf") else ", no slow-step guard")
+                f", slow steps' excess over {slow}× out of the slice" if slow != float("inf") else ", no slow-step guard") + (
+                ", layers split into row blocks" if split else ", whole layers")
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
               f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×, "

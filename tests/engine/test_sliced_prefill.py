@@ -228,3 +228,58 @@ def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model
     with_both = [s.split() for s in steps if "decode" in s and "slice" in s]
     assert len(with_both) >= model.config.num_hidden_layers  # the prompt advanced while the row decoded
     assert all(s == ["decode", "slice"] for s in with_both)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_layer_the_budget_does_not_fit_runs_in_row_blocks(arch, monkeypatch):
+    """With SPLIT_LAYERS, a slice left less than a layer runs that layer's next rows (the first chunk's
+    causal mask built, a later chunk's cut from its own):
+    the cache and the logits are one forward per chunk's to rounding, and so are the next
+    decode steps' tokens. A layer that fits runs whole."""
+    import engine.sliced_prefill
+    from engine.sliced_prefill import CUT_STEP, ROW_STEP
+
+    monkeypatch.setattr(engine.sliced_prefill, "SPLIT_LAYERS", True)  # off by default
+    model, tokenizer = tiny_llama(dtype=torch.float32, arch=arch)
+    prompt = EncodedPrompt(tokenizer(TEXT * 3)["input_ids"])
+    chunk, n, layers = 3 * CUT_STEP, len(prompt.input_ids), model.config.num_hidden_layers
+    assert n > 2 * chunk
+    a = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=chunk)
+    b = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=chunk)
+    sliced = a.sliced
+    rate = 1e9  # planned at a fixed rate, with a budget of one block and a bit: one block a call
+    monkeypatch.setattr(sliced, "_rate", lambda first=True: rate)
+    sliced._rates.extend([rate] * 8)
+    part = a.begin_prefill(prompt)
+    seen = []
+    logits = None
+    while logits is None:
+        start = part.done + (part.sliced.row if part.sliced is not None else 0)
+        budget = sliced.layer_macs(ROW_STEP, start) * 1.01 / rate
+        before = (part.done, part.sliced.layer if part.sliced else 0, part.sliced.row if part.sliced else 0)
+        logits = sliced.advance(part, chunk, budget, budget * 1e3)  # chunks whole: cut at 1,000 blocks
+        seen.append(before)
+    a._finish_part(part)
+    blocks = chunk // ROW_STEP
+    assert {row for _, _, row in seen} == {i * ROW_STEP for i in range(blocks)}  # every layer in blocks
+    # each whole chunk's layers a block a call (the last chunk's few rows may share one)
+    assert sum(done < n // chunk * chunk for done, _, _ in seen) == (n // chunk) * layers * blocks
+    whole, _ = prefill_parts(b, prompt, False)
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        torch.testing.assert_close(x.keys, y.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x.values, y.values, rtol=1e-4, atol=1e-4)
+    tokens = logits.argmax(-1).tolist()
+    assert tokens == whole.argmax(-1).tolist()
+    for _ in range(4):
+        la, lb = a.decode(tokens), b.decode(tokens)
+        assert la.argmax(-1).tolist() == lb.argmax(-1).tolist()
+        tokens = la.argmax(-1).tolist()
+    # A budget that fits the whole layer runs it whole, as before.
+    part = a.begin_prefill(EncodedPrompt(tokenizer(TEXT[::-1] * 3)["input_ids"]))  # not a cached prefix
+    assert part.done == 0
+    runs = []
+    run_rows = sliced._run_rows
+    monkeypatch.setattr(sliced, "_run_rows", lambda part, c, rows: runs.append(rows) or run_rows(part, c, rows))
+    assert sliced.advance(part, chunk, sliced.layer_macs(chunk, 0) * 1.2 / rate, 1e3) is None
+    assert runs[0] == chunk

@@ -130,12 +130,18 @@ class SlicedPrefill:
                              past_key_values=part.cache, position_ids=position_ids)
         return _Chunk(end, embeds, mask, position_ids, self.inner.rotary_emb(embeds, position_ids=position_ids))
 
-    def _rate(self, first: bool = True) -> float:
+    def _rate(self, first: bool = True, boundary: bool = False) -> float:
         """Multiply-adds per second to plan with: the recent layers' median, as chunks are cut
-        (so a slice's first run is a whole layer when it has the whole budget); after that run,
-        the last one's rate when slower (the machine may have slowed down just now)."""
+        (so a slice's first run is a whole layer when it has the whole budget). After that run,
+        with SPLIT_LAYERS, the last one's rate when slower (the machine may have slowed down just
+        now); without, as before it: the last layer's rate within a chunk (its next layer is as
+        long) and the median for a chunk's first layer (it may be longer and sit later)."""
         median = statistics.median(self._rates)
-        return median if first else min(median, self._rates[-1])
+        if first:
+            return median
+        if not SPLIT_LAYERS:
+            return median if boundary else self._rates[-1]
+        return min(median, self._rates[-1])
 
     def _rows(self, part: Any, size: int, cut: float | None, left: float | None, first: bool) -> int:
         """Rows of the next layer to run (of the current chunk, or of the next one, cut to
@@ -150,7 +156,7 @@ class SlicedPrefill:
             rest = min(self.chunk_size(part.done, size, cut), len(part.prompt.input_ids) - part.done)
         if left is None or not self._rates:
             return rest if left is None or first else 0
-        allowed = left * self._rate(first)
+        allowed = left * self._rate(first, boundary=chunk is None)
         if self.layer_macs(rest, start) <= allowed:
             return rest
         if not SPLIT_LAYERS or (chunk is not None and not self._splittable(chunk)):

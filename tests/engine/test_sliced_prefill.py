@@ -248,7 +248,7 @@ def test_a_layer_the_budget_does_not_fit_runs_in_row_blocks(arch, monkeypatch):
     b = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=chunk)
     sliced = a.sliced
     rate = 1e9  # planned at a fixed rate, with a budget of one block and a bit: one block a call
-    monkeypatch.setattr(sliced, "_rate", lambda first=True: rate)
+    monkeypatch.setattr(sliced, "_rate", lambda first=True, boundary=False: rate)
     sliced._rates.extend([rate] * 8)
     part = a.begin_prefill(prompt)
     seen = []

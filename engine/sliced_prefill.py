@@ -235,9 +235,10 @@ class SlicedPrefill:
                 return None
             if part.sliced is None:
                 part.sliced = self._begin_chunk(part, self.chunk_size(part.done, size, cut))
-                rows = self._rows(part, size, cut, left, first)  # the same, unless its mask cannot be split
-                if rows == 0:
-                    return None
+                if rows < part.sliced.tokens and not self._splittable(part.sliced):
+                    if not first:  # a block was planned, but its mask cannot be cut
+                        return None
+                    rows = part.sliced.tokens
             chunk: _Chunk = part.sliced
             self._run_rows(part, chunk, rows)
             first = False

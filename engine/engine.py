@@ -109,6 +109,7 @@ class Engine:
         self._prefilling: deque[_Sequence] = deque()  # long prompts prefilled a chunk per step
         self._cond = threading.Condition()
         self._stopping = False
+        self._broken = False  # the scheduler itself failed (not a step: those fail their batch only)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._vision = VisionWorker(backend, name, max_batch=max_batch, decoding=lambda: len(self._active),
                                     hand_over=self._encoded, fail=self._fail_waiting) \
@@ -143,6 +144,9 @@ class Engine:
         self._thread.join(timeout)
 
     def _unloaded(self) -> ModelUnavailable:
+        if self._broken:
+            return ModelUnavailable(f"model '{self.name}' stopped after an internal failure; unload and load it again",
+                                    headers={"Retry-After": "1"})
         return ModelUnavailable(f"model '{self.name}' was unloaded", headers={"Retry-After": "1"})
 
     def _encoded(self, seqs: list[_Sequence]) -> None:
@@ -175,7 +179,8 @@ class Engine:
         seq = _Sequence(prompt, params, handle, self.backend, min(params.max_new_tokens, room))
         with self._cond:
             if self._stopping:
-                raise ModelUnavailable(f"model '{self.name}' is being unloaded", headers={"Retry-After": "1"})
+                raise self._unloaded() if self._broken else \
+                    ModelUnavailable(f"model '{self.name}' is being unloaded", headers={"Retry-After": "1"})
             waiting = self.waiting_count
             if waiting >= self.max_queue:
                 raise Overloaded(f"model '{self.name}' has {waiting} requests waiting; retry shortly",
@@ -190,6 +195,15 @@ class Engine:
 
     # ---- the scheduler thread --------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 - whatever ended the loop, nobody is left waiting
+            log.exception("engine %s: the scheduler stopped after a failure", self.name)
+            with self._cond:  # new requests get a clear 503 instead of a queue nobody serves
+                self._stopping = self._broken = True
+        self._shutdown()
+
+    def _serve(self) -> None:
         bind = getattr(self.backend, "bind_thread", None)
         if bind is not None:
             bind()
@@ -217,7 +231,6 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
                 log.exception("engine %s: step failed", self.name)
                 self._fail_all(admitted, exc if isinstance(exc, ChatVLMError) else ServerError("generation failed"))
-        self._shutdown()
 
     def _share_cores(self) -> None:
         """Give the vision worker a core of its own while it encodes beside the decode steps
@@ -386,7 +399,10 @@ class Engine:
             self._waiting.clear()
             self._prefilling.clear()
         self._active = []
-        self.backend.keep([])
+        try:
+            self.backend.keep([])
+        except Exception:  # noqa: BLE001 - a broken backend still lets every caller go
+            log.exception("engine %s: releasing the batch failed", self.name)
         self._deliver([(s.handle, error) for s in leftovers])
         if self.metrics is not None:
             self.metrics.set_batch_size(self.name, 0)

@@ -103,6 +103,7 @@ class FakeBackend:
         self.device = torch.device("cpu")
         self.step_delay = step_delay
         self.fail_step = fail_step
+        self.fail_keep = False  # keep() raises too: the batch cannot even be released
         self.rows: list[list[int]] = []   # per row: the prompt it echoes
         self.pos: list[int] = []
         self.steps = 0
@@ -145,5 +146,7 @@ class FakeBackend:
         return self._logits([row[p] if p < len(row) else 0 for row, p in zip(self.rows, self.pos)])
 
     def keep(self, rows):
+        if self.fail_keep:
+            raise RuntimeError("boom in keep")
         self.rows = [self.rows[i] for i in rows]
         self.pos = [self.pos[i] for i in rows]

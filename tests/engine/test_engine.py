@@ -540,6 +540,32 @@ def test_backend_failure_fails_every_active_request_and_the_engine_carries_on():
     assert text == "still serving" and after.finish_reason == "stop"
 
 
+def test_a_failure_the_scheduler_cannot_recover_from_fails_every_request_and_later_ones_get_503():
+    # The step fails, and releasing the batch fails too: the scheduler thread cannot go on.
+    # Nobody may be left waiting on a queue no thread serves any more.
+    backend = FakeBackend(fail_step=3, step_delay=0.01)
+    backend.fail_keep = True
+
+    async def main():
+        async with engine_over(backend, max_batch=2) as engine:
+            handles = [echo(engine, p) for p in ("first request", "second one", "queued behind them")]
+            engine.start()
+            errors = []
+            for h in handles:
+                with pytest.raises((ServerError, ModelUnavailable)) as info:
+                    await asyncio.wait_for(collect(h), 10)
+                errors.append(info.value)
+            await wait_until(lambda: not engine._thread.is_alive(), what="scheduler stopped")
+            with pytest.raises(ModelUnavailable) as later:
+                echo(engine, "after the failure")
+            return errors, later.value
+
+    errors, later = asyncio.run(main())
+    assert [e.status_code for e in errors] == [500, 500, 503]  # the batch's own error; the queued one's
+    assert "internal failure" in errors[2].message and "secret" not in errors[0].message
+    assert later.status_code == 503 and later.headers.get("Retry-After") and "internal failure" in later.message
+
+
 def test_stop_fails_waiting_and_running_requests_with_model_unavailable():
     backend = FakeBackend(step_delay=0.02)
 

@@ -6,6 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= config.yaml
 MODELS_DIR ?=
+# Test processes (pytest-xdist, a test module per process): most of the suite waits on servers,
+# subprocesses and sockets, so two processes take ~22 min where one took ~35 on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: run test venv sysdeps-run sysdeps-test tiny-models samples bench clean
 
@@ -30,7 +33,7 @@ run: sysdeps-run $(VENV)/.installed
 	$(PY) api.py --host $(HOST) --port $(PORT) --config $(CONFIG) $(if $(MODELS_DIR),--models-dir $(MODELS_DIR))
 
 test: sysdeps-test $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 tiny-models: $(VENV)/.installed
 	$(PY) scripts/make_tiny_models.py $(or $(MODELS_DIR),tiny_models)

@@ -116,14 +116,24 @@ def test_worker_killed_in_the_middle_of_a_call(tmp_path) -> None:
     a = _adapter(tmp_path)
     try:
         pool = a.worker_pool
-        [pid] = pool.pids()
-        before = _cpu(pid)
-        t, out = _call_in_thread(a, _big_page(), CancelToken())
-        _wait_busy(pid, before)
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        t.join(30)
-        assert not t.is_alive()
+        for _ in range(5):
+            [pid] = pool.pids()
+            before = _cpu(pid)
+            t, out = _call_in_thread(a, _big_page(), CancelToken())
+            _wait_busy(pid, before)
+            if not t.is_alive():  # the call ended before this (starved) thread could catch it
+                continue
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            t.join(30)
+            assert not t.is_alive()
+            if "result" not in out:
+                break
+            # It ended in the instant before the kill: the worker died idle; the next call
+            # waits for its replacement.
+            assert a.ocr(load_rgb("receipt_en.png"), OcrOptions(), CancelToken()).text
+        else:
+            pytest.fail("no call was caught in the middle in five tries")
         err = out.get("error")
         assert isinstance(err, ModelUnavailable), out
         assert err.status_code == 503 and err.headers.get("Retry-After")

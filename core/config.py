@@ -45,6 +45,9 @@ class ServerSettings(_Strict):
     # Cap glibc's malloc arenas at start-up (0: glibc's default of 8 per core). Fewer arenas
     # strand less free memory between threads, at some cost in allocation contention.
     malloc_arena_max: int = Field(0, ge=0, le=1024)
+    # Models generating at the same time on the CPU split its threads between them instead of
+    # each using all of them (which oversubscribes the cores; core/cores.py).
+    share_cpu_threads: bool = True
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")

@@ -95,18 +95,22 @@ class BatchBackend(LongPrompts, ImageInputs):
         # join (engine/long_prompts.py) checks it before trusting its copies of the rows.
         self.layout = 0
 
-    def bind_thread(self) -> None:
-        """Called on the engine's thread: how many CPU threads its torch work uses (per thread).
+    def bind_thread(self) -> int | None:
+        """Called on the engine's thread: how many CPU threads its torch work uses (per thread),
+        returned (None off the CPU). The engine may then lend some to other models generating
+        at the same time (``use_threads``, core/cores.py).
 
         A toy-size model's step is too small to split: the second thread's start-up and any
         wait for a busy core cost more than it saves, so such models run single-threaded."""
         if self.device.type != "cpu":
-            return
+            return None
         threads = self.threads
         if threads is None:
             params = sum(p.numel() for p in self.model.parameters())
             threads = 1 if params < TOY_MODEL_PARAMS else torch.get_num_threads()
         torch.set_num_threads(threads)
+        self._engine_threads = threads
+        return threads
 
     @property
     def batch_size(self) -> int:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from core.errors import BadRequest, ChatVLMError, ModelUnavailable, Overloaded, ServerError
+from core.cores import SHARE
 from core.omp import release_threads
 from core.types import CancelToken, GenerationParams
 from engine.backend import BatchBackend, EncodedPrompt
@@ -115,6 +116,8 @@ class Engine:
                                     hand_over=self._encoded, fail=self._fail_waiting) \
             if getattr(backend, "encodes_images_ahead", False) else None
         self._sharing = False  # whether the decode steps run on one thread fewer for the vision worker
+        self._threads: int | None = None  # CPU threads its steps run on alone (None: not on the CPU)
+        self._using: int | None = None    # its part of them now, other models generating too
         self.steps = 0  # decode steps run, for tests and metrics
 
     @property
@@ -205,14 +208,14 @@ class Engine:
 
     def _serve(self) -> None:
         bind = getattr(self.backend, "bind_thread", None)
-        if bind is not None:
-            bind()
+        self._threads = bind() if bind is not None else None
         while True:
             if self._vision is not None:
                 # Before taking the queue: after a vision call the decode steps waited for (it
                 # had all the cores), the requests it handed over are admitted in this step.
                 self._vision.wait_exclusive(timeout=60.0)
             if not self._waiting and not self._active and not self._prefilling:
+                self._lend_threads(busy=False)
                 release_threads()  # idle: its OpenMP pool would slow other threads' kernels (core/omp.py)
             with self._cond:
                 while not self._waiting and not self._active and not self._prefilling and not self._stopping:
@@ -226,11 +229,28 @@ class Engine:
                 room = self.max_batch - len(self._active) - len(self._prefilling)
                 admitted = gone + [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
+                self._lend_threads(busy=True)
                 self._share_cores()
                 self._step(admitted)
             except Exception as exc:  # noqa: BLE001 - a model failure ends the batch, not the engine
                 log.exception("engine %s: step failed", self.name)
                 self._fail_all(admitted, exc if isinstance(exc, ChatVLMError) else ServerError("generation failed"))
+
+    def _lend_threads(self, busy: bool) -> None:
+        """Share the CPU with the other models generating now (core/cores.py): hold this
+        engine's threads while it has work, give them back when idle, and before each step
+        decode on its part of them."""
+        if self._threads is None:  # not on the CPU
+            return
+        if busy:
+            SHARE.hold(self, self._threads)
+            threads = SHARE.threads(self, self._threads)
+        else:
+            SHARE.drop(self)
+            threads = self._threads
+        if threads != self._using:
+            self.backend.use_threads(threads)
+            self._using = threads
 
     def _share_cores(self) -> None:
         """Give the vision worker a core of its own while it encodes beside the decode steps
@@ -393,6 +413,7 @@ class Engine:
             self.metrics.set_queue_depth(self.name, self.waiting_count)
 
     def _shutdown(self) -> None:
+        SHARE.drop(self)
         error = self._unloaded()
         with self._cond:
             leftovers = list(self._waiting) + self._active + list(self._prefilling)

@@ -39,7 +39,7 @@ class ImageInputs:
         (``share_cores``), so the streams do not stall."""
         if self.device.type != "cpu":
             return False
-        full = self._vision_threads
+        full = min(self._vision_threads, self._engine_threads or self._vision_threads)  # the model's share now
         exclusive = decoding_rows > 0 and full > 1 and requests >= decoding_rows
         torch.set_num_threads(1 if decoding_rows and not exclusive else full)
         return exclusive
@@ -47,13 +47,25 @@ class ImageInputs:
     def share_cores(self, vision_busy: bool) -> None:
         """Called on the engine's thread before a step: while the vision worker runs (on one
         thread), decode on one thread fewer, so the two never ask for more cores than there are."""
+        self._vision_busy = vision_busy
+        self._apply_threads()
+
+    def use_threads(self, threads: int) -> None:
+        """Called on the engine's thread: decode on ``threads`` threads (fewer than
+        ``bind_thread`` chose while other models generate too; core/cores.py)."""
+        self._engine_threads = threads
+        self._apply_threads()
+
+    def _apply_threads(self) -> None:
         if self.device.type != "cpu":
             return
         if self._engine_threads is None:
             self._engine_threads = torch.get_num_threads()  # what ``bind_thread`` chose
-        torch.set_num_threads(max(1, self._engine_threads - 1) if vision_busy else self._engine_threads)
+        threads = self._engine_threads
+        torch.set_num_threads(max(1, threads - 1) if self._vision_busy else threads)
 
     _engine_threads: int | None = None
+    _vision_busy = False
 
     @functools.cached_property
     def _vision_threads(self) -> int:

@@ -8,6 +8,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from core.config import Settings
+from core.cores import SHARE
 from core.memory import IdleTrimmer
 from server.auth import AuthMiddleware, KeyRing, LoopbackGuard
 from server.deps import build_services
@@ -31,6 +32,7 @@ MULTIPART_OVERHEAD = 1024 * 1024  # form fields and part headers beside the file
 
 def create_app(settings: Settings) -> FastAPI:
     services = build_services(settings)
+    SHARE.enabled = settings.server.share_cpu_threads  # one process, one CPU to share (core/cores.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

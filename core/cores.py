@@ -1,0 +1,62 @@
+"""The CPU's threads, shared among the models generating at the same time.
+
+Each engine runs its decode steps on its own thread with torch's CPU kernels, which use as
+many threads as the CPU has (or the model's `threads` setting). Two engines decoding at once
+then ask for twice the CPU: libgomp stops spinning between parallel regions once the process
+has more of its threads than CPUs (core/omp.py), so every region of both engines waits on the
+kernel to wake its workers. On 2 cores, two copies of SmolLM2-135M decoding together made
+71-79 tokens/s between them at one row each with 2 threads each, 89-90 with 1 each
+(docs/BENCHMARKS.md, "Two models decoding at once").
+
+An engine with work holds its usual thread count here and drops it when it goes idle; before
+each step it takes its part: all it asks for while the busy engines' requests fit the CPU,
+otherwise a share in proportion to what it asks for (at least one thread).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+class CoreShare:
+    def __init__(self, cpus: int | None = None) -> None:
+        self.cpus = cpus or cpu_count()
+        self.enabled = True  # the server setting `share_cpu_threads`
+        self._lock = threading.Lock()
+        self._asks: dict[int, int] = {}  # id(worker) -> the threads it runs on alone
+
+    def hold(self, worker: object, threads: int) -> None:
+        """``worker`` has work and runs on ``threads`` threads when alone."""
+        with self._lock:
+            self._asks[id(worker)] = max(1, threads)
+
+    def drop(self, worker: object) -> None:
+        """``worker`` has no work any more (or stopped): its threads go back to the others."""
+        with self._lock:
+            self._asks.pop(id(worker), None)
+
+    def threads(self, worker: object, threads: int) -> int:
+        """How many of its ``threads`` ``worker`` should use now."""
+        with self._lock:
+            asked = sum(self._asks.values())
+            mine = self._asks.get(id(worker))
+        if not self.enabled or mine is None or asked <= self.cpus:
+            return threads
+        return max(1, min(threads, mine * self.cpus // asked))
+
+    @property
+    def busy(self) -> int:
+        """Workers holding threads now."""
+        with self._lock:
+            return len(self._asks)
+
+
+SHARE = CoreShare()

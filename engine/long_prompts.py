@@ -7,6 +7,7 @@ A mixin of engine/backend.py's BatchBackend: it reads and joins that batch.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import GROW_MIN
+from engine.kv_cache import GROW_MIN, expecting
 from engine.prompts import EncodedPrompt
 
 # By default a long prompt's slice between decode steps takes about this share of a decode
@@ -38,7 +39,7 @@ class LongPrompts:
 
     def _prefill_after(self, prompt: EncodedPrompt, start: int, layers: list) -> torch.Tensor:
         """Prefill one prompt whose first ``start`` tokens' KV is cached: only the rest runs."""
-        part = PartialPrefill(prompt, self._seeded_cache(layers), start)
+        part = PartialPrefill(prompt, self._seeded_cache(layers, len(prompt.input_ids)), start)
         return self._run_part(part, len(prompt.input_ids) - start)
 
     def _prefill_after_many(self, prompts: list[EncodedPrompt], hits: list[tuple[int, list]]) -> torch.Tensor:
@@ -78,10 +79,12 @@ class LongPrompts:
         self._join(out.past_key_values, mask, torch.zeros((rows, 1), dtype=torch.long, device=self.device))
         return out.logits[:, -1, :]
 
-    def _seeded_cache(self, layers: list | None) -> Any:
+    def _seeded_cache(self, layers: list | None, positions: int) -> Any:
+        """A cache for a prompt of ``positions`` tokens (engine/kv_cache.py ``expecting``),
+        holding the cached prefix ``layers`` when there are some."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = expecting(DynamicCache(config=self.model.config), positions)
         for i, (k, v) in enumerate(layers or []):
             cache.update(k, v, i)  # copies: the cached tensors are never written through
         return cache
@@ -94,7 +97,7 @@ class LongPrompts:
         """Start a chunked prefill (from a cached prefix when there is one); nothing joins yet."""
         hit = self.prefix_cache.lookup(prompt.input_ids) if self._cacheable(prompt) else None
         start, layers = hit if hit is not None else (0, None)
-        return PartialPrefill(prompt, self._seeded_cache(layers), start)
+        return PartialPrefill(prompt, self._seeded_cache(layers, len(prompt.input_ids)), start)
 
     @torch.inference_mode()
     def prefill_chunk_step(self, part: "PartialPrefill") -> torch.Tensor | None:
@@ -154,52 +157,89 @@ class LongPrompts:
             if not self._may_be_ragged() or self.mask.shape[1] + 8 > n:
                 return True
             part.stage = _Stage(self.batch_size, max(GROW_MIN, n // 4), self.layout)
-        stage, start = part.stage, time.perf_counter()
+        stage = part.stage
         if stage.rows != self.batch_size:
             return True
-        # The last layer's copy time (the next one's is about as long); at least one per call.
-        layers, last = part.cache.layers, 0.0
-        while len(stage.buffers) < len(layers):
-            if last and time.perf_counter() - start + last > budget:
-                return False
-            t0 = time.perf_counter()
-            new = layers[len(stage.buffers)]
-            pair = []
-            for t in (new.keys, new.values):
-                buf = t.new_empty((stage.rows + 1, t.shape[1], n + stage.spare, t.shape[3]))
-                buf[stage.rows:, :, :n].copy_(t)
-                pair.append(buf)
-                stage.copy_bytes += t.numel() * t.element_size()
-            stage.buffers.append(tuple(pair))
-            last = time.perf_counter() - t0
-            stage.copy_seconds += last
+        clock = _Clock(budget)
+        layers = part.cache.layers
+        # The new row in place, a piece at a time (a layer's copy lands on memory new to the
+        # process: on a virtual machine whose host takes freed memory back, ~40 us a page, so a
+        # layer of 4,000 positions took 40-50 ms, more than a slice's budget).
+        while stage.placed < len(layers):
+            new = layers[stage.placed]
+            if len(stage.buffers) == stage.placed:
+                stage.buffers.append(tuple(t.new_empty((stage.rows + 1, t.shape[1], n + stage.spare, t.shape[3]))
+                                           for t in (new.keys, new.values)))
+            k, v = stage.buffers[stage.placed]
+            step = _piece(new.keys)
+            while stage.new_done < n:
+                if not clock.room():
+                    return False
+                a, b = stage.new_done, min(n, stage.new_done + step)
+                k[stage.rows:, :, a:b].copy_(new.keys[:, :, a:b])
+                v[stage.rows:, :, a:b].copy_(new.values[:, :, a:b])
+                stage.copy_bytes += 2 * new.keys[:, :, a:b].numel() * new.keys.element_size()
+                stage.copy_seconds += clock.took()
+                stage.new_done = b
+            stage.placed, stage.new_done = stage.placed + 1, 0
         width = self.mask.shape[1]
         # The rows decode once per engine step; should a call come without a step between
         # (nothing in the engine does that), the join cannot come as planned: it comes now.
         stalled, stage.width_seen = width == stage.width_seen, width
         if stage.layout != self.layout or not stage.join_width or width > stage.join_width:
-            # (Re)plan: the running rows' copy of one layer at the first phase's pace, with twice
-            # the steps it needs (a copy late for the planned step is done by the join itself).
-            stage.layout, stage.copied = self.layout, [0] * len(layers)
-            keys = self.cache.layers[0].keys
-            per_layer = 2 * keys[:, :, :width].numel() * keys.element_size()
-            rate = stage.copy_bytes / max(stage.copy_seconds, 1e-6)
-            per_step = max(1, int((budget if cut is None else cut) * rate / max(per_layer, 1)))
-            stage.join_width = width + 2 * -(-len(layers) // per_step) + 1
+            self._plan_join(stage, width, budget if cut is None else cut, stage.copy_bytes / max(stage.copy_seconds, 1e-6))
         if stage.join_width > n:  # too close to the prompt's length to plan: the join copies all
             return True
         offset = n - stage.join_width
-        for i, (layer, (k, v)) in enumerate(zip(self.cache.layers, stage.buffers)):
-            if stage.copied[i]:
-                continue
-            if last and time.perf_counter() - start + last > budget:
+        # Where the join and the first decode steps after it write, touched once a layer's
+        # copy is done, within the budget, instead of at the join or on one step for all layers:
+        # the running rows' positions decoded until the join, and the first pages after the prompt.
+        after = min(stage.spare, 2 * _PAGE_POSITIONS)
+        while stage.next < len(layers):
+            if not clock.room():
                 break
-            t0 = time.perf_counter()
-            k[:stage.rows, :, offset:offset + width].copy_(layer.keys)
-            v[:stage.rows, :, offset:offset + width].copy_(layer.values)
-            stage.copied[i] = width
-            last = time.perf_counter() - t0
-        return width == stage.join_width or stalled and all(stage.copied)
+            i = stage.next
+            layer, (k, v) = self.cache.layers[i], stage.buffers[i]
+            a, b = stage.copied[i], min(width, stage.copied[i] + _piece(layer.keys))
+            k[:stage.rows, :, offset + a:offset + b].copy_(layer.keys[:, :, a:b])
+            v[:stage.rows, :, offset + a:offset + b].copy_(layer.values[:, :, a:b])
+            stage.copied[i] = b
+            if b == width:  # this layer is done; the join copies what the rows decode meanwhile
+                for t in (k, v):
+                    t[:stage.rows, :, offset + b:n].zero_()
+                    t[:, :, n:n + after].zero_()
+                stage.next += 1
+            stage.rows_bytes += 2 * layer.keys[:, :, a:b].numel() * layer.keys.element_size()
+            stage.rows_seconds += clock.took()
+            stage.rows_pieces += 1
+        if stage.next < len(layers) and stage.rows_pieces >= 2 and width < stage.join_width:
+            # Behind the plan at the pace these copies really run (memory new to the process
+            # may cost ten times what the new row's pieces did): planned again now, at that
+            # pace, rather than a join that copies what is left in one step (1 s once). Each
+            # step copies at least a piece.
+            keys = self.cache.layers[0].keys
+            left = [width - c for i, c in enumerate(stage.copied) if i >= stage.next]
+            rate = stage.rows_bytes / max(stage.rows_seconds, 1e-9)
+            per_position = 2 * keys[:, :, :1].numel() * keys.element_size()
+            need = min(math.ceil(sum(left) * per_position / max((budget if cut is None else cut) * rate, 1.0)),
+                       sum(-(-x // _piece(keys)) for x in left))
+            if need > stage.join_width - width - 1:
+                self._plan_join(stage, width, budget if cut is None else cut, rate)
+                stage.replans += 1
+        return width == stage.join_width or stalled and stage.next == len(layers)
+
+    def _plan_join(self, stage: "_Stage", width: int, per_step: float, rate: float) -> None:
+        """Plan the join: the running rows' copies (bytes at ``rate`` a second, ``per_step``
+        seconds a step, at least a piece a step) get twice the steps they need; the copies
+        start again from their first position."""
+        layers = self.cache.layers
+        keys = layers[0].keys
+        total = 2 * len(layers) * keys[:, :, :width].numel() * keys.element_size()
+        steps = math.ceil(total / max(per_step * rate, 1.0))
+        steps = max(1, min(steps, len(layers) * -(-width // _piece(keys))))
+        stage.layout, stage.copied, stage.next = self.layout, [0] * len(layers), 0
+        stage.join_width = width + 2 * steps + 1
+        stage.rows_bytes, stage.rows_seconds, stage.rows_pieces = 0, 0.0, 0
 
     def _run_part(self, part: "PartialPrefill", size: int) -> torch.Tensor | None:
         n = len(part.prompt.input_ids)
@@ -257,14 +297,54 @@ class PartialPrefill:
     waits: int = 0  # engine steps in a row it ran nothing (they ran slow)
 
 
+# A staged copy runs in pieces of about this many bytes, each checked against the slice's
+# budget: small enough that one piece on memory new to the process stays within a step's
+# share (64 pages at ~40 us a page on the virtual machine above), large enough to copy at speed.
+PIECE_BYTES = 256 << 10
+_PAGE_POSITIONS = 16  # positions of a 4 KB page at 64 fp32 values each (SmolLM2's head size)
+
+
+def _piece(t: torch.Tensor) -> int:
+    """Positions of ``t`` (batch, heads, positions, dim) in one piece of a staged copy."""
+    per_position = t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
+    return max(16, PIECE_BYTES // max(per_position, 1))
+
+
+class _Clock:
+    """A slice's time within ``budget`` seconds (None: no limit), piece by piece: there is room
+    for another piece while the time so far plus the last piece's fits; the first always runs."""
+
+    def __init__(self, budget: float | None) -> None:
+        self.budget, self.start = budget, time.perf_counter()
+        self.mark, self.last = self.start, 0.0
+
+    def room(self) -> bool:
+        if self.budget is not None and self.last and time.perf_counter() - self.start + self.last > self.budget:
+            return False
+        self.mark = time.perf_counter()
+        return True
+
+    def took(self) -> float:
+        """The piece just run (since ``room``) took this long."""
+        self.last = time.perf_counter() - self.mark
+        return self.last
+
+
 @dataclass
 class _Stage:
     rows: int   # the batch's rows when staging began (the join uses the buffers only if unchanged)
     spare: int  # positions of headroom after the prompt
     layout: int  # the batch's layout (BatchBackend.layout) the running rows' copies were taken in
     buffers: list = field(default_factory=list)  # per layer (keys, values), the new row in place
+    placed: int = 0             # layers whose new row is in place
+    new_done: int = 0           # positions of the next layer's new row in place
     copy_bytes: int = 0         # the new row's bytes copied so far, and the time it took
     copy_seconds: float = 0.0
     join_width: int = 0         # the batch's width at the planned join (0: not planned yet)
-    copied: list = field(default_factory=list)  # per layer, the running rows' positions in place
+    copied: list = field(default_factory=list)  # per layer, the running rows' positions in place (from the first)
+    next: int = 0               # the layer whose running rows are being copied (those before are done)
+    rows_bytes: int = 0         # the running rows' bytes copied since the plan, and the time it took
+    rows_seconds: float = 0.0
+    rows_pieces: int = 0
+    replans: int = 0            # plans made again because the copies ran behind
     width_seen: int = 0         # the batch's width at the last call

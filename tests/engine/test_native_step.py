@@ -349,6 +349,16 @@ def test_a_long_prompt_joining_rows_about_as_long_is_staged_too(built, monkeypat
     assert all(0 < done < staged["width"] for done in staged["copied"])
 
 
+def test_a_staged_join_behind_its_plan_is_planned_again_at_the_copies_pace(built, monkeypatch):
+    """The running rows' copies are planned at the pace the new row's ran; when they run slower
+    (memory new to the process can cost ten times as much), the join is planned again at their
+    own pace, early, and still comes as planned instead of copying what is left in one step;
+    exact."""
+    staged = join_with_staging(built, monkeypatch, slow_rows=True)
+    assert staged["behind"] == 1 and staged["planned"]
+    assert all(0 < done < staged["width"] for done in staged["copied"])
+
+
 def test_a_slow_step_does_not_push_the_planned_join_back(built, monkeypatch):
     """After a slow decode step the slice's budget is less (even none), but the staged join is
     still planned at the usual budget's pace: the copies it plans for are not spread over the
@@ -372,13 +382,16 @@ def test_a_slow_step_does_not_push_the_planned_join_back(built, monkeypatch):
 
 
 def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool = True,
-                      running_tokens: int | None = None) -> dict:
+                      running_tokens: int | None = None, slow_rows: bool = False) -> dict:
     """Join a long prompt into 3 decoding rows with staging (rows decoding once per call, as in
     the engine) and without it (``_staged`` answering True at the same call), and compare the
     logits after the join; ``swap_row``: once the running rows' first layer is copied, one row
     leaves and another joins; ``running_tokens``: the rows' prompts are that long (the join
-    without staging is then made ragged too). Returns what the staged join saw."""
+    without staging is then made ragged too); ``slow_rows``: the steps have time for every
+    copy, but one piece a step runs, and the running rows' first piece looks a thousand times
+    slower than the new row's did. Returns what the staged join saw."""
     from engine import backend as backend_module
+    from engine import long_prompts
 
     model, tokenizer = tiny_llama(dtype=torch.float32)
     ids = tokenizer("the river carries boats past the old mill " * 40)["input_ids"]
@@ -388,6 +401,8 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
     runs, seen = [], {"layers": model.config.num_hidden_layers, "replans": 0}
     # One layer per call: the new row's, then the running rows' (the first at call layers + 1).
     swap_row_at = model.config.num_hidden_layers + 2 if swap_row else None
+    if slow_rows:  # pieces of 16 positions: a layer's running rows take a few
+        monkeypatch.setattr(long_prompts, "PIECE_BYTES", 1)
     for staged in (True, False):
         monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64 if staged or running_tokens is None else 0)
         backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
@@ -405,9 +420,14 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
             plan = p.stage.join_width if p.stage is not None else None
             # Whether the join, when staging began, would have been ragged without it.
             seen.setdefault("ragged_before", backend._ragged_join(len(long.input_ids), 1))
+            if slow_rows:  # a second's share a step to plan with; one piece a call runs
+                budget, cut = -1.0, 0.5
             done = real(p, budget, cut)
             if p.stage is not None and p.stage.join_width != plan:
                 seen["replans"] += 1
+            if slow_rows and p.stage is not None and p.stage.rows_pieces == 1 and not seen.get("slowed"):
+                seen["slowed"], p.stage.rows_seconds = True, 1e3
+            seen["behind"] = p.stage.replans if p.stage is not None else seen.get("behind", 0)
             return done
 
         def swap_row():

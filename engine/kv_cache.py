@@ -154,7 +154,9 @@ def make_growing(cache: Any) -> Any:
     if layers is None:
         return cache
     for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+        if isinstance(layer, GrowingLayer):  # a long prompt's own (``expecting``) becoming a batch's
+            layer.early, layer.expect = i % STAGGER, 0
+        elif type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
             grown = GrowingLayer()
             grown.early = i % STAGGER
             grown.dtype, grown.device, grown.is_initialized = layer.dtype, layer.device, True

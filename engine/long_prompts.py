@@ -194,7 +194,6 @@ class LongPrompts:
         # Where the join and the first decode steps after it write, touched once a layer's
         # copy is done, within the budget, instead of at the join or on one step for all layers:
         # the running rows' positions decoded until the join, and the first pages after the prompt.
-        after = min(stage.spare, 2 * _PAGE_POSITIONS)
         while stage.next < len(layers):
             if not clock.room():
                 break
@@ -205,6 +204,7 @@ class LongPrompts:
             v[:stage.rows, :, offset + a:offset + b].copy_(layer.values[:, :, a:b])
             stage.copied[i] = b
             if b == width:  # this layer is done; the join copies what the rows decode meanwhile
+                after = min(stage.spare, 2 * max(1, 4096 // (k.shape[3] * k.element_size())))  # two pages' worth
                 for t in (k, v):
                     t[:stage.rows, :, offset + b:n].zero_()
                     t[:, :, n:n + after].zero_()
@@ -301,7 +301,6 @@ class PartialPrefill:
 # budget: small enough that one piece on memory new to the process stays within a step's
 # share (64 pages at ~40 us a page on the virtual machine above), large enough to copy at speed.
 PIECE_BYTES = 256 << 10
-_PAGE_POSITIONS = 16  # positions of a 4 KB page at 64 fp32 values each (SmolLM2's head size)
 
 
 def _piece(t: torch.Tensor) -> int:

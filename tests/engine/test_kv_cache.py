@@ -178,3 +178,31 @@ def test_an_oversized_buffer_is_given_back_one_layer_per_step():
                 shrank[i] = step
     assert sorted(shrank) == list(range(layers))  # every layer gave its memory back ...
     assert len(set(shrank.values())) == layers    # ... each on a step of its own
+
+
+def test_a_prompt_cache_expecting_its_length_is_written_in_place_then_staggers_in_a_batch():
+    """A long prompt's cache (``expecting`` its length) takes one buffer per layer for the whole
+    prompt: every chunk lands in it, with the keys and values of transformers' own cache. Handed
+    to a batch (``make_growing``), its layers grow on staggered steps like any other."""
+    from transformers import LlamaConfig
+
+    from engine.kv_cache import STAGGER, expecting
+
+    torch.manual_seed(3)
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=32)
+    ref, cache = DynamicCache(config=config), expecting(DynamicCache(config=config), 100)
+    buffers = None
+    for size in (32, 32, 32, 4):  # the chunks of a 100-token prompt
+        for i in range(3):
+            k, v = kv(1, size)
+            rk, rv = ref.update(k, v, i)
+            gk, gv = cache.update(k, v, i)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv)
+        ptrs = [layer._k.data_ptr() for layer in cache.layers]
+        assert buffers is None or ptrs == buffers  # written in place: no new buffer per chunk
+        buffers = ptrs
+    assert all(layer.capacity == 100 for layer in cache.layers)
+    make_growing(cache)
+    assert [layer.early for layer in cache.layers] == [i % STAGGER for i in range(3)]
+    assert all(layer.expect == 0 for layer in cache.layers)

@@ -403,7 +403,11 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
     swap_row_at = model.config.num_hidden_layers + 2 if swap_row else None
     if slow_rows:  # pieces of 16 positions: a layer's running rows take a few
         monkeypatch.setattr(long_prompts, "PIECE_BYTES", 1)
+    # Both runs on one thread: bitwise comparable whatever an earlier test's engines left as
+    # torch's thread count (run after the engine tests with `-k`, the two runs once had 2 and 1).
+    threads = torch.get_num_threads()
     for staged in (True, False):
+        torch.set_num_threads(1)
         monkeypatch.setattr(backend_module, "RAGGED_MIN_PAD", 64 if staged or running_tokens is None else 0)
         backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=64)
         tokens = backend.prefill(running).argmax(-1).tolist()
@@ -459,6 +463,7 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
             out.append(step)
             tokens = step.argmax(-1).tolist()
         runs.append(out)
+    torch.set_num_threads(threads)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     return seen

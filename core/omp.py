@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -24,15 +25,24 @@ T = TypeVar("T")
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the calling thread's pool, keep the runtime
 
 
-@functools.lru_cache(maxsize=1)
 def _pauses() -> tuple[Callable[[int], int], ...]:
-    """omp_pause_resource_all of each libgomp in the process (torch's, and any other copy a
-    library brought), or none without libgomp (another OpenMP runtime, or no /proc)."""
-    try:
-        import torch  # noqa: F401 - loads torch's libgomp, the one its kernels run on
+    """omp_pause_resource_all of each libgomp in the process once torch is loaded, none before.
 
+    A process that has not loaded torch (an OCR-only server, the CLI reading images) has no
+    torch kernel pool to free, and importing torch here would cost it seconds (~3 s on the first
+    OCR request's model load)."""
+    if "torch._C" not in sys.modules:  # torch's extension, and with it its libgomp, not loaded yet
+        return ()
+    return _loaded_pauses()
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_pauses() -> tuple[Callable[[int], int], ...]:
+    """omp_pause_resource_all of each libgomp mapped into the process (torch's, and any other
+    copy a library brought), or none without libgomp (another OpenMP runtime, or no /proc)."""
+    try:
         maps = Path("/proc/self/maps").read_text().splitlines()
-    except (ImportError, OSError):
+    except OSError:
         return ()
     paths = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
     found = []

@@ -116,6 +116,10 @@ def test_killed_server_leaves_no_worker(tmp_path) -> None:
     with _server(tmp_path, mark) as server:
         assert _ocr(server, (SAMPLES / "line_zh.png").read_bytes()).status_code == 200
         assert len(_workers(mark)) == 2
+        # An OCR-only server never loads torch (its model load and its runner's idle release of
+        # OpenMP pools used to import it: ~3 s on the first request, ~400 MB resident).
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        assert "libtorch" not in maps
         server.kill()  # SIGKILL: no shutdown code runs; the workers see their socket close
         _wait_none(mark, 10)
 

@@ -194,15 +194,18 @@ def test_cluster(serve_url, page_png):
         assert time.monotonic() < end, "the killed replica was not replaced"
         time.sleep(1)
 
-    # one client's rate limit across the two replicas
+    # One client's rate limit across the two replicas. The earlier requests may have left the
+    # window by now, and a sliding window lets a few past RPM when these cross a minute's
+    # boundary: a quarter more than RPM, still far from the 2 x RPM two windows of their own allow.
     seen: dict[str, list[int]] = {}
-    for _ in range(RPM):
+    for _ in range(RPM + RPM // 4):
         r = requests.get(url + "/models", timeout=10)
         if r.status_code == 429:
             break
         seen.setdefault(replica(r), []).append(int(r.headers["x-ratelimit-remaining"]))
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-    assert len(seen) == 2 and sum(map(len, seen.values())) < RPM  # both counted into one window
+    # Both served, neither reached the limit on its own: both counted into one window.
+    assert len(seen) == 2 and all(len(passed) < RPM for passed in seen.values()), {k: len(v) for k, v in seen.items()}
     assert requests.get(url + "/models", timeout=10).status_code == 429
 
 

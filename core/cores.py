@@ -10,12 +10,45 @@ kernel to wake its workers. On 2 cores, two copies of SmolLM2-135M decoding toge
 
 An engine with work holds its usual thread count here and drops it when it goes idle; before
 each step it takes its part: all it asks for while it is alone or the busy engines' requests
-fit the CPU, otherwise a share in proportion to what it asks for (at least one thread).
+fit the CPU, otherwise a share in proportion to what it asks for (at least one thread). An
+embedding model's forward (a model runner's job, llm/embedding.py) holds its threads the same
+way while it runs, and runs on its part. The OCR engines' own threads (ONNX Runtime, their
+worker processes, Tesseract) take no part.
 """
 from __future__ import annotations
 
 import os
 import threading
+
+
+_torch_default: int | None = None
+_default_lock = threading.Lock()
+
+
+def torch_threads_default() -> int:
+    """The intra-op thread count torch gives this process's threads before any is set
+    (OMP_NUM_THREADS, else torch's own choice), as it was before this process set one.
+
+    ``torch.set_num_threads`` on one thread also becomes the count every thread started later
+    begins with, so ``torch.get_num_threads()`` on a new engine's thread returns whatever another
+    model last set for itself: a model loaded after two others had shared the CPU (or after a
+    toy model's engine) would run on one thread for good. Every setter here goes through
+    ``set_torch_threads``, which reads the default first. Imports torch: call it from torch code."""
+    global _torch_default
+    with _default_lock:
+        if _torch_default is None:
+            import torch
+
+            _torch_default = torch.get_num_threads()
+        return _torch_default
+
+
+def set_torch_threads(threads: int) -> None:
+    """The calling thread's torch kernels run on ``threads`` threads from now on."""
+    torch_threads_default()  # read before the first set changes it
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def cpu_count() -> int:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from core.cores import set_torch_threads, torch_threads_default
 from core.omp import release_threads
 from engine.image_inputs import TOY_MODEL_PARAMS, ImageInputs
 from engine.kv_cache import GROW_MIN, GrowingLayer, make_growing
@@ -112,8 +113,8 @@ class BatchBackend(LongPrompts, ImageInputs):
         threads = self.threads
         if threads is None:
             params = sum(p.numel() for p in self.model.parameters())
-            threads = 1 if params < TOY_MODEL_PARAMS else torch.get_num_threads()
-        torch.set_num_threads(threads)
+            threads = 1 if params < TOY_MODEL_PARAMS else torch_threads_default()
+        set_torch_threads(threads)
         self._engine_threads = threads
         return threads
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from core.cores import set_torch_threads
 from engine.prompts import EncodedPrompt, ImageFeatures
 
 TOY_MODEL_PARAMS = 5_000_000  # below this a model's steps are too small to split across threads
@@ -41,7 +42,7 @@ class ImageInputs:
             return False
         full = min(self._vision_threads, self._engine_threads or self._vision_threads)  # the model's share now
         exclusive = decoding_rows > 0 and full > 1 and requests >= decoding_rows
-        torch.set_num_threads(1 if decoding_rows and not exclusive else full)
+        set_torch_threads(1 if decoding_rows and not exclusive else full)
         return exclusive
 
     def share_cores(self, vision_busy: bool) -> None:
@@ -62,7 +63,7 @@ class ImageInputs:
         if self._engine_threads is None:
             self._engine_threads = torch.get_num_threads()  # what ``bind_thread`` chose
         threads = self._engine_threads
-        torch.set_num_threads(max(1, threads - 1) if self._vision_busy else threads)
+        set_torch_threads(max(1, threads - 1) if self._vision_busy else threads)
 
     _engine_threads: int | None = None
     _vision_busy = False

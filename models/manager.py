@@ -168,7 +168,8 @@ class ModelManager:
             raise ModelLoadFailed(f"Model '{model_id}' failed to load: {st.error}", param="model",
                                   headers={"Retry-After": str(int(LOAD_RETRY_S))}) from None
         st.adapter = adapter
-        st.runner = ModelRunner(model_id, st.entry.spec.concurrency, st.entry.spec.max_queue)
+        st.runner = ModelRunner(model_id, st.entry.spec.concurrency, st.entry.spec.max_queue,
+                                cpu_threads=getattr(adapter, "cpu_threads", None))  # see ModelAdapter
         backend = getattr(adapter, "engine_backend", None)
         make_engine = getattr(adapter, "make_engine", None)  # an adapter that brings its own (a remote engine)
         if make_engine is not None:

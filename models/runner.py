@@ -5,6 +5,11 @@ of it. Past the bound the caller gets ``Overloaded`` at once instead of waiting.
 is also bounded in time: the runner keeps a moving average of how long a job takes, and a
 request that must queue and would not finish before its deadline is refused at once (503 with a
 Retry-After of the expected wait) rather than queued to end in a 504.
+
+A model whose calls keep CPU threads busy outside any engine (the OCR engines: ONNX Runtime in
+RapidOCR's workers and the layout model, Tesseract) names how many (``cpu_threads``): each job
+holds them in the CPU share while it runs (core/cores.py), so an engine decoding at the same
+time runs on its part instead of every thread beside it.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+from core.cores import SHARE
 from core.errors import Cancelled, Overloaded
 from core.omp import release_threads
 from core.types import CancelToken
@@ -23,10 +29,11 @@ T = TypeVar("T")
 
 
 class ModelRunner:
-    def __init__(self, name: str, concurrency: int = 1, max_queue: int = 64) -> None:
+    def __init__(self, name: str, concurrency: int = 1, max_queue: int = 64, cpu_threads: int | None = None) -> None:
         self.name = name
         self.concurrency = concurrency
         self.max_queue = max_queue
+        self.cpu_threads = cpu_threads  # CPU threads one job keeps busy (None: it takes no part in the share)
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"model-{name}")
         self._lock = threading.Lock()
         self._pending = 0  # queued + running, counted until the thread really finishes
@@ -62,9 +69,13 @@ class ModelRunner:
             if cancel.cancelled:  # the client left while the job waited in the queue
                 raise Cancelled("request cancelled before it started")
             started = time.monotonic()
+            holder = object()  # one per job: several run at once
+            if self.cpu_threads:
+                SHARE.hold(holder, self.cpu_threads)
             try:
                 return fn(*args)
             finally:
+                SHARE.drop(holder)
                 took = time.monotonic() - started
                 self._job_s = took if self._job_s == 0 else 0.8 * self._job_s + 0.2 * took
                 if self._pending <= 1:  # nothing queued behind it: let its OpenMP pool go (core/omp.py)

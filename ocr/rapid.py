@@ -179,6 +179,12 @@ class RapidOcrAdapter:
             pool.close()
 
     @property
+    def cpu_threads(self) -> int:
+        """CPU threads one call keeps busy (ONNX Runtime's intra-op threads, in a worker process
+        or here): held in the CPU share while it runs (models/runner.py)."""
+        return int(_options(self.spec)["intra_op_threads"])
+
+    @property
     def worker_pool(self) -> WorkerPool | None:
         """The worker processes (``workers: process``), None in thread mode or when unloaded."""
         return self._pool

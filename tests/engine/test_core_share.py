@@ -193,3 +193,55 @@ def test_an_engine_started_after_another_model_took_its_part_gets_the_default_th
         adapter.unload()
     finally:
         _on_new_thread(lambda: set_torch_threads(default))
+
+
+def test_an_ocr_call_through_its_runner_takes_its_part_beside_a_decoding_engine(two, tmp_path, monkeypatch):
+    """A model runner's OCR job (RapidOCR, one ONNX Runtime thread a call) holds its thread in
+    the share while it runs: the engine decoding beside it steps on its part meanwhile, and on
+    all its threads again once the page is read."""
+    from engine.engine import Engine
+    from models.adapter import OcrOptions
+    from models.runner import ModelRunner
+    from ocr.rapid import RapidOcrAdapter
+    from tests.ocr import load_rgb
+
+    monkeypatch.setattr(SHARE, "cpus", 2)
+    ocr = RapidOcrAdapter(ModelSpec(id="rapidocr", name="RapidOCR", kind="rapidocr", data_dir=tmp_path,
+                                    options={"intra_op_threads": 1, "workers": "thread"}))
+    ocr.load()
+    assert ocr.cpu_threads == 1
+    receipt = load_rgb("receipt_en.png")
+    runner = ModelRunner("rapidocr", concurrency=1, cpu_threads=ocr.cpu_threads)
+    held: list[int] = []
+
+    def read():
+        held.append(SHARE.busy)  # the engine and this job
+        return ocr.ocr(receipt, OcrOptions(), CancelToken())
+
+    async def main():
+        backend = Counting(two[0].engine_backend())
+        engine = Engine(backend, name="decoding")
+        handle = engine.submit(engine.encode([ChatMessage("user", "Count the parcels, please.")], None),
+                               greedy(4000), CancelToken())
+        engine.start()
+        try:
+            await wait_until(lambda: engine.steps >= 5, timeout=30, what="the engine decoding")
+            before = len(backend.step_threads)
+            result = await runner.run(read, cancel=CancelToken())
+            after = len(backend.step_threads)
+            await wait_until(lambda: len(backend.step_threads) >= after + 30, timeout=30,
+                             what="the engine decoding on after the page")
+            handle.cancel.cancel()
+            await collect(handle)
+            return backend, result, backend.step_threads[before:after], backend.step_threads[after + 10:after + 30]
+        finally:
+            await asyncio.to_thread(engine.stop, 10.0)
+            runner.shutdown()
+
+    backend, result, during, later = asyncio.run(main())
+    assert "CORNER MARKET" in result.text
+    assert held == [2]
+    assert 1 in during  # the engine's part while the page was read
+    assert later == [2] * 20  # the page read: all its threads again
+    assert SHARE.busy == 0
+    ocr.unload()

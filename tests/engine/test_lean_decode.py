@@ -52,11 +52,14 @@ def prompts(tokenizer, n: int) -> list[EncodedPrompt]:
 
 
 def decode_run(model, tokenizer, rows: int, lean: bool, steps: int = 6, leave_at: int = 3, join: bool = True,
-               native: bool = False, packed_decode: object = "auto"):
+               native: bool = False, packed_decode: object = "auto", ragged_decode: bool = False):
     """Prefill ``rows`` prompts, decode greedily; halfway drop row 0 and let one prompt join.
     Returns every step's logits. ``native``: the compiled layers (engine/native_step.py) when
-    built, else the lean step's Python loop."""
-    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native, packed_decode=packed_decode)
+    built, else the lean step's Python loop. The compiled step is the masked one, bitwise
+    transformers' own, unless ``ragged_decode`` (the engine's default: each row attends to its
+    own positions, the same values to rounding)."""
+    backend = BatchBackend(model, tokenizer, None, threads=1, lean=lean, native=native, packed_decode=packed_decode,
+                           ragged_decode=ragged_decode)
     assert (backend.lean is not None) == lean
     backend.lean_rows = 64  # the lean step's dense path too (the engine uses it up to GEMV_ROWS rows)
     tokens = backend.prefill(prompts(tokenizer, rows)).argmax(-1).tolist()

@@ -8,7 +8,6 @@ whose first blocks are cached are prefilled together from there.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from typing import Any, Callable
@@ -36,6 +35,14 @@ __all__ = ["BatchBackend", "EncodedPrompt", "ImageFeatures", "PartialPrefill"]
 # Below it the step stays the masked one, bitwise transformers' own, unless ``ragged_decode``
 # (the model option, on by default) makes every batch of the compiled step ragged.
 RAGGED_MIN_PAD = 2048
+
+# A decode step's usual time, against which engine/long_prompts.py judges whether the last one
+# ran slow (its excess then comes out of the long prompt's slice after it): this quantile of the
+# last USUAL_WINDOW steps, their median of 16. A low quantile of more steps (the 25th percentile
+# of 64), which a burst of slow steps does not raise, gave the same worst gaps at a later first
+# token (scripts/bench_chunked_prefill.py --usual; docs/BENCHMARKS.md, sixteenth session).
+USUAL_QUANTILE = 0.5
+USUAL_WINDOW = 16
 
 
 class BatchBackend(LongPrompts, ImageInputs):
@@ -82,11 +89,12 @@ class BatchBackend(LongPrompts, ImageInputs):
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
         self.slice_share = slice_share  # of a decode step, per slice while rows decode
         self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
-        # The last step's duration, and the median of the 16 before it: whether it ran slow
-        # (engine/long_prompts.py). Against the average, which the slow steps themselves raise,
-        # a step 1.5 times the usual looked only 1.35 times.
+        # The last step's duration, and the usual one before it (USUAL_QUANTILE of the last
+        # USUAL_WINDOW): whether it ran slow (engine/long_prompts.py). Against the average,
+        # which the slow steps themselves raise, a step 1.5 times the usual looked only 1.35 times.
         self.last_step: tuple[float, float] | None = None
-        self._recent_steps: deque[float] = deque(maxlen=16)
+        self._recent_steps: deque[float] = deque(maxlen=USUAL_WINDOW)
+        self._usual_quantile = USUAL_QUANTILE
         # Whether the cache's padding is unset and each row attends to its own positions (the
         # compiled step), taken when a join would otherwise fill mostly padding, and for every
         # batch the compiled step runs with ``ragged_decode`` (the model option, on by default
@@ -231,7 +239,7 @@ class BatchBackend(LongPrompts, ImageInputs):
         start = time.perf_counter()
         logits = self._decode(tokens)
         took = time.perf_counter() - start
-        self.last_step = (took, statistics.median(self._recent_steps) if self._recent_steps else took)
+        self.last_step = (took, _quantile(self._recent_steps, self._usual_quantile) if self._recent_steps else took)
         self._recent_steps.append(took)
         self.step_time = took if self.step_time is None else 0.8 * self.step_time + 0.2 * took
         return logits
@@ -293,3 +301,10 @@ def _stacked(a: torch.Tensor, b: torch.Tensor, width: int, spare: int, zero: boo
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     """Pad a (batch, heads, length, dim) tensor on the left of its length axis to ``width``."""
     return F.pad(t, (0, 0, width - t.shape[2], 0))
+
+
+def _quantile(values, q: float) -> float:
+    """The ``q`` quantile of ``values`` (the nearest rank below; 0.5 of an even count: the lower
+    middle one)."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]

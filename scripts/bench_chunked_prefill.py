@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                              "after it (engine/long_prompts.py SLOW_STEP, the default); 'off': the slice keeps its "
                              "whole budget whatever the step took (as before the ninth session); several, "
                              "comma-separated, run each sliced mode with each")
+    parser.add_argument("--usual", default="median16",
+                        help="what a slow step is judged against (engine/backend.py USUAL_QUANTILE): 'median16', the "
+                             "median of the last 16 steps (the default), or 'low', the 25th percentile of the last 64, "
+                             "which a burst of slow steps does not raise; 'median16,low' runs each sliced mode with each")
     parser.add_argument("--row-blocks", default="off",
                         help="on: a layer the slice has no room for runs in row blocks; off: whole layers only "
                              "(engine/sliced_prefill.py SPLIT_LAYERS, the default); "
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-gguf", action="store_true",
                         help="the folder is a converted GGUF (what `quantization: auto` needs to keep its 4-bit layers)")
     a = parser.parse_args(argv)
+    import engine.backend
     import engine.long_prompts
     import engine.sliced_prefill
 
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     slows = [float("inf") if x == "off" else float(x) for x in a.slow_step.split(",")] if a.slow_step \
         else [engine.long_prompts.SLOW_STEP]
     splits = [x.strip() == "on" for x in a.row_blocks.split(",")]
+    usuals = {"median16": (0.5, 16), "low": (0.25, 64)}
+    bases = [x.strip() for x in a.usual.split(",")]
+    if any(x not in usuals for x in bases):
+        parser.error(f"--usual takes {', '.join(usuals)}")
     adapter = load_adapter(a.path, a.threads, a.quantization, a.from_gguf)
     long_ids = adapter.tokenizer(LONG_TEXT)["input_ids"][:a.long_tokens]
     # Other texts than the long prompt's, each its own from the first token: no prefix cache hits.
@@ -256,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
           flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [(int(c), share, slow, split) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
-             for slow in (slows if int(c) else [None]) for split in (splits if int(c) else [None])]
-    for chunk, share, slow, split in modes + ([("control", None, None, None)] if a.control else []):
+    modes = [(int(c), share, slow, split, base) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
+             for slow in (slows if int(c) else [None]) for split in (splits if int(c) else [None])
+             for base in (bases if int(c) else [None])]
+    for chunk, share, slow, split, base in modes + ([("control", None, None, None, None)] if a.control else []):
         control = chunk == "control"
         if slow is not None:
             engine.long_prompts.SLOW_STEP = slow
+        if base is not None:
+            engine.backend.USUAL_QUANTILE, engine.backend.USUAL_WINDOW = usuals[base]
         if split is not None:
             engine.sliced_prefill.SPLIT_LAYERS = split
         f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share,
@@ -271,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             longest = max(longest, f.count)
         name = "nothing joins (control)" if control else "one prefill" if not chunk \
             else f"chunks of {chunk}, slices of {share} a step" + (
-                f", slow steps' excess over {slow}× out of the slice" if slow != float("inf") else ", no slow-step guard") + (
+                f", slow steps' excess over {slow}× " + ("the median of 16" if base == "median16" else "the low usual") +
+                " out of the slice" if slow != float("inf") else ", no slow-step guard") + (
                 ", layers split into row blocks" if split else ", whole layers")
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
@@ -290,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, f in rows:
         control = name.startswith("nothing")
-        print(f"| {name} | {f.step * 1000:.0f} ms | {f.worst * 1000:.0f} ms | {f.worst_local:.1f}× | {f.p99_local:.1f}× | "
-              f"{f.worst_clean:.1f}× ({f.stolen}) | "
+        print(f"| {name} | {f.step * 1000:.0f} ms | {f.worst * 1000:.0f} ms | {f.worst_local:.2f}× | {f.p99_local:.2f}× | "
+              f"{f.worst_clean:.2f}× ({f.stolen}) | "
               f"{f.worst / max(f.during, 1e-9):.1f}× ({f.during * 1000:.0f} ms) | "
               f"{'–' if control else f'{f.leave * 1000:.0f} ms ({f.leave_local:.1f}×)'} | "
               f"{f.text_step * 1000:.0f} / {f.text_worst * 1000:.0f} ms | {'–' if control else f'{f.ttft:.2f} s'} |")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 
 _torch_default: int | None = None
@@ -87,6 +89,17 @@ class CoreShare:
         if not self.enabled or mine is None or alone or asked <= self.cpus:
             return threads  # alone, a model runs on what it is set to, even more threads than CPUs
         return max(1, min(threads, mine * self.cpus // asked))
+
+    @contextmanager
+    def holding(self, threads: int) -> Iterator[int]:
+        """Hold ``threads`` while one job runs (a holder of its own: jobs of one model may run
+        at once); yields how many of them it should use now."""
+        holder = object()
+        self.hold(holder, threads)
+        try:
+            yield self.threads(holder, threads)
+        finally:
+            self.drop(holder)
 
     @property
     def busy(self) -> int:

@@ -156,13 +156,9 @@ class EmbeddingAdapter:
         if self._threads is None:
             yield
             return
-        holder = object()  # one per call: a model runner may run several at once
-        SHARE.hold(holder, self._threads)
-        try:
-            set_torch_threads(SHARE.threads(holder, self._threads))  # this thread's count
+        with SHARE.holding(self._threads) as part:
+            set_torch_threads(part)  # this thread's count
             yield
-        finally:
-            SHARE.drop(holder)
 
 
 def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:

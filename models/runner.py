@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, Callable, TypeVar
 
 from core.cores import SHARE
@@ -69,13 +70,10 @@ class ModelRunner:
             if cancel.cancelled:  # the client left while the job waited in the queue
                 raise Cancelled("request cancelled before it started")
             started = time.monotonic()
-            holder = object()  # one per job: several run at once
-            if self.cpu_threads:
-                SHARE.hold(holder, self.cpu_threads)
             try:
-                return fn(*args)
+                with SHARE.holding(self.cpu_threads) if self.cpu_threads else nullcontext():
+                    return fn(*args)
             finally:
-                SHARE.drop(holder)
                 took = time.monotonic() - started
                 self._job_s = took if self._job_s == 0 else 0.8 * self._job_s + 0.2 * took
                 if self._pending <= 1:  # nothing queued behind it: let its OpenMP pool go (core/omp.py)

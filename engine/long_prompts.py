@@ -34,6 +34,16 @@ SLICE_OF_STEP = 0.5
 # every run, the first token at 41.7-50.8 s against 43.0-49.8 s (docs/BENCHMARKS.md).
 SLOW_STEP = 1.25
 MAX_WAITS = 3
+# While rows decode, a chunk is cut so that one of its layers takes this share of the slice's
+# budget (engine/sliced_prefill.py), not the whole of it: a layer then still runs after a step
+# a little slower than SLOW_STEP usual ones, and one that runs slower than planned (1 in ~100
+# takes 1.5 times its plan, 1 in ~1,000 2-3 times) stays further from twice a step. Seventeenth
+# session, ten runs against eight at 1.0 (the whole budget): worst gaps 1.87-1.98 steps in seven
+# of the ten, 2.11-2.42 in the other three, against 1.98-2.97 (seven of the eight over 2); 99th
+# percentile 1.72-1.77 against 1.79-1.85; the long prompt's first token 20-30% later
+# (docs/BENCHMARKS.md). The slice's budget and the layer's are shares of the usual step, the
+# median of the last 16 (not their moving average, which one slow step raises for several).
+LAYER_FIT = 0.8
 
 
 class LongPrompts:
@@ -108,16 +118,19 @@ class LongPrompts:
         that None."""
         if self.sliced is None:
             return self._run_part(part, self.prefill_chunk)
-        # While rows decode, a slice takes a share of one of their steps; alone, a whole chunk.
-        cut = budget = self.slice_share * self.step_time if self.batch_size and self.step_time else None
-        if budget is not None and self.last_step is not None:
+        # While rows decode, a slice takes a share of their usual step; alone, a whole chunk.
+        cut = budget = None
+        if self.batch_size and self.step_time:
             # The slice runs after the step the rows just took, before their tokens go out: a
             # step that ran slow (now and then 1.5-2.8 times the usual on a busy or virtual
             # machine) has spent part of the gap already. Its excess over SLOW_STEP steps comes
             # out of the slice, which waits (at most MAX_WAITS steps in a row) when not even
-            # one layer fits: a slow step and a full slice together made the worst gaps.
-            took, usual = self.last_step
-            budget -= max(0.0, took - SLOW_STEP * usual)
+            # one layer fits: a slow step and a full slice together made the worst gaps. Chunks
+            # are cut so that a layer takes LAYER_FIT of the share: a step a little slower than
+            # the usual still leaves room for one.
+            took, usual = self.last_step or (self.step_time, self.step_time)
+            share = self.slice_share * usual
+            cut, budget = LAYER_FIT * share, share - max(0.0, took - SLOW_STEP * usual)
             if budget < cut and part.logits is None and part.waits < MAX_WAITS:
                 need = self.sliced.next_slice_time(part, self.prefill_chunk, cut)
                 if need is not None and need > budget:

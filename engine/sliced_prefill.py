@@ -11,9 +11,9 @@ prompt's length (scripts/bench_chunked_prefill.py).
 
 Late in a long prompt a layer's attention over every earlier position dominates it (512 tokens
 at position 3,500: ~85 ms against a ~35 ms decode step of int4 weights on a 2-core CPU). So
-while rows decode, each chunk is cut to what one of its layers can run within the budget: a
-layer costs ``tokens × (weights + attention × positions)`` multiply-adds, at the rate the recent
-layers ran. Alone, a chunk keeps its full size.
+while rows decode, each chunk is cut to what one of its layers can run within a part of the
+budget (engine/long_prompts.py LAYER_FIT): a layer costs ``tokens × (weights + attention ×
+positions)`` multiply-adds, at the rate the recent layers ran. Alone, a chunk keeps its full size.
 
 With SPLIT_LAYERS (off by default: below), a slice left less than a layer (after a slow decode
 step, or when the machine slows mid-slice) runs the layer's next rows instead, in blocks of

@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                              "after it (engine/long_prompts.py SLOW_STEP, the default); 'off': the slice keeps its "
                              "whole budget whatever the step took (as before the ninth session); several, "
                              "comma-separated, run each sliced mode with each")
+    parser.add_argument("--layer-fit", default=None,
+                        help="the share of a slice's budget one layer of a cut chunk is planned to take "
+                             "(engine/long_prompts.py LAYER_FIT, the default); a list runs each")
     parser.add_argument("--usual", default="median16",
                         help="what a slow step is judged against (engine/backend.py USUAL_QUANTILE): 'median16', the "
                              "median of the last 16 steps (the default), or 'low', the 25th percentile of the last 64, "
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     shares = [float(x) for x in a.slice_share.split(",")] if a.slice_share else [engine.long_prompts.SLICE_OF_STEP]
     slows = [float("inf") if x == "off" else float(x) for x in a.slow_step.split(",")] if a.slow_step \
         else [engine.long_prompts.SLOW_STEP]
+    fits = [float(x) for x in a.layer_fit.split(",")] if a.layer_fit else [engine.long_prompts.LAYER_FIT]
     splits = [x.strip() == "on" for x in a.row_blocks.split(",")]
     usuals = {"median16": (0.5, 16), "low": (0.25, 64)}
     bases = [x.strip() for x in a.usual.split(",")]
@@ -265,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
           flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [(int(c), share, slow, split, base) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
+    modes = [(int(c), share, slow, split, base, fit) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
              for slow in (slows if int(c) else [None]) for split in (splits if int(c) else [None])
-             for base in (bases if int(c) else [None])]
-    for chunk, share, slow, split, base in modes + ([("control", None, None, None, None)] if a.control else []):
+             for base in (bases if int(c) else [None]) for fit in (fits if int(c) else [None])]
+    for chunk, share, slow, split, base, fit in modes + ([("control", None, None, None, None, None)] if a.control else []):
         control = chunk == "control"
         if slow is not None:
             engine.long_prompts.SLOW_STEP = slow
@@ -276,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.backend.USUAL_QUANTILE, engine.backend.USUAL_WINDOW = usuals[base]
         if split is not None:
             engine.sliced_prefill.SPLIT_LAYERS = split
+        if fit is not None:
+            engine.long_prompts.LAYER_FIT = fit
         f = run(adapter, 0 if control else chunk, a.streams, None if control else long_ids, 4000, longest, share,
                 stream_prompts)
         if not control:
@@ -285,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"chunks of {chunk}, slices of {share} a step" + (
                 f", slow steps' excess over {slow}× " + ("the median of 16" if base == "median16" else "the low usual") +
                 " out of the slice" if slow != float("inf") else ", no slow-step guard") + (
-                ", layers split into row blocks" if split else ", whole layers")
+                ", layers split into row blocks" if split else ", whole layers") + (
+                f", a layer planned at {fit} of the slice" if fit != 1.0 else "")
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
               f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×, "

@@ -71,10 +71,10 @@ def test_a_slice_is_bounded_while_rows_decode_and_a_chunk_when_none_do(model):
     # A row decoding whose steps take ~no time: one layer per engine step.
     tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
     backend.decode(tokens)
-    backend.step_time = 1e-9
+    backend.last_step = (1e-9, 1e-9)  # (the last step, the usual one)
     assert backend.prefill_chunk_step(part) is None and part.sliced.layer == 1
     # Steps that take ages: the rest of the chunk, and the next ones, within one call.
-    backend.step_time = 1e3
+    backend.last_step = (1e3, 1e3)
     logits = None
     while logits is None:
         logits = backend.prefill_chunk_step(part)
@@ -119,7 +119,10 @@ def test_engine_replies_identical_to_one_prefill(model, chunk):
 
 def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
     """The model setting `prefill_slice_share` reaches the engine: while rows decode, each
-    slice's budget is that share of their recent step; a share out of range is refused."""
+    slice's budget is that share of their usual step, and chunks are cut so that a layer takes
+    LAYER_FIT of it; a share out of range is refused."""
+    from engine.long_prompts import LAYER_FIT
+
     from pydantic import ValidationError
 
     from core.config import ModelConfig
@@ -138,13 +141,13 @@ def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
     tokenizer = adapter.tokenizer
     budgets = []
     advance = backend.sliced.advance
-    backend.sliced.advance = lambda part, size, budget, *cut: budgets.append(budget) or advance(part, size, budget, *cut)
+    backend.sliced.advance = lambda part, size, budget, cut: budgets.append((budget, cut)) or advance(part, size, budget, cut)
     part = backend.begin_prefill(EncodedPrompt(tokenizer(TEXT)["input_ids"]))
     tokens = backend.prefill([EncodedPrompt(tokenizer("hello there")["input_ids"])]).argmax(-1).tolist()
     backend.decode(tokens)
-    backend.step_time = 0.04
+    backend.last_step = (0.04, 0.04)
     backend.prefill_chunk_step(part)
-    assert budgets == [pytest.approx(0.01)]
+    assert budgets == [(pytest.approx(0.01), pytest.approx(0.01 * LAYER_FIT))]
 
 
 def test_a_slice_stops_at_a_chunk_boundary_when_the_next_chunks_layer_would_overrun(model):

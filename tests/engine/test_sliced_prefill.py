@@ -121,11 +121,10 @@ def test_the_slice_takes_the_models_share_of_a_decode_step(tmp_path):
     """The model setting `prefill_slice_share` reaches the engine: while rows decode, each
     slice's budget is that share of their usual step, and chunks are cut so that a layer takes
     LAYER_FIT of it; a share out of range is refused."""
-    from engine.long_prompts import LAYER_FIT
-
     from pydantic import ValidationError
 
     from core.config import ModelConfig
+    from engine.long_prompts import LAYER_FIT
     from llm.causal import CausalLMAdapter
     from models.registry import spec_from_config
 

@@ -88,10 +88,11 @@ class BatchBackend(LongPrompts, ImageInputs):
         # decode step's time (engine/sliced_prefill.py); others run a whole chunk per step.
         self.sliced = SlicedPrefill(model) if self.prefill_chunk and not mrope and lean_supported(model) else None
         self.slice_share = slice_share  # of a decode step, per slice while rows decode
-        self.step_time: float | None = None  # recent decode steps' duration (seconds, moving average)
         # The last step's duration, and the usual one before it (USUAL_QUANTILE of the last
-        # USUAL_WINDOW): whether it ran slow (engine/long_prompts.py). Against the average,
-        # which the slow steps themselves raise, a step 1.5 times the usual looked only 1.35 times.
+        # USUAL_WINDOW): a long prompt's slices are shares of the usual step, less the last one's
+        # excess when it ran slow (engine/long_prompts.py). Against the moving average (what the
+        # budgets were shares of until the seventeenth session), which the slow steps themselves
+        # raise, a step 1.5 times the usual looked only 1.35 times.
         self.last_step: tuple[float, float] | None = None
         self._recent_steps: deque[float] = deque(maxlen=USUAL_WINDOW)
         self._usual_quantile = USUAL_QUANTILE
@@ -241,7 +242,6 @@ class BatchBackend(LongPrompts, ImageInputs):
         took = time.perf_counter() - start
         self.last_step = (took, _quantile(self._recent_steps, self._usual_quantile) if self._recent_steps else took)
         self._recent_steps.append(took)
-        self.step_time = took if self.step_time is None else 0.8 * self.step_time + 0.2 * took
         return logits
 
     @torch.inference_mode()

@@ -124,7 +124,7 @@ class LongPrompts:
             return self._run_part(part, self.prefill_chunk)
         # While rows decode, a slice takes a share of their usual step; alone, a whole chunk.
         cut = budget = None
-        if self.batch_size and self.step_time:
+        if self.batch_size and self.last_step is not None:
             # The slice runs after the step the rows just took, before their tokens go out: a
             # step that ran slow (now and then 1.5-2.8 times the usual on a busy or virtual
             # machine) has spent part of the gap already. Its excess over SLOW_STEP steps comes
@@ -132,7 +132,7 @@ class LongPrompts:
             # one layer fits: a slow step and a full slice together made the worst gaps. Chunks
             # are cut so that a layer takes LAYER_FIT of the share: a step a little slower than
             # the usual still leaves room for one.
-            took, usual = self.last_step or (self.step_time, self.step_time)
+            took, usual = self.last_step
             share = self.slice_share * usual
             cut, budget = LAYER_FIT * share, share - max(0.0, took - SLOW_STEP * usual)
             if budget < cut and part.logits is None and part.waits < MAX_WAITS:

@@ -191,7 +191,7 @@ def test_a_slow_step_takes_its_excess_out_of_the_slice_after_it(model):
 
     def step(took: float) -> int:
         """One engine step after a decode step of ``took`` usual steps; the layers it ran."""
-        backend.step_time, backend.last_step = 0.1, (0.1 * took, 0.1)
+        backend.last_step = (0.1 * took, 0.1)
         before = progress()
         assert backend.prefill_chunk_step(part) is None
         return progress() - before

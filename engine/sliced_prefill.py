@@ -10,10 +10,14 @@ then the rows decode. The stall per step is then that share of a decode step, wh
 prompt's length (scripts/bench_chunked_prefill.py).
 
 Late in a long prompt a layer's attention over every earlier position dominates it (512 tokens
-at position 3,500: ~85 ms against a ~35 ms decode step of int4 weights on a 2-core CPU). So
-while rows decode, each chunk is cut to what one of its layers can run within a part of the
-budget (engine/long_prompts.py LAYER_FIT): a layer costs ``tokens × (weights + attention ×
-positions)`` multiply-adds, at the rate the recent layers ran. Alone, a chunk keeps its full size.
+at position 3,500: ~54 ms in bf16 on a 2-core CPU, against a ~14 ms decode step of 4 rows).
+So while rows decode, each layer runs in pieces of rows (PIECES, engine/layer_pieces.py: its
+projections, its attention and its MLP each over blocks of rows, sized to the time left), and
+the chunk keeps its size. Models whose layers have other parts, and PIECES off, cut the chunk
+instead, to what one of its layers can run within a part of the budget (engine/long_prompts.py
+LAYER_FIT): a layer costs ``tokens × (weights + attention × positions)`` multiply-adds, at the
+rate the recent layers ran; late in a 4,000-token prompt that is 32-64 tokens, whose matmuls
+run at about half the rate of 512. Alone, a chunk keeps its full size and runs whole layers.
 
 With SPLIT_LAYERS (off by default: below), a slice left less than a layer (after a slow decode
 step, or when the machine slows mid-slice) runs the layer's next rows instead, in blocks of
@@ -38,6 +42,7 @@ from typing import Any
 
 import torch
 
+from engine import layer_pieces
 
 @dataclass
 class _Chunk:
@@ -47,8 +52,12 @@ class _Chunk:
     position_ids: torch.Tensor
     position_embeddings: Any
     layer: int = 0             # layers done
-    row: int = 0               # rows of layer ``layer`` done (a layer the budget did not fit)
+    row: int = 0               # rows of layer ``layer`` done (a layer the budget did not fit), or
+                               # with pieces (engine/layer_pieces.py) rows of its phase ``phase``
     out: torch.Tensor | None = None  # those rows' output, until the layer's last row ran
+    phase: int = 0             # with pieces: the layer's phase under way (layer_pieces.PHASES)
+    query: torch.Tensor | None = None     # with pieces: the layer's queries, after ``proj``
+    attended: torch.Tensor | None = None  # with pieces: its attention's output, after ``attend``
 
     @property
     def tokens(self) -> int:
@@ -73,6 +82,14 @@ ROW_STEP = 16
 # budget), the trade a smaller slice share already offers (docs/BENCHMARKS.md, eleventh
 # session). scripts/bench_chunked_prefill.py --row-blocks on,off --slow-step 1.0 compares them.
 SPLIT_LAYERS = False
+# Whether, while rows decode, a chunk keeps its size and its layers run in pieces of rows
+# (engine/layer_pieces.py) instead of being cut until one layer fits a slice. Eighteenth
+# session, SmolLM2 bf16 + int4 on 2 cores, 4 streams and a 4,000-token prompt, in the same
+# runs: its first token at 30-40 s against 52-59 s, the streams' worst gaps no larger (1.80-2.16
+# steps against 1.83-2.51) and the 99th percentile ~0.03 steps higher (the slices fill more of
+# their budget); alone in slices of 7 ms the prompt's layers took 9.7-9.9 s against 12.7-12.9 s
+# (docs/BENCHMARKS.md). scripts/bench_chunked_prefill.py --pieces on,off compares them.
+PIECES = True
 
 
 class SlicedPrefill:
@@ -94,6 +111,7 @@ class SlicedPrefill:
         # ... and per position it attends to, a query-key product and a value sum per head.
         self._attention_macs = 2 * heads * head_dim
         self._rates: deque[float] = deque(maxlen=8)  # multiply-adds per second of recent layers
+        self.pieces = layer_pieces.LayerPieces(model) if PIECES and layer_pieces.supported(model) else None
 
     def layer_macs(self, tokens: int, start: int) -> float:
         """Multiply-adds of one layer for ``tokens`` tokens after ``start`` cached ones (the
@@ -166,8 +184,15 @@ class SlicedPrefill:
 
     def next_slice_time(self, part: Any, size: int, cut: float) -> float | None:
         """The predicted seconds of the least a slice of ``part`` runs (chunks cut to ``cut``):
-        one block of its next layer's rows, or that whole layer when it cannot be split, at
-        the recent layers' rate; None before any layer ran."""
+        with pieces, one block of rows of the next phase at that phase's recent rate; else one
+        block of its next layer's rows, or that whole layer when it cannot be split, at the
+        recent layers' rate; None before any ran."""
+        if self.pieces is not None:
+            chunk = part.sliced
+            if chunk is None:
+                return self.pieces.seconds("proj", part.done, 0, min(layer_pieces.BLOCK_ROWS, len(part.prompt.input_ids) - part.done))
+            r1 = min(chunk.tokens, chunk.row + layer_pieces.BLOCK_ROWS)
+            return self.pieces.seconds(layer_pieces.PHASES[chunk.phase], chunk.start, chunk.row, r1)
         if not self._rates:
             return None
         chunk = part.sliced
@@ -222,6 +247,10 @@ class SlicedPrefill:
         While rows decode, chunks are cut to ``cut`` seconds a layer (by default ``budget``:
         this step's budget may be less, engine/long_prompts.py). Returns the prompt's
         next-token logits (1, vocab) once its last chunk's last layer ran, else None."""
+        if self.pieces is not None and (budget is not None or _mid_layer(part.sliced)):
+            done, logits = self._advance_pieces(part, size, budget, cut)
+            if done or budget is not None:
+                return logits
         start = time.perf_counter()
         n = len(part.prompt.input_ids)
         cut = budget if cut is None else cut
@@ -243,9 +272,59 @@ class SlicedPrefill:
             self._run_rows(part, chunk, rows)
             first = False
             if chunk.layer == len(self.layers):
-                part.sliced, part.done = None, chunk.end
-                if chunk.end == n:
-                    hidden = self.inner.norm(chunk.hidden)
-                    return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
-                if budget is None:
-                    return None
+                logits = self._end_chunk(part, chunk)
+                if logits is not None or budget is None:
+                    return logits
+
+    def _end_chunk(self, part: Any, chunk: _Chunk) -> torch.Tensor | None:
+        """The chunk ran every layer: the prompt's next-token logits after its last chunk."""
+        part.sliced, part.done = None, chunk.end
+        if chunk.end == len(part.prompt.input_ids):
+            hidden = self.inner.norm(chunk.hidden)
+            return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
+        return None
+
+    def _advance_pieces(self, part: Any, size: int, budget: float | None,
+                        cut: float | None) -> tuple[bool, torch.Tensor | None]:
+        """Run pieces of ``part``'s layers (engine/layer_pieces.py) for about ``cut`` seconds
+        or ``budget`` when less (``cut`` by default ``budget``), at least one block; chunks keep
+        ``size`` tokens. With no budget, the rest of the layer under way. (whether this call
+        is over, the prompt's logits after its last chunk or None)."""
+        pieces, begin = self.pieces, time.perf_counter()
+        cut = budget if cut is None else cut
+        first = True
+        while True:
+            chunk = part.sliced
+            if chunk is None:
+                start, tokens, phase, r0 = part.done, min(size, len(part.prompt.input_ids) - part.done), 0, 0
+            else:
+                start, tokens, phase, r0 = chunk.start, chunk.tokens, chunk.phase, chunk.row
+            allowed = None if budget is None else min(cut, budget) - (time.perf_counter() - begin)
+            rows = pieces.rows_within(layer_pieces.PHASES[phase], start, r0, tokens, allowed)
+            if rows == 0:
+                if not first:
+                    return True, None
+                rows = min(tokens - r0, layer_pieces.BLOCK_ROWS)
+            if chunk is None:
+                chunk = part.sliced = self._begin_chunk(part, size)
+            pieces.run(layer_pieces.PHASES[phase], self.layers[chunk.layer], chunk.layer, chunk, part.cache, r0, r0 + rows)
+            first = False
+            chunk.row = r0 + rows
+            if chunk.row < tokens:
+                continue
+            chunk.row, chunk.phase = 0, phase + 1
+            if chunk.phase < len(layer_pieces.PHASES):
+                continue
+            chunk.phase, chunk.layer = 0, chunk.layer + 1
+            chunk.hidden, chunk.out, chunk.query, chunk.attended = chunk.out, None, None, None
+            if chunk.layer == len(self.layers):
+                logits = self._end_chunk(part, chunk)
+                if logits is not None or budget is None:
+                    return True, logits
+            if budget is None:
+                return False, None  # the layer under way is done: whole layers from here
+
+
+def _mid_layer(chunk: _Chunk | None) -> bool:
+    """Whether the chunk's layer under way is partly run in pieces."""
+    return chunk is not None and (chunk.phase > 0 or chunk.row > 0)

@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="on: a layer the slice has no room for runs in row blocks; off: whole layers only "
                              "(engine/sliced_prefill.py SPLIT_LAYERS, the default); "
                              "'on,off' runs each sliced mode with each")
+    parser.add_argument("--pieces", default=None,
+                        help="on: while rows decode, chunks keep their size and layers run in pieces of rows "
+                             "(engine/layer_pieces.py); off: chunks cut until one layer fits a slice "
+                             "(engine/sliced_prefill.py PIECES, the default); 'on,off' runs each sliced mode with each")
     parser.add_argument("--control", action="store_true",
                         help="also run the streams with nothing joining, for as many steps as the longest join took: "
                              "the machine's own gaps between decode steps")
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         else [engine.long_prompts.SLOW_STEP]
     fits = [float(x) for x in a.layer_fit.split(",")] if a.layer_fit else [engine.long_prompts.LAYER_FIT]
     splits = [x.strip() == "on" for x in a.row_blocks.split(",")]
+    pieces = [x.strip() == "on" for x in a.pieces.split(",")] if a.pieces else [engine.sliced_prefill.PIECES]
     usuals = {"median16": (0.5, 16), "low": (0.25, 64)}
     bases = [x.strip() for x in a.usual.split(",")]
     if any(x not in usuals for x in bases):
@@ -269,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'of {a.stream_tokens} tokens each; ' if a.stream_tokens else ''}a {len(long_ids)}-token prompt joins",
           flush=True)
     rows, replies, longest = [], set(), 0
-    modes = [(int(c), share, slow, split, base, fit) for c in a.chunks.split(",") for share in (shares if int(c) else [None])
+    modes = [(int(c), share, slow, split, base, fit, piece) for c in a.chunks.split(",")
+             for share in (shares if int(c) else [None])
              for slow in (slows if int(c) else [None]) for split in (splits if int(c) else [None])
-             for base in (bases if int(c) else [None]) for fit in (fits if int(c) else [None])]
-    for chunk, share, slow, split, base, fit in modes + ([("control", None, None, None, None, None)] if a.control else []):
+             for base in (bases if int(c) else [None]) for fit in (fits if int(c) else [None])
+             for piece in (pieces if int(c) else [None])]
+    for chunk, share, slow, split, base, fit, piece in modes + ([("control",) + (None,) * 6] if a.control else []):
         control = chunk == "control"
+        if piece is not None:
+            engine.sliced_prefill.PIECES = piece
         if slow is not None:
             engine.long_prompts.SLOW_STEP = slow
         if base is not None:
@@ -291,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"chunks of {chunk}, slices of {share} a step" + (
                 f", slow steps' excess over {slow}× " + ("the median of 16" if base == "median16" else "the low usual") +
                 " out of the slice" if slow != float("inf") else ", no slow-step guard") + (
-                ", layers split into row blocks" if split else ", whole layers") + (
-                f", a layer planned at {fit} of the slice" if fit != 1.0 else "")
+                ", layers in pieces of rows" if piece else ", layers split into row blocks" if split else ", whole layers") + (
+                f", a {'piece' if piece else 'layer'} planned at {fit} of the slice" if fit != 1.0 else "")
         rows.append((name, f))
         print(f"  {name}: token gaps: step {f.step * 1000:.0f} ms, worst {f.worst * 1000:.0f} ms "
               f"({f.worst_local:.1f}× the steps around it, 99th percentile {f.p99_local:.1f}×, "

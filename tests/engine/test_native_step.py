@@ -391,8 +391,11 @@ def join_with_staging(built, monkeypatch, swap_row: bool = False, decoding: bool
     copy, but one piece a step runs, and the running rows' first piece looks a thousand times
     slower than the new row's did. Returns what the staged join saw."""
     from engine import backend as backend_module
-    from engine import long_prompts
+    from engine import long_prompts, sliced_prefill
 
+    # Whole layers, one a call (engine/layer_pieces.py would take several calls a layer, and the
+    # rows, decoding once a call, would outgrow the prompt before it joins).
+    monkeypatch.setattr(sliced_prefill, "PIECES", False)
     model, tokenizer = tiny_llama(dtype=torch.float32)
     ids = tokenizer("the river carries boats past the old mill " * 40)["input_ids"]
     long = EncodedPrompt(ids[:300])

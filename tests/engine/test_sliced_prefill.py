@@ -1,7 +1,8 @@
 """A long prompt prefilled a few layers per engine step (engine/sliced_prefill.py): the same
 cache and logits as one forward per chunk (bitwise), a bounded slice per step while rows decode
 (one layer when the budget is spent at once), chunks cut to the budget while rows decode and
-whole when nothing does, and greedy replies through the engine identical to one prefill."""
+whole when nothing does, and greedy replies through the engine identical to one prefill (also
+with layers in pieces, engine/layer_pieces.py, which tests/engine/test_layer_pieces.py tests)."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,16 @@ from tests.engine.test_lean_decode import tiny_llama
 pytestmark = pytest.mark.timeout(180)
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the fence. " * 5
+
+
+@pytest.fixture(autouse=True)
+def whole_layers(request, monkeypatch):
+    """These tests are of whole layers and chunks cut to the budget (PIECES off), except where a
+    test asks for ``pieces``; layers run in pieces are tests/engine/test_layer_pieces.py's."""
+    import engine.sliced_prefill
+
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    monkeypatch.setattr(engine.sliced_prefill, "PIECES", params.get("pieces", False))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen2-int4"])
@@ -102,8 +113,9 @@ def test_chunks_are_cut_to_what_one_layer_runs_within_the_budget(model):
     assert sliced.chunk_size(10**6, 512, budget) == CUT_STEP  # never below one step
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("chunk", [16, 64])
-def test_engine_replies_identical_to_one_prefill(model, chunk):
+def test_engine_replies_identical_to_one_prefill(model, chunk, pieces):
     model, tokenizer = model
 
     def encode(messages, prompt):
@@ -113,7 +125,7 @@ def test_engine_replies_identical_to_one_prefill(model, chunk):
     requests = [(None, TEXT, params), (None, "short one", params), (None, TEXT[::-1], params)]
     one = [run_batch(BatchBackend(model, tokenizer, encode, threads=1), [r])[0][0] for r in requests]
     sliced = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=chunk)
-    assert sliced.sliced is not None
+    assert sliced.sliced is not None and (sliced.sliced.pieces is not None) == pieces
     assert [text for text, _ in run_batch(sliced, requests)] == one
 
 

@@ -34,10 +34,13 @@ SLICE_OF_STEP = 0.5
 # every run, the first token at 41.7-50.8 s against 43.0-49.8 s (docs/BENCHMARKS.md).
 SLOW_STEP = 1.25
 MAX_WAITS = 3
-# While rows decode, a chunk is cut so that one of its layers takes this share of the slice's
-# budget (engine/sliced_prefill.py), not the whole of it: a layer then still runs after a step
-# a little slower than SLOW_STEP usual ones, and one that runs slower than planned (1 in ~100
-# takes 1.5 times its plan, a few a join 2-3.5 times) stays further from twice a step.
+# While rows decode, a slice's pieces of layers (engine/layer_pieces.py) are planned to fill
+# this share of its budget, or where layers run whole, a chunk is cut so that one of its layers
+# takes it (engine/sliced_prefill.py), not the whole budget: a layer then still runs after a
+# step a little slower than SLOW_STEP usual ones, and one that runs slower than planned (1 in
+# ~100 takes 1.5 times its plan, a few a join 2-3.5 times) stays further from twice a step.
+# With pieces (eighteenth session, three runs), 0.65 instead gave worst gaps of 1.79-2.14 steps
+# against 1.85-2.23 and a 99th percentile ~0.1 lower, with the first token ~25% later.
 # Seventeenth session, fifteen runs against eight with the whole budget (1.0): worst gaps
 # 1.87-1.98 steps in eight of the fifteen and 2.11-3.54 in seven, against 1.98-2.97 (seven of
 # the eight over 2); 99th percentile 1.70-1.79 against 1.79-1.85; the long prompt's first

@@ -106,9 +106,12 @@ class LayerPieces:
         rows = rows // BLOCK_ROWS * BLOCK_ROWS
         return rest if rows >= rest else max(0, rows)
 
-    def run(self, phase: str, layer: Any, index: int, chunk: Any, cache: Any, r0: int, r1: int) -> None:
+    def run(self, phase: str, layer: Any, index: int, chunk: Any, cache: Any, r0: int, r1: int,
+            mask: torch.Tensor | None = None) -> None:
         """Run rows r0..r1 of ``phase`` of decoder layer ``layer`` (number ``index``) for the
-        chunk (engine/sliced_prefill.py ``_Chunk``): its buffers hold what the next phase reads."""
+        chunk (engine/sliced_prefill.py ``_Chunk``): its buffers hold what the next phase reads.
+        ``mask``: the attention's, the rows' causal mask over the positions up to theirs (None:
+        the rows are the prompt's first, and attend causally among themselves)."""
         t0 = time.perf_counter()
         tokens, start = chunk.tokens, chunk.start
         attn = layer.self_attn
@@ -129,16 +132,9 @@ class LayerPieces:
                 chunk.attended = chunk.hidden.new_empty((1, tokens, self.heads * self.head_dim))
             kv = cache.layers[index]
             keys, values = kv.keys[:, :, :start + r1], kv.values[:, :, :start + r1]
-            q = chunk.query[:, :, r0:r1]
-            if start + r0 == 0:  # the prompt's first rows attend to nothing before them
-                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=attn.scaling,
-                                                     enable_gqa=self.kv_heads != self.heads)
-            else:
-                device = q.device
-                query_at = torch.arange(start + r0, start + r1, device=device).unsqueeze(1)
-                mask = (torch.arange(start + r1, device=device).unsqueeze(0) <= query_at)[None, None]
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                                     enable_gqa=self.kv_heads != self.heads)
+            out = F.scaled_dot_product_attention(chunk.query[:, :, r0:r1], keys, values, attn_mask=mask,
+                                                 is_causal=mask is None, scale=attn.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
             chunk.attended[:, r0:r1] = out.transpose(1, 2).reshape(1, r1 - r0, -1)
         else:
             if chunk.out is None:

@@ -44,6 +44,7 @@ import torch
 
 from engine import layer_pieces
 
+
 @dataclass
 class _Chunk:
     end: int                   # prompt tokens up to here are in this chunk
@@ -85,8 +86,8 @@ SPLIT_LAYERS = False
 # Whether, while rows decode, a chunk keeps its size and its layers run in pieces of rows
 # (engine/layer_pieces.py) instead of being cut until one layer fits a slice. Eighteenth
 # session, SmolLM2 bf16 + int4 on 2 cores, 4 streams and a 4,000-token prompt, in the same
-# runs: its first token at 30-40 s against 52-59 s, the streams' worst gaps no larger (1.80-2.16
-# steps against 1.83-2.51) and the 99th percentile ~0.03 steps higher (the slices fill more of
+# runs: its first token at 34-40 s against 52-59 s, the streams' worst gaps no lower (1.80-2.23
+# steps in seven runs against 1.83-2.51 in four) and the 99th percentile ~0.05 steps higher (the slices fill more of
 # their budget); alone in slices of 7 ms the prompt's layers took 9.7-9.9 s against 12.7-12.9 s
 # (docs/BENCHMARKS.md). scripts/bench_chunked_prefill.py --pieces on,off compares them.
 PIECES = True
@@ -300,14 +301,18 @@ class SlicedPrefill:
             else:
                 start, tokens, phase, r0 = chunk.start, chunk.tokens, chunk.phase, chunk.row
             allowed = None if budget is None else min(cut, budget) - (time.perf_counter() - begin)
-            rows = pieces.rows_within(layer_pieces.PHASES[phase], start, r0, tokens, allowed)
+            name = layer_pieces.PHASES[phase]
+            rows = pieces.rows_within(name, start, r0, tokens, allowed)
             if rows == 0:
                 if not first:
                     return True, None
                 rows = min(tokens - r0, layer_pieces.BLOCK_ROWS)
             if chunk is None:
                 chunk = part.sliced = self._begin_chunk(part, size)
-            pieces.run(layer_pieces.PHASES[phase], self.layers[chunk.layer], chunk.layer, chunk, part.cache, r0, r0 + rows)
+            # The attention's mask cut from the chunk's own (built once per chunk, as for a
+            # whole layer), except for the prompt's first rows, which attend causally.
+            mask = self._block_mask(chunk, r0, r0 + rows) if name == "attend" and start + r0 > 0 else None
+            pieces.run(name, self.layers[chunk.layer], chunk.layer, chunk, part.cache, r0, r0 + rows, mask)
             first = False
             chunk.row = r0 + rows
             if chunk.row < tokens:
@@ -315,8 +320,10 @@ class SlicedPrefill:
             chunk.row, chunk.phase = 0, phase + 1
             if chunk.phase < len(layer_pieces.PHASES):
                 continue
+            # The next layer reads this one's output and writes over its input: the buffers are
+            # reused layer after layer (memory new to the process can cost ~40 us a page).
             chunk.phase, chunk.layer = 0, chunk.layer + 1
-            chunk.hidden, chunk.out, chunk.query, chunk.attended = chunk.out, None, None, None
+            chunk.hidden, chunk.out = chunk.out, chunk.hidden
             if chunk.layer == len(self.layers):
                 logits = self._end_chunk(part, chunk)
                 if logits is not None or budget is None:

@@ -32,9 +32,9 @@ def prefill(backend: BatchBackend, prompt: EncodedPrompt, budget: float | None) 
     runs = []
     run = backend.sliced.pieces.run
 
-    def record(phase, layer, index, chunk, cache, r0, r1):
+    def record(phase, layer, index, chunk, cache, r0, r1, mask=None):
         runs.append((phase, index, chunk.start, r0, r1))
-        run(phase, layer, index, chunk, cache, r0, r1)
+        run(phase, layer, index, chunk, cache, r0, r1, mask)
 
     backend.sliced.pieces.run = record
     part = backend.begin_prefill(prompt)
@@ -118,7 +118,7 @@ def test_a_slice_fills_its_budget_in_pieces_and_chunks_keep_their_size(model, mo
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     runs = []
 
-    def run(phase, layer, index, chunk, cache, r0, r1):
+    def run(phase, layer, index, chunk, cache, r0, r1, mask=None):
         runs.append((phase, index, r0, r1))
         clock[0] += pieces.macs(phase, chunk.start, r0, r1) / rate
 

@@ -12,6 +12,7 @@ from engine.backend import BatchBackend, EncodedPrompt
 from engine.layer_pieces import BLOCK_ROWS, PHASES
 from engine.quant import quantize_int4_weight_only
 from tests.engine.test_lean_decode import tiny_llama
+from tests.engine.test_sliced_prefill import assert_same_to_rounding
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,16 +70,7 @@ def test_pieces_are_one_forward_per_chunk_to_rounding(model):
             for phase in PHASES:
                 expected += [(phase, layer, start, r, min(tokens, r + BLOCK_ROWS)) for r in range(0, tokens, BLOCK_ROWS)]
     assert runs == expected
-    torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
-    for x, y in zip(a.cache.layers, b.cache.layers):
-        torch.testing.assert_close(x.keys, y.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x.values, y.values, rtol=1e-5, atol=1e-5)
-    tokens = logits.argmax(-1).tolist()
-    assert tokens == whole.argmax(-1).tolist()
-    for _ in range(4):
-        la, lb = a.decode(tokens), b.decode(tokens)
-        assert la.argmax(-1).tolist() == lb.argmax(-1).tolist()
-        tokens = la.argmax(-1).tolist()
+    assert_same_to_rounding(a, b, logits, whole, 1e-5)
 
 
 def test_a_piece_is_sized_to_the_time_left_at_its_phases_rate(model, monkeypatch):

@@ -50,6 +50,22 @@ def prefill_parts(backend: BatchBackend, prompt: EncodedPrompt, sliced: bool) ->
             return logits, calls
 
 
+def assert_same_to_rounding(a: BatchBackend, b: BatchBackend, logits: torch.Tensor, whole: torch.Tensor,
+                            tol: float) -> None:
+    """``a``'s prefill gave ``logits`` and ``b``'s ``whole``: they, and the two caches, agree
+    within ``tol``; the greedy token and the next decode steps' tokens are the same."""
+    torch.testing.assert_close(logits, whole, rtol=tol, atol=tol)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        torch.testing.assert_close(x.keys, y.keys, rtol=tol, atol=tol)
+        torch.testing.assert_close(x.values, y.values, rtol=tol, atol=tol)
+    tokens = logits.argmax(-1).tolist()
+    assert tokens == whole.argmax(-1).tolist()
+    for _ in range(4):
+        la, lb = a.decode(tokens), b.decode(tokens)
+        assert la.argmax(-1).tolist() == lb.argmax(-1).tolist()
+        tokens = la.argmax(-1).tolist()
+
+
 def test_sliced_prefill_is_bitwise_one_forward_per_chunk(model):
     model, tokenizer = model
     prompt = EncodedPrompt(tokenizer(TEXT)["input_ids"])
@@ -279,16 +295,7 @@ def test_a_layer_the_budget_does_not_fit_runs_in_row_blocks(arch, monkeypatch):
     # each whole chunk's layers a block a call (the last chunk's few rows may share one)
     assert sum(done < n // chunk * chunk for done, _, _ in seen) == (n // chunk) * layers * blocks
     whole, _ = prefill_parts(b, prompt, False)
-    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
-    for x, y in zip(a.cache.layers, b.cache.layers):
-        torch.testing.assert_close(x.keys, y.keys, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(x.values, y.values, rtol=1e-4, atol=1e-4)
-    tokens = logits.argmax(-1).tolist()
-    assert tokens == whole.argmax(-1).tolist()
-    for _ in range(4):
-        la, lb = a.decode(tokens), b.decode(tokens)
-        assert la.argmax(-1).tolist() == lb.argmax(-1).tolist()
-        tokens = la.argmax(-1).tolist()
+    assert_same_to_rounding(a, b, logits, whole, 1e-4)
     # A budget that fits the whole layer runs it whole, as before.
     part = a.begin_prefill(EncodedPrompt(tokenizer(TEXT[::-1] * 3)["input_ids"]))  # not a cached prefix
     assert part.done == 0

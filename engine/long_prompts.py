@@ -31,8 +31,13 @@ SLICE_OF_STEP = 0.5
 # 2.2-2.9 with no guard, and 1.25 made the prompt's first token come later (90-98 s against
 # 71-80 s) with no better worst gaps. On the server's ragged step (sixteenth session, five runs,
 # each with both), 1.25 gave worst gaps of 2.0-2.17 steps against 2.07-2.4 at 1.5, lower in
-# every run, the first token at 41.7-50.8 s against 43.0-49.8 s (docs/BENCHMARKS.md).
-SLOW_STEP = 1.25
+# every run, the first token at 41.7-50.8 s against 43.0-49.8 s (docs/BENCHMARKS.md). With
+# layers in pieces (engine/layer_pieces.py, eighteenth session) a slice gives up a slow step's
+# excess in blocks of rows, without waiting for a whole layer to fit: at 1.0, five runs, each
+# with both, gave worst gaps of 1.76-1.85 steps (99th percentile 1.56-1.63) against 1.81-2.31
+# (1.68-1.75) at 1.25, the first token no later (31.8-37.9 s against 31.5-38.2 s). With whole
+# layers 1.0 had been no better than 1.25 (seventeenth session).
+SLOW_STEP = 1.0
 MAX_WAITS = 3
 # While rows decode, a slice's pieces of layers (engine/layer_pieces.py) are planned to fill
 # this share of its budget, or where layers run whole, a chunk is cut so that one of its layers

@@ -10,6 +10,10 @@ streams' step grows with their length (here from ~20 to ~35 ms over a join), so 
 usual step at that moment. The long prompt's reply is 4 tokens; the gaps from its first token
 until 16 steps after it left show what its leaving costs the others.
 
+Each mode also prints its three largest gaps split into what the engine's thread did in them:
+the rows' decode call, the long prompt's slice, and the rest (delivering tokens, bookkeeping,
+and time the machine took outside both), each in usual steps.
+
 The control (``--control``) runs the same streams with nothing joining, for as many steps as the
 longest join: its worst gap is what the machine alone does to these steps.
 
@@ -51,6 +55,7 @@ class Figures:
     leave_local: float  # that gap against the steps around it
     worst_clean: float  # the worst ratio to the steps around it once the time the hypervisor took is out
     stolen: int         # the join's gaps during which the hypervisor took time (steal ticks in /proc/stat)
+    largest: list       # the join's three largest gaps, each (ratio, decode call, slice, the rest) in usual steps
 
 
 TICK = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -82,6 +87,23 @@ def local_ratios(steps: list[float], took: list[tuple[float, float]], begin: flo
     return out
 
 
+def made_of(steps: list[float], took: list[tuple[float, float]], sliced: list[tuple[float, float]],
+            begin: float, end: float, count: int = 3) -> list[tuple[float, float, float, float]]:
+    """The ``count`` largest token gaps between ``begin`` and ``end``, each as (gap, decode call,
+    slice, the rest) in units of the median decode call of the 33 around it: what the engine's
+    thread did in that gap (the rest: delivering tokens, the engine's own bookkeeping, and any
+    time the machine took outside both calls)."""
+    out = []
+    for j in range(1, len(steps)):
+        a, b = steps[j - 1], steps[j]
+        if a <= end and b >= begin:
+            usual = statistics.median(d for _, d in took[max(0, j - 16):j + 17])
+            decode = sum(d for e, d in took if a < e <= b)
+            slice_ = sum(e - s for s, e in sliced if a < e <= b)
+            out.append(((b - a) / usual, decode / usual, slice_ / usual, (b - a - decode - slice_) / usual))
+    return sorted(out, reverse=True)[:count]
+
+
 def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_tokens: int, control_steps: int = 0,
         share: float | None = None, stream_prompts: list[list[int]] | None = None) -> Figures:
     """The figures of one mode. Without ``long_ids`` (the control) nothing joins: the same
@@ -110,6 +132,16 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
         return out
 
     backend.decode = timed_decode
+    sliced: list[tuple[float, float]] = []  # (start, end) of each call that advanced the long prompt
+    chunk_step = backend.prefill_chunk_step
+
+    def timed_chunk_step(part):
+        start = time.perf_counter()
+        out = chunk_step(part)
+        sliced.append((start, time.perf_counter()))
+        return out
+
+    backend.prefill_chunk_step = timed_chunk_step
 
     async def main():
         engine = Engine(backend, name="bench", stream_interval=0.0)
@@ -183,7 +215,8 @@ def run(adapter, chunk: int, streams: int, long_ids: list[int] | None, new_token
                        ttft=first - joined_at, text=text, leave=max(g for g, _, _ in leave),
                        leave_local=max(r for _, r, _ in leave),
                        worst_clean=max(r * max(0.0, g - lost) / g for g, r, lost in join),
-                       stolen=sum(lost > 0 for _, _, lost in join))
+                       stolen=sum(lost > 0 for _, _, lost in join),
+                       largest=made_of(steps, took, sliced, joined_at, first))
 
     return asyncio.run(main())
 
@@ -310,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if control else f'as it leaves {f.leave * 1000:.0f} ms ({f.leave_local:.1f}×); '}"
               f"text events: {f.text_step * 1000:.0f} ms, worst {f.text_worst * 1000:.0f} ms; "
               f"{f'{f.count} steps' if control else f'long prompt TTFT {f.ttft:.2f} s'}", flush=True)
+        print("    its largest gaps, in usual steps (decode call + slice + the rest): " + "; ".join(
+            f"{g:.2f} = {d:.2f} + {sl:.2f} + {r:.2f}" for g, d, sl, r in f.largest), flush=True)
     print(f"load average after: {os.getloadavg()}\n")
     print("| prefill | usual step (median token gap before) | worst token gap while the long prompt joins | "
           "worst / the steps around it | 99th percentile of gap / steps around it | "

@@ -133,6 +133,18 @@ def test_a_slice_fills_its_budget_in_pieces_and_chunks_keep_their_size(model, mo
     assert sliced.next_slice_time(part, 64, 0.0) == pytest.approx(seconds("mlp", 0, 16))  # the least a slice runs
 
 
+def test_a_chunk_begins_only_at_a_slices_start(model):
+    """Beginning a chunk (its embeddings and mask) takes time the pieces are not planned with: a
+    slice with time left ends at a chunk's end, and the next slice begins the next chunk."""
+    model, tokenizer = model
+    backend = BatchBackend(model, tokenizer, None, threads=1, prefill_chunk=3 * BLOCK_ROWS)
+    part = backend.begin_prefill(EncodedPrompt(tokenizer(TEXT)["input_ids"]))
+    assert backend.sliced.advance(part, 3 * BLOCK_ROWS, 1e3) is None
+    assert part.sliced is None and part.done == 3 * BLOCK_ROWS
+    assert backend.sliced.advance(part, 3 * BLOCK_ROWS, 1e3) is None
+    assert part.sliced is None and part.done == 6 * BLOCK_ROWS
+
+
 def test_a_layer_begun_in_pieces_is_finished_when_the_batch_empties(model):
     """A slice with no budget (nothing decodes) finishes the layer under way in pieces, then
     runs whole layers to the chunk's end; the result is the same."""

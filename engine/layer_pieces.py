@@ -75,9 +75,6 @@ class LayerPieces:
             return rows * self._mlp
         return rows * self._attend * (start + r1)  # the whole rectangle, as the masked kernel runs it
 
-    def measured(self) -> bool:
-        return all(self._rates.values())
-
     def rate(self, phase: str) -> float | None:
         rates = self._rates[phase]
         return statistics.median(rates) if rates else None

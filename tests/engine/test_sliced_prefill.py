@@ -260,6 +260,32 @@ def test_the_slice_runs_after_the_rows_step_and_before_their_tokens_go_out(model
     assert all(s == ["decode", "slice"] for s in with_both)
 
 
+def test_the_last_rows_tokens_go_out_before_a_slice_with_nothing_decoding(model, monkeypatch):
+    """When the last decoding rows finish, nothing waits for the long prompt's next slice, which
+    is then a whole chunk: their last tokens and their end go out before it, not after it."""
+    from engine.engine import Engine
+
+    model, tokenizer = model
+
+    def encode(messages, prompt):
+        return EncodedPrompt(tokenizer(prompt)["input_ids"])
+
+    backend = BatchBackend(model, tokenizer, encode, threads=1, prefill_chunk=16)
+    events: list = []
+    decode, chunk_step = backend.decode, backend.prefill_chunk_step
+    backend.decode = lambda tokens: events.append("decode") or decode(tokens)
+    backend.prefill_chunk_step = lambda part: events.append(("slice", backend.batch_size)) or chunk_step(part)
+    deliver = Engine._deliver
+    monkeypatch.setattr(Engine, "_deliver", staticmethod(
+        lambda items: events.append(("deliver", [item.finish_reason for _, item in items])) or deliver(items)))
+    replies = run_batch(backend, [(None, "short one", greedy(3)), (None, TEXT, greedy(3))])
+    assert all(text for text, _ in replies)
+    end = next(i for i, e in enumerate(events) if e[0] == "deliver" and "length" in e[1])  # the short row's end
+    assert events[end - 1] == "decode"  # right after its last step, before any slice
+    later = [e for e in events[end:] if e[0] == "slice"]
+    assert later and later[0][1] == 0  # the prompt's next slice, with nothing decoding
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_layer_the_budget_does_not_fit_runs_in_row_blocks(arch, monkeypatch):
     """With SPLIT_LAYERS, a slice left less than a layer runs that layer's next rows (the first chunk's

@@ -50,20 +50,32 @@ def supported(model: Any) -> bool:
             and all(hasattr(layer, p) for p in ("input_layernorm", "post_attention_layernorm", "mlp")))
 
 
+def shape(config: Any) -> tuple[int, int, int]:
+    """(attention heads, key-value heads, head size) of a Llama-like config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def row_macs(config: Any) -> tuple[int, int, int]:
+    """Multiply-adds of one row (token) through one decoder layer: its projections (query,
+    key, value), its output projection and MLP, and per position it attends to (a query-key
+    product and a value sum per head)."""
+    heads, kv_heads, head_dim = shape(config)
+    hidden = config.hidden_size
+    proj = hidden * head_dim * (heads + 2 * kv_heads)
+    mlp = hidden * head_dim * heads + 3 * hidden * config.intermediate_size
+    return proj, mlp, 2 * heads * head_dim
+
+
 class LayerPieces:
     """Runs and plans the pieces of one model's decoder layers (see the module's text)."""
 
     def __init__(self, model: Any) -> None:
-        c = model.config
-        self.heads = c.num_attention_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
-        self.kv_heads = getattr(c, "num_key_value_heads", None) or self.heads
+        self.heads, self.kv_heads, self.head_dim = shape(model.config)
         attn = model.model.layers[0].self_attn
         self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        # Multiply-adds per row: the phases' weights, and per position a row attends to.
-        self._proj = c.hidden_size * self.head_dim * (self.heads + 2 * self.kv_heads)
-        self._mlp = c.hidden_size * self.head_dim * self.heads + 3 * c.hidden_size * c.intermediate_size
-        self._attend = 2 * self.heads * self.head_dim
+        self._proj, self._mlp, self._attend = row_macs(model.config)
         self._rates = {phase: deque(maxlen=8) for phase in PHASES}  # multiply-adds per second
 
     def macs(self, phase: str, start: int, r0: int, r1: int) -> float:

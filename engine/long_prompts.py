@@ -137,9 +137,9 @@ class LongPrompts:
             # step that ran slow (now and then 1.5-2.8 times the usual on a busy or virtual
             # machine) has spent part of the gap already. Its excess over SLOW_STEP steps comes
             # out of the slice, which waits (at most MAX_WAITS steps in a row) when not even
-            # one layer fits: a slow step and a full slice together made the worst gaps. Chunks
-            # are cut so that a layer takes LAYER_FIT of the share: a step a little slower than
-            # the usual still leaves room for one.
+            # its least run (one block of rows with pieces, else a layer) fits: a slow step and
+            # a full slice together made the worst gaps. The slice is planned at LAYER_FIT of
+            # the share (pieces fill that much; whole layers are cut to it).
             took, usual = self.last_step
             share = self.slice_share * usual
             cut, budget = LAYER_FIT * share, share - max(0.0, took - SLOW_STEP * usual)

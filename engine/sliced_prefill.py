@@ -87,9 +87,11 @@ SPLIT_LAYERS = False
 # (engine/layer_pieces.py) instead of being cut until one layer fits a slice. Eighteenth
 # session, SmolLM2 bf16 + int4 on 2 cores, 4 streams and a 4,000-token prompt, in the same
 # runs: its first token at 34-40 s against 52-59 s, the streams' worst gaps no lower (1.80-2.23
-# steps in seven runs against 1.83-2.51 in four) and the 99th percentile ~0.05 steps higher (the slices fill more of
-# their budget); alone in slices of 7 ms the prompt's layers took 9.7-9.9 s against 12.7-12.9 s
-# (docs/BENCHMARKS.md). scripts/bench_chunked_prefill.py --pieces on,off compares them.
+# steps in seven runs against 1.83-2.51 in four) and the 99th percentile ~0.05 steps higher
+# (the slices fill more of their budget); alone in slices of 7 ms the prompt's layers took
+# 9.7-9.9 s against 12.7-12.9 s (docs/BENCHMARKS.md). With pieces a slow step's whole excess
+# comes out of the slice (long_prompts.SLOW_STEP 1.0), which lowered the worst gaps.
+# scripts/bench_chunked_prefill.py --pieces on,off compares them.
 PIECES = True
 
 
@@ -103,14 +105,9 @@ class SlicedPrefill:
         self.inner = model.model
         self.layers = list(self.inner.layers[: model.config.num_hidden_layers])
         self._mask_fn = create_causal_mask
-        c = model.config
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        # One token through one layer: the projections' and the MLP's weights once each...
-        self._weight_macs = c.hidden_size * head_dim * (2 * heads + 2 * kv_heads) + 3 * c.hidden_size * c.intermediate_size
-        # ... and per position it attends to, a query-key product and a value sum per head.
-        self._attention_macs = 2 * heads * head_dim
+        # One token through one layer: every weight once, and per position it attends to.
+        proj, mlp, self._attention_macs = layer_pieces.row_macs(model.config)
+        self._weight_macs = proj + mlp
         self._rates: deque[float] = deque(maxlen=8)  # multiply-adds per second of recent layers
         self.pieces = layer_pieces.LayerPieces(model) if PIECES and layer_pieces.supported(model) else None
 
@@ -191,7 +188,8 @@ class SlicedPrefill:
         if self.pieces is not None:
             chunk = part.sliced
             if chunk is None:
-                return self.pieces.seconds("proj", part.done, 0, min(layer_pieces.BLOCK_ROWS, len(part.prompt.input_ids) - part.done))
+                rows = min(layer_pieces.BLOCK_ROWS, len(part.prompt.input_ids) - part.done)
+                return self.pieces.seconds("proj", part.done, 0, rows)
             r1 = min(chunk.tokens, chunk.row + layer_pieces.BLOCK_ROWS)
             return self.pieces.seconds(layer_pieces.PHASES[chunk.phase], chunk.start, chunk.row, r1)
         if not self._rates:
